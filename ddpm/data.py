@@ -1,0 +1,322 @@
+"""Datasets as uint8 images, and the per-epoch batches a training run draws from them.
+
+Every dataset here yields uint8 (C, H, W) tensors. Shuffling and flips are drawn from a generator
+seeded by (seed, epoch), so the batches of an epoch are the same whatever the number of loader
+workers and however often the run was resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # torchvision.datasets.CIFAR10.tgz_md5
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, malformed or failed verification; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batch files and nothing else: a file that would import any other
+    callable (a planted payload) is refused before any of its code runs."""
+
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_cifar10_batch(path: Path) -> torch.Tensor:
+    """Read one CIFAR-10 python batch file.
+
+    Args:
+        path: a `data_batch_N` file of the official python archive (any number of images).
+
+    Returns:
+        (N, 3, 32, 32) uint8 images.
+
+    Raises:
+        DatasetError: naming the file, if it is not a CIFAR-10 batch.
+    """
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+        data = batch[b"data"]
+        images = torch.as_tensor(data)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing CIFAR-10 batch file") from None
+    except Exception as err:  # pickle, key, type errors: all mean "not a batch file"
+        raise DatasetError(f"{path}: not a CIFAR-10 python batch ({err})") from None
+    if images.dtype != torch.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+        raise DatasetError(
+            f"{path}: not a CIFAR-10 python batch (data is {images.dtype} "
+            f"{tuple(images.shape)}, expected uint8 (N, 3072))"
+        )
+    return images.reshape(-1, 3, 32, 32).clone()  # rows are R, G, B planes of 32x32
+
+
+def load_cifar10(folder: Path) -> torch.Tensor:
+    """Read the five training batches of an extracted `cifar-10-batches-py` folder, offline.
+
+    Returns:
+        (N, 3, 32, 32) uint8 images, N = 50000 for the real dataset.
+    """
+    return torch.cat([read_cifar10_batch(Path(folder) / name) for name in CIFAR10_TRAIN_FILES])
+
+
+def cifar10_is_extracted(root: Path) -> bool:
+    """Whether `root/cifar-10-batches-py` holds the five training batch files."""
+    folder = Path(root) / CIFAR10_DIR
+    return all((folder / name).is_file() for name in CIFAR10_TRAIN_FILES)
+
+
+def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
+    """Make sure CIFAR-10 is extracted under root, downloading and verifying it if needed.
+
+    An extracted folder is used as it is (no network). A verified archive is extracted. Otherwise
+    the archive is downloaded; one that fails its MD5 check is removed and downloaded once more.
+
+    Args:
+        root: data folder; the archive goes to root/cifar-10-python.tar.gz and is extracted to
+            root/cifar-10-batches-py.
+        url: where to download the archive from.
+        md5: the archive's expected MD5.
+
+    Returns:
+        the extracted folder.
+
+    Raises:
+        DatasetError: if the download fails or the archive fails its checksum twice; the message
+            says where to put the archive or the extracted folder by hand.
+    """
+    from torchvision.datasets.utils import check_integrity, download_url, extract_archive
+
+    root = Path(root)
+    folder = root / CIFAR10_DIR
+    if cifar10_is_extracted(root):
+        return folder
+    archive = root / "cifar-10-python.tar.gz"
+    by_hand = (
+        f"download {CIFAR10_URL} to {archive} (MD5 {md5}), or extract it so that "
+        f"{folder}/data_batch_1..5 exist"
+    )
+    for attempt in (1, 2):
+        if not check_integrity(str(archive), md5):
+            archive.unlink(missing_ok=True)
+            try:
+                download_url(url, str(root), archive.name)
+            except Exception as err:
+                raise DatasetError(f"could not download {url} ({err}); {by_hand}") from err
+        if check_integrity(str(archive), md5):
+            extract_archive(str(archive), str(root))
+            if not cifar10_is_extracted(root):
+                raise DatasetError(f"{archive}: archive does not hold {CIFAR10_DIR}; {by_hand}")
+            return folder
+        log.warning("%s failed its MD5 check (attempt %d of 2); removing it", archive, attempt)
+        archive.unlink(missing_ok=True)
+    raise DatasetError(f"{archive} from {url} failed its MD5 check twice; {by_hand}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+
+class ImageFolderDataset(Dataset):
+    """PNG/JPEG images under a folder (recursively), resized and center-cropped to a square.
+
+    Files that are not images, or images PIL cannot open, are skipped with one warning that
+    counts them.
+
+    Args:
+        folder: the folder to search.
+        image_size: side of the square output in px.
+        channels: 3 (RGB) or 1 (grayscale).
+
+    Items are (channels, image_size, image_size) uint8 tensors.
+    """
+
+    def __init__(self, folder: Path, image_size: int, channels: int = 3) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        self.folder, self.image_size = Path(folder), image_size
+        self.mode = {1: "L", 3: "RGB"}.get(channels)
+        if self.mode is None:
+            raise ValueError(f"image folders support 1 or 3 channels, got {channels}")
+        if not self.folder.is_dir():
+            raise DatasetError(f"{self.folder}: image folder does not exist")
+        files = sorted(p for p in self.folder.rglob("*") if p.is_file())
+        self.paths: list[Path] = []
+        skipped = 0
+        for path in files:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped += not path.name.startswith(".")
+                continue
+            try:
+                with Image.open(path) as img:
+                    img.verify()  # reads the header and structure, not the pixels
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+                skipped += 1
+                continue
+            self.paths.append(path)
+        if skipped:
+            log.warning("%s: skipped %d unreadable or non-image files", self.folder, skipped)
+        if not self.paths:
+            raise DatasetError(f"{self.folder}: no readable PNG or JPEG images found")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms import functional as TF
+
+        with Image.open(self.paths[index]) as img:
+            img = img.convert(self.mode)
+            img = TF.resize(img, self.image_size, interpolation=TF.InterpolationMode.BICUBIC)
+            img = TF.center_crop(img, [self.image_size, self.image_size])
+            return TF.pil_to_tensor(img)  # (C, H, W) uint8
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images already in memory, e.g. CIFAR-10: (N, C, H, W) -> items (C, H, W)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
+            )
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Subsets, normalisation, batches
+
+
+def subset_indices(num_items: int, subset: int, seed: int) -> list[int]:
+    """`subset` indices out of num_items chosen from `seed` (sorted); all when subset is 0.
+
+    Raises:
+        ValueError: if subset is larger than the dataset.
+    """
+    if subset < 0 or subset > num_items:
+        raise ValueError(f"subset must be in [0, {num_items}] for this dataset, got {subset}")
+    if subset == 0:
+        return list(range(num_items))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_items, generator=generator)[:subset].tolist())
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float32 in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """float images in [-1, 1] -> float in [0, 1] (clamped), ready for saving."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator behind an epoch's order and flips: a function of (seed, epoch) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class _EpochOrder(Sampler[int]):
+    """A permutation of the dataset drawn for one epoch, starting at a given position."""
+
+    def __init__(self, order: torch.Tensor, start: int) -> None:
+        self.order, self.start = order, start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return max(0, len(self.order) - self.start)
+
+
+def epoch_batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    random_flip: bool = True,
+    num_workers: int = 0,
+    start_batch: int = 0,
+) -> Iterator[torch.Tensor]:
+    """The normalised batches of one epoch, shuffled and flipped as a function of (seed, epoch).
+
+    Workers only decode images; order and flips are drawn here, so the batches do not depend on
+    num_workers. Workers start by forkserver, since forked workers die inside Prefect flow runs.
+
+    Args:
+        dataset: items are uint8 (C, H, W).
+        batch_size: images per batch; the last batch may be smaller.
+        seed, epoch: select the permutation and the flips.
+        random_flip: flip each image horizontally with probability 1/2.
+        num_workers: DataLoader worker processes (0 = load in this process).
+        start_batch: skip the epoch's first batches (resuming mid-epoch).
+
+    Yields:
+        (B, C, H, W) float32 in [-1, 1], on the CPU.
+    """
+    n = len(dataset)
+    generator = epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5  # flips[k]: the k-th image of the epoch
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=_EpochOrder(order, start_batch * batch_size),
+        num_workers=num_workers,
+        multiprocessing_context="forkserver" if num_workers > 0 else None,
+    )
+    position = start_batch * batch_size
+    for images in loader:
+        x = normalize(images)
+        if random_flip:
+            flip = flips[position : position + x.shape[0]]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        position += x.shape[0]
+        yield x
+
+
+def steps_per_epoch(num_items: int, batch_size: int) -> int:
+    """Batches in one epoch (the last one may be smaller)."""
+    return -(-num_items // batch_size)
+
+
+def image_shape(dataset: Sequence[torch.Tensor] | Dataset) -> tuple[int, int, int]:
+    """(C, H, W) of the dataset's first item."""
+    return tuple(dataset[0].shape)  # type: ignore[return-value]

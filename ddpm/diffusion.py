@@ -1,0 +1,228 @@
+"""Gaussian diffusion (Ho et al. 2020) around any noise-predicting network.
+
+Timesteps are 0-indexed: t in {0, ..., T-1}, betas[t] = linspace(beta_start, beta_end, T)[t]. The
+network is given (t + 1) / T, a float in (0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_beta_schedule(
+    beta_start: float, beta_end: float, num_timesteps: int
+) -> dict[str, torch.Tensor]:
+    """The linear beta schedule and the quantities derived from it, computed in float64.
+
+    Args:
+        beta_start: beta_1 (1e-4 in the DDPM paper), in (0, 1).
+        beta_end: beta_T (0.02 in the DDPM paper), in (beta_start, 1).
+        num_timesteps: T, at least 1.
+
+    Returns:
+        name -> (T,) float64 tensor: betas, alphas_cumprod, alphas_cumprod_prev,
+        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, sqrt_recip_alphas,
+        posterior_variance (beta~_t, eq. 7; 0 at t = 0).
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
+    if not 0.0 < beta_start < beta_end < 1.0:
+        raise ValueError(
+            f"betas must satisfy 0 < beta_start < beta_end < 1, got ({beta_start}, {beta_end})"
+        )
+    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "sqrt_recip_alphas": alphas.rsqrt(),
+        # DDPM eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t
+        "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+    }
+
+
+def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Gather values[t] and shape it to broadcast against a (B, ...) tensor of `ndim` dims.
+
+    Args:
+        values: (T,) per-timestep constants.
+        t: (B,) long timesteps on values' device.
+        ndim: number of dims of the tensor the result multiplies.
+
+    Returns:
+        (B, 1, ..., 1) tensor with ndim dims.
+    """
+    return values.gather(0, t).reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+class DiffusionModel(nn.Module):
+    """A DDPM: the forward (noising) process, the training loss, and two samplers.
+
+    Args:
+        eps_model: network (x_t: (B, C, H, W), t: (B,) float in (0, 1]) -> eps estimate
+            (B, C, H, W).
+        betas: (beta_start, beta_end) of the linear schedule.
+        num_timesteps: T.
+    """
+
+    def __init__(
+        self,
+        eps_model: nn.Module,
+        betas: tuple[float, float] = (1e-4, 0.02),
+        num_timesteps: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.eps_model = eps_model
+        self.num_timesteps = num_timesteps
+        self.betas_range = (float(betas[0]), float(betas[1]))
+        for name, values in linear_beta_schedule(*self.betas_range, num_timesteps).items():
+            self.register_buffer(name, values.to(torch.float32))
+
+    def _net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) long timesteps in [0, T) -> (B,) float in (0, 1], the network's time input."""
+        return (t + 1).float() / self.num_timesteps
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I)   (DDPM eq. 4).
+
+        Args:
+            x0: (B, C, H, W) clean images in [-1, 1].
+            t: (B,) long timesteps in [0, T).
+            eps: (B, C, H, W) standard Gaussian noise.
+
+        Returns:
+            (B, C, H, W) x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+        """
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * eps
+        )
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        """The simplified training loss L_simple (DDPM eq. 14).
+
+        Args:
+            x0: (B, C, H, W) clean images in [-1, 1].
+
+        Returns:
+            scalar: mean squared error between the true noise eps ~ N(0, I) and its estimate,
+            at timesteps t drawn uniformly from [0, T) on x0's device.
+        """
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, eps)
+        return F.mse_loss(self.eps_model(x_t, self._net_time(t)), eps)
+
+    def _noise(self, shape: Sequence[int], generator: torch.Generator | None) -> torch.Tensor:
+        """Standard Gaussian noise on the module's device, drawn from `generator` when given.
+
+        A generator on another device (a CPU generator for a CUDA model, say) draws there and
+        the noise is moved, so one seed gives the same noise whatever the model's device.
+        """
+        device = self.betas.device
+        if generator is None:
+            return torch.randn(*shape, device=device)
+        return torch.randn(*shape, generator=generator, device=generator.device).to(device)
+
+    @torch.no_grad()
+    def p_sample(
+        self, x_t: torch.Tensor, t: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2, line 4, with sigma_t^2 = beta_t).
+
+        Args:
+            x_t: (B, C, H, W) on the module's device.
+            t: the current timestep in [0, T); at t = 0 no noise is added.
+
+        Returns:
+            (B, C, H, W) x_{t-1}.
+        """
+        t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        eps = self.eps_model(x_t, self._net_time(t_batch))
+        # mean = 1/sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - abar_t) * eps)
+        mean = self.sqrt_recip_alphas[t] * (
+            x_t - self.betas[t] / self.sqrt_one_minus_alphas_cumprod[t] * eps
+        )
+        if t == 0:
+            return mean
+        return mean + self.betas[t].sqrt() * self._noise(x_t.shape, generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        size: Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw samples with the ancestral sampler (DDPM Algorithm 2), on the module's device.
+
+        Args:
+            num_samples: B.
+            size: (C, H, W) of one image.
+            generator: source of all noise (x_T and every step); the same seed gives the same
+                samples.
+
+        Returns:
+            (B, C, H, W) float samples clamped to [-1, 1].
+        """
+        x = self._noise((num_samples, *size), generator)  # x_T ~ N(0, I)
+        for t in reversed(range(self.num_timesteps)):
+            x = self.p_sample(x, t, generator)
+        return x.clamp(-1.0, 1.0)
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """`steps` timesteps spread evenly over [0, T), descending from T-1 to 0."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"DDIM steps must be in [1, {self.num_timesteps}], got {steps}")
+        grid = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64)
+        return sorted({int(v) for v in grid.round().tolist()}, reverse=True)
+
+    @torch.no_grad()
+    def sample_ddim(
+        self,
+        num_samples: int,
+        size: Sequence[int],
+        steps: int = 50,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw samples with deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0).
+
+        Only x_T is random; each step is
+            x0_hat   = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+            x_{prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps,
+        an Euler step of the probability-flow ODE, with abar_prev = 1 after the last step.
+
+        Args:
+            num_samples: B.
+            size: (C, H, W) of one image.
+            steps: number of network evaluations, in [1, T].
+            generator: source of x_T.
+
+        Returns:
+            (B, C, H, W) float samples clamped to [-1, 1].
+        """
+        timesteps = self.ddim_timesteps(steps)
+        x = self._noise((num_samples, *size), generator)
+        for i, t in enumerate(timesteps):
+            abar_t = self.alphas_cumprod[t]
+            abar_prev = (
+                self.alphas_cumprod[timesteps[i + 1]]
+                if i + 1 < len(timesteps)
+                else abar_t.new_ones(())
+            )
+            t_batch = torch.full((num_samples,), t, device=x.device, dtype=torch.long)
+            eps = self.eps_model(x, self._net_time(t_batch))
+            x0_hat = (x - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()
+            x = abar_prev.sqrt() * x0_hat + (1.0 - abar_prev).sqrt() * eps
+        return x.clamp(-1.0, 1.0)

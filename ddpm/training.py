@@ -1,0 +1,228 @@
+"""Optimizers, learning-rate schedules, EMA, and the training step and epoch."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ddpm.diffusion import DiffusionModel
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python's and torch's generators (CPU and every CUDA device).
+
+    Args:
+        seed: the seed.
+        deterministic: also ask torch for deterministic kernels (slower on GPU).
+    """
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' as given.
+
+    Raises:
+        ValueError: if CUDA is asked for and not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def build_optimizer(
+    params: Iterable[nn.Parameter],
+    name: Literal["adam", "adamw", "sgd"] = "adam",
+    lr: float = 2e-4,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> Optimizer:
+    """An optimizer by name.
+
+    Args:
+        params: parameters to optimize.
+        name: adam, adamw or sgd.
+        lr: learning rate.
+        momentum: SGD momentum, or beta1 of Adam/AdamW (beta2 stays 0.999).
+        weight_decay: L2 penalty (Adam, SGD) or decoupled decay (AdamW).
+    """
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or sgd")
+
+
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: Literal["constant", "cosine"] = "constant",
+) -> float:
+    """Multiplier of the peak lr at a step: linear warm-up, then constant or cosine to 0.
+
+    Args:
+        step: optimizer steps taken so far (0 before the first).
+        warmup_steps: steps of linear warm-up (0 = none).
+        total_steps: steps of the whole run (the cosine reaches 0 there).
+        schedule: what follows the warm-up.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected constant or cosine")
+
+
+def build_lr_scheduler(
+    optimizer: Optimizer,
+    warmup_steps: int = 0,
+    total_steps: int = 1,
+    schedule: Literal["constant", "cosine"] = "constant",
+) -> LambdaLR:
+    """A per-step LambdaLR following `lr_factor`; call `.step()` after each optimizer step."""
+    lr_factor(0, warmup_steps, total_steps, schedule)  # fail now on an unknown schedule
+    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
+
+
+def build_ema(model: nn.Module, decay: float = 0.9999) -> AveragedModel:
+    """An exponential moving average of model's weights and buffers (torch.optim.swa_utils).
+
+    ema.module is a copy of the model holding the averaged weights; update it with
+    `ema.update_parameters(model)` after each optimizer step.
+    """
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _optimize(
+    diffusion: DiffusionModel,
+    optimizer: Optimizer,
+    x0: torch.Tensor,
+    scheduler: LambdaLR | None,
+    ema: AveragedModel | None,
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step on a batch.
+
+    Returns:
+        (loss, gradient norm before clipping) on the device, and the lr this step used.
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    loss = diffusion(x0)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(
+        diffusion.parameters(), grad_clip if grad_clip > 0 else math.inf
+    )
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    if ema is not None:
+        ema.update_parameters(diffusion)
+    return loss.detach(), grad_norm, lr
+
+
+def train_step(
+    diffusion: DiffusionModel,
+    optimizer: Optimizer,
+    x0: torch.Tensor,
+    *,
+    scheduler: LambdaLR | None = None,
+    ema: AveragedModel | None = None,
+    grad_clip: float = 0.0,
+) -> float:
+    """One training step: loss, backward, clip, optimizer, lr schedule and EMA updates.
+
+    Args:
+        diffusion: the model, in train mode, on x0's device.
+        optimizer: over diffusion's parameters.
+        x0: (B, C, H, W) clean images in [-1, 1].
+        scheduler: per-step lr schedule, stepped after the optimizer.
+        ema: averaged copy, updated after the optimizer.
+        grad_clip: max gradient norm; 0 = no clipping.
+
+    Returns:
+        the batch loss as a Python float.
+    """
+    loss, _, _ = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip)
+    return loss.item()
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def train_epoch(
+    diffusion: DiffusionModel,
+    optimizer: Optimizer,
+    batches: Iterable[torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    scheduler: LambdaLR | None = None,
+    ema: AveragedModel | None = None,
+    grad_clip: float = 0.0,
+    on_step: StepCallback | None = None,
+) -> dict[str, float]:
+    """Train on every batch of one epoch.
+
+    Args:
+        diffusion: the model, already on `device`.
+        optimizer, scheduler, ema, grad_clip: as in train_step.
+        batches: (B, C, H, W) float batches in [-1, 1] on any device.
+        device: where the model lives; batches are moved there.
+        on_step: called after each step with (step index in this epoch, {"loss", "lr" used by
+            the step, "grad_norm" before clipping}) as Python floats.
+
+    Returns:
+        {"loss": mean batch loss, "lr": lr the last step used, "steps": steps taken,
+         "images": images seen, "images_per_s": throughput, "seconds": wall time}.
+    """
+    diffusion.train()
+    device = torch.device(device)
+    total_loss, steps, images, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    for x0 in batches:
+        x0 = x0.to(device, non_blocking=True)
+        loss, grad_norm, lr = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip)
+        loss_value = loss.item()
+        total_loss += loss_value
+        steps += 1
+        images += x0.shape[0]
+        if on_step is not None:
+            on_step(
+                steps - 1,
+                {
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                },
+            )
+    seconds = time.perf_counter() - start
+    return {
+        "loss": total_loss / max(steps, 1),
+        "lr": lr,
+        "steps": steps,
+        "images": images,
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+    }
+

@@ -1,0 +1,23 @@
+"""The one source of configuration: env, `.env`, flags and overrides -> a validated `Settings`."""
+
+from settings.config import (
+    Settings,
+    SettingsError,
+    env_name,
+    flag_name,
+    flatten,
+    load_settings,
+    nest,
+    parse_flags,
+)
+
+__all__ = [
+    "Settings",
+    "SettingsError",
+    "env_name",
+    "flag_name",
+    "flatten",
+    "load_settings",
+    "nest",
+    "parse_flags",
+]

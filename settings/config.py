@@ -1,0 +1,315 @@
+"""Typed settings: env (`DDPM_` prefix, `__` between group and field), `.env`, flags, overrides.
+
+Precedence, highest first: overrides (dotted keys, e.g. from a flow's parameters or parsed
+flags) > environment > `.env` > defaults. `DDPM_OPTIM__LR=2e-4`, `--optim.lr 2e-4` and the
+override `{"optim.lr": 2e-4}` all set the same field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as _PydanticSettingsError
+
+ENV_PREFIX = "DDPM_"
+ENV_DELIMITER = "__"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+class _Group(BaseModel):
+    # A misspelt env var or override (DDPM_OPTIM__LRR) is an error, not silently ignored.
+    # NaN and inf never make sense here (an infinite grad_clip would silently disable it).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class _FieldError(ValueError):
+    """A cross-field rule broken; `field` is the dotted setting the message is about."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DataSettings(_Group):
+    """What to train on."""
+
+    dataset: Literal["cifar10", "folder"] = Field(
+        "cifar10", description="cifar10 (downloaded to data.root) or folder (data.folder)"
+    )
+    # The assignment kept datasets under ./data.
+    root: Path = Field(Path("data"), description="where CIFAR-10 is downloaded and extracted")
+    folder: Path | None = Field(None, description="image folder (PNG/JPEG) for dataset=folder")
+    url: str = Field(CIFAR10_URL, description="CIFAR-10 python archive URL (a mirror may go here)")
+    # CIFAR-10's native size; the U-Net needs a multiple of 32.
+    image_size: int = Field(32, ge=32, le=1024, description="image side in px, multiple of 32")
+    subset: int = Field(0, ge=0, description="train on N images chosen from the seed; 0 = all")
+    # Horizontal flips, as in the DDPM paper's CIFAR-10 runs.
+    random_flip: bool = Field(True, description="random horizontal flip")
+    # In-memory CIFAR-10 needs no workers; raise it for large image folders.
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (the U-Net halves it 5 times), got {v}")
+        return v
+
+
+class ModelSettings(_Group):
+    """The U-Net."""
+
+    # The assignment's config trained hidden 128.
+    hidden_size: int = Field(128, ge=8, le=4096, description="U-Net base width, multiple of 8")
+    # RGB.
+    channels: int = Field(3, ge=1, le=4, description="image channels")
+
+    @field_validator("hidden_size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {v}")
+        return v
+
+
+class DiffusionSettings(_Group):
+    """The noise schedule."""
+
+    # DDPM paper, all experiments: T = 1000, linear betas from 1e-4 to 0.02.
+    num_timesteps: int = Field(1000, ge=1, le=100_000, description="diffusion steps T")
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="beta_1 of the linear schedule")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="beta_T of the linear schedule")
+
+    @field_validator("beta_end")
+    @classmethod
+    def _after_start(cls, v: float, info: Any) -> float:
+        start = info.data.get("beta_start")
+        if start is not None and v <= start:
+            raise ValueError(f"must be greater than diffusion.beta_start ({start}), got {v}")
+        return v
+
+
+class OptimSettings(_Group):
+    """The optimizer and learning-rate schedule."""
+
+    # The assignment used Adam.
+    name: Literal["adam", "adamw", "sgd"] = Field("adam", description="optimizer")
+    # DDPM paper, CIFAR-10: 2e-4 (the assignment's 1e-5 trains far slower).
+    lr: float = Field(2e-4, gt=0, le=10, description="peak learning rate")
+    # Adam's default beta1; also a common SGD momentum.
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum or Adam/AdamW beta1")
+    # DDPM paper: no weight decay.
+    weight_decay: float = Field(0.0, ge=0, le=1, description="weight decay")
+    # DDPM paper, CIFAR-10: 5000 warm-up steps.
+    warmup_steps: int = Field(5000, ge=0, description="linear warm-up steps from 0 to lr")
+    # DDPM paper: constant after warm-up.
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="lr after warm-up: constant or cosine decay to 0"
+    )
+    # DDPM reference code clips the gradient norm to 1.
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = no clipping")
+
+
+class TrainSettings(_Group):
+    """The training loop."""
+
+    # The assignment trained 100 epochs.
+    epochs: int = Field(100, ge=1, le=100_000, description="epochs to train")
+    # DDPM paper and the assignment: batch 128.
+    batch_size: int = Field(128, ge=1, le=65_536, description="images per step")
+    seed: int = Field(0, ge=0, lt=2**63, description="seed for weights, data order and noise")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N"
+    )
+    # DDPM paper: EMA decay 0.9999.
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay of the weights")
+    log_every: int = Field(100, ge=1, description="steps between log lines")
+    deterministic: bool = Field(False, description="deterministic kernels (slower)")
+
+
+class SampleSettings(_Group):
+    """The sample grid drawn during training."""
+
+    every: int = Field(1, ge=0, description="epochs between sample grids; 0 = never")
+    # 8 x 8 grid, as in the assignment.
+    num: int = Field(64, ge=1, le=4096, description="images per grid")
+    # DDIM previews are 20x cheaper than the 1000-step ancestral sampler.
+    sampler: Literal["ddpm", "ddim"] = Field("ddim", description="ddpm (Algorithm 2) or ddim")
+    steps: int = Field(50, ge=1, description="DDIM steps (ddpm always uses all T)")
+    use_ema: bool = Field(True, description="sample with the EMA weights")
+
+
+class RunSettings(_Group):
+    """Where a run lives."""
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="run folder name under run.dir; default: hash of the settings",
+    )
+    dir: Path = Field(Path("runs"), description="folder holding all runs")
+    keep: int = Field(3, ge=1, description="epoch checkpoints kept")
+    checkpoint_every: int = Field(
+        0, ge=0, description="steps between mid-epoch checkpoints; 0 = off"
+    )
+
+
+class WandbSettings(_Group):
+    """Weights & Biases tracking."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto = online if WANDB_API_KEY is set, else offline"
+    )
+    project: str = Field("ddpm", min_length=1, description="W&B project")
+    entity: str | None = Field(None, description="W&B entity (user or team)")
+
+
+class Settings(BaseSettings):
+    """Every setting of a training run, grouped."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    diffusion: DiffusionSettings = DiffusionSettings()
+    optim: OptimSettings = OptimSettings()
+    train: TrainSettings = TrainSettings()
+    sample: SampleSettings = SampleSettings()
+    run: RunSettings = RunSettings()
+    wandb: WandbSettings = WandbSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.data.dataset == "folder" and self.data.folder is None:
+            raise _FieldError("data.folder", "is required when data.dataset is 'folder'")
+        if self.data.dataset == "cifar10" and self.data.image_size != 32:
+            raise _FieldError("data.image_size", "must be 32 for cifar10 (its native size)")
+        if self.data.dataset == "cifar10" and self.model.channels != 3:
+            raise _FieldError("model.channels", "must be 3 for cifar10 (RGB)")
+        if self.sample.sampler == "ddim" and self.sample.steps > self.diffusion.num_timesteps:
+            raise _FieldError(
+                "sample.steps",
+                f"must be at most diffusion.num_timesteps ({self.diffusion.num_timesteps})",
+            )
+        return self
+
+
+def env_name(field: str) -> str:
+    """'optim.lr' -> 'DDPM_OPTIM__LR'."""
+    return ENV_PREFIX + field.upper().replace(".", ENV_DELIMITER)
+
+
+def flag_name(field: str) -> str:
+    """'optim.lr' -> '--optim.lr'."""
+    return f"--{field}"
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message names each bad field's env variable and flag."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = list(problems)  # (dotted field, what is wrong)
+        self.fields = [field for field, _ in self.problems]
+        lines = [
+            f"{field} ({env_name(field)} / {flag_name(field)}): {message}"
+            if field
+            else message
+            for field, message in self.problems
+        ]
+        super().__init__("invalid settings:\n  " + "\n  ".join(lines))
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    """Turn pydantic's errors into (dotted field, message saying what is accepted and got)."""
+    problems = []
+    for e in err.errors():
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _FieldError):
+            problems.append((cause.field, str(cause)))
+            continue
+        field = ".".join(str(part) for part in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append((field, "unknown setting (see --help for the list)"))
+            continue
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] != "value_error" and not isinstance(e.get("input"), (dict, list)):
+            message += f", got {e.get('input')!r}"
+        problems.append((field, message))
+    return problems
+
+
+def nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """{'optim.lr': 1e-3} -> {'optim': {'lr': 1e-3}}; a key without a dot is a whole group."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        group, _, field = str(key).partition(".")
+        if not field:
+            nested[group] = value
+        elif isinstance(nested.setdefault(group, {}), dict):
+            nested[group][field] = value
+        else:
+            raise SettingsError([(str(key), "cannot be set beside a whole-group value")])
+    return nested
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, *, env_file: str | Path | None = ".env"
+) -> Settings:
+    """Resolve settings from defaults, `.env`, the environment and dotted overrides.
+
+    Args:
+        overrides: dotted setting names to values, e.g. {"train.epochs": 3}; highest precedence.
+        env_file: the dotenv file to read (missing is fine); None reads none.
+
+    Raises:
+        SettingsError: naming every invalid field with its env variable and flag.
+    """
+    try:
+        return Settings(_env_file=env_file, **nest(overrides or {}))
+    except ValidationError as err:
+        raise SettingsError(_problems(err)) from None
+
+
+def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
+    """Parse `--group.field value` flags into dotted overrides (only the flags given).
+
+    `--help` prints every setting with its env variable and default, then exits.
+
+    Raises:
+        SettingsError: for an unknown flag or a flag without a value.
+    """
+    try:
+        source = CliSettingsSource(
+            Settings,
+            cli_parse_args=list(argv),
+            cli_prog_name=prog,
+            cli_exit_on_error=False,
+            cli_show_env_vars=True,
+            cli_avoid_json=True,
+            cli_hide_none_type=True,
+        )
+    except _PydanticSettingsError as err:
+        raise SettingsError([("", str(err))]) from None
+    return flatten(source())

@@ -1,0 +1,62 @@
+"""Fixtures shared by every test: tiny datasets in the official formats, a loopback server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import pickle
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_cifar10(root: Path, images_per_batch: int = 8, seed: int = 0) -> Path:
+    """Write data_batch_1..5 (+ test_batch, batches.meta) under root/cifar-10-batches-py in the
+    official python format: pickled dicts with bytes keys and a uint8 (N, 3072) `data` array."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": rng.integers(0, 10, images_per_batch).tolist(),
+            b"data": rng.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"img_{i}.png".encode() for i in range(images_per_batch)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}, f, protocol=2)
+    return folder
+
+
+@pytest.fixture
+def cifar_writer() -> Callable[..., Path]:
+    """write_cifar10(root, images_per_batch=8, seed=0) -> the extracted folder."""
+    return write_cifar10
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A static file server on 127.0.0.1 (free port) over a fresh folder: (base URL, folder)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -1,0 +1,154 @@
+"""Checkpoints: exact resume, atomic writes, safe loads; sample grids as PNG."""
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.checkpoint import (
+    FORMAT_VERSION,
+    atomic_write,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from ddpm.data import TensorImageDataset, epoch_batches
+from ddpm.diffusion import DiffusionModel
+from ddpm.images import save_grid
+from ddpm.training import (
+    build_ema,
+    build_lr_scheduler,
+    build_optimizer,
+    seed_everything,
+    train_step,
+)
+from ddpm.unet import UNet
+
+DATA = TensorImageDataset(
+    torch.randint(
+        0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+)
+
+
+def build(seed: int):
+    """A full training setup: model, AdamW, warm-up + cosine, EMA, seeded by `seed`."""
+    seed_everything(seed)
+    model = DiffusionModel(UNet(3, 3, hidden_size=8), num_timesteps=50)
+    opt = build_optimizer(model.parameters(), "adamw", lr=1e-3, weight_decay=0.01)
+    sched = build_lr_scheduler(opt, warmup_steps=3, total_steps=12, schedule="cosine")
+    return model, opt, sched, build_ema(model, decay=0.9)
+
+
+def batches(epochs: range):
+    for epoch in epochs:
+        yield from epoch_batches(DATA, 4, seed=0, epoch=epoch)
+
+
+def train(setup, epochs: range) -> None:
+    model, opt, sched, ema = setup
+    for x0 in batches(epochs):
+        train_step(model, opt, x0, scheduler=sched, ema=ema, grad_clip=1.0)
+
+
+def flat(setup) -> dict[str, torch.Tensor]:
+    model, opt, sched, ema = setup
+    state = training_state(model, opt, sched, ema, epoch=0, global_step=0)
+    return {
+        "model": torch.cat([v.flatten().float() for v in state["model"].values()]),
+        "ema": torch.cat([v.flatten().float() for v in state["ema"].values()]),
+        "adam": torch.cat(
+            [s["exp_avg_sq"].flatten() for s in state["optimizer"]["state"].values()]
+        ),
+        "lr": torch.tensor(opt.param_groups[0]["lr"]),
+    }
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    """N steps, save, load into fresh objects (other seed), M steps == N+M steps in one go:
+    model, EMA, optimizer state and lr bit-identical (CPU)."""
+    straight = build(0)
+    train(straight, range(0, 4))
+
+    first = build(0)
+    train(first, range(0, 2))
+    path = save_checkpoint(
+        tmp_path / "epoch_002.pt", training_state(*first, epoch=2, global_step=6, settings={"a": 1})
+    )
+    torch.rand(100)  # disturb the global RNG; the checkpoint must restore it
+    resumed = build(99)
+    state = load_checkpoint(path)
+    restore_training_state(state, *resumed)
+    assert (state["epoch"], state["global_step"], state["settings"]) == (2, 6, {"a": 1})
+    train(resumed, range(2, 4))
+
+    a, b = flat(straight), flat(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_records_versions_and_is_cpu_only(tmp_path: Path) -> None:
+    """A checkpoint holds the format, package and torch versions and only CPU tensors."""
+    state = training_state(*build(0), epoch=1, global_step=3)
+    assert state["versions"]["format"] == str(FORMAT_VERSION)
+    assert state["versions"]["torch"] == torch.__version__
+    tensors = [v for v in state["model"].values()] + [state["rng"]["torch"]]
+    assert all(t.device.type == "cpu" for t in tensors)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c.pt", state))
+    assert loaded["versions"] == state["versions"]
+
+
+def test_snapshot_is_a_copy() -> None:
+    """Training after taking a snapshot does not change the snapshot (it is handed to a writer)."""
+    setup = build(0)
+    state = training_state(*setup, epoch=0, global_step=0)
+    before = {k: v.clone() for k, v in state["model"].items()}
+    train(setup, range(0, 1))
+    assert all(torch.equal(before[k], state["model"][k]) for k in before)
+
+
+class _Payload:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_pickle_payload_in_checkpoint_never_runs(tmp_path: Path) -> None:
+    """A .pt file carrying a pickled callable is refused by weights_only loading; it never runs."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Payload(str(marker))}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_failed_write_leaves_the_previous_file_intact(tmp_path: Path) -> None:
+    """An error while writing leaves the old file as it was and no temporary file behind."""
+    path = tmp_path / "epoch_001.pt"
+    path.write_bytes(b"old contents")
+
+    def broken(f) -> None:
+        f.write(b"half a new fi")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_bytes() == b"old contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_001.pt"]
+
+
+def test_save_grid_writes_a_png(tmp_path: Path) -> None:
+    """64 samples in [-1, 1] become one 8x8 PNG grid (32 px tiles, 2 px padding)."""
+    path = save_grid(torch.rand(64, 3, 32, 32) * 2 - 1, tmp_path / "samples" / "epoch_001.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (8 * 34 + 2, 8 * 34 + 2)
+    one = save_grid(-torch.ones(1, 1, 32, 32), tmp_path / "black.png")
+    with Image.open(one) as img:
+        assert img.getextrema() == ((0, 0), (0, 0), (0, 0))

@@ -1,0 +1,150 @@
+"""Optimizers, lr schedules, EMA, the training step and epoch, seeding, devices."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ddpm.data import TensorImageDataset, epoch_batches
+from ddpm.diffusion import DiffusionModel
+from ddpm.training import (
+    build_ema,
+    build_lr_scheduler,
+    build_optimizer,
+    lr_factor,
+    resolve_device,
+    seed_everything,
+    train_epoch,
+    train_step,
+)
+from ddpm.unet import UNet
+
+
+def tiny_model(seed: int = 0) -> DiffusionModel:
+    torch.manual_seed(seed)
+    return DiffusionModel(UNet(3, 3, hidden_size=8), num_timesteps=50)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
+)
+def test_optimizer_factory(name: str, cls: type) -> None:
+    """Each name builds its optimizer with lr, weight decay and momentum (Adam's beta1)."""
+    opt = build_optimizer(
+        nn.Linear(2, 2).parameters(), name, lr=0.1, momentum=0.8, weight_decay=0.01
+    )
+    group = opt.param_groups[0]
+    assert type(opt) is cls and group["lr"] == 0.1 and group["weight_decay"] == 0.01
+    momentum = group["momentum"] if name == "sgd" else group["betas"][0]
+    assert momentum == 0.8
+
+
+def test_unknown_optimizer_fails_clearly() -> None:
+    """An unknown optimizer name says which names exist."""
+    with pytest.raises(ValueError, match="expected adam, adamw or sgd"):
+        build_optimizer(nn.Linear(2, 2).parameters(), "lion")  # type: ignore[arg-type]
+
+
+def test_lr_warmup_then_constant_or_cosine() -> None:
+    """Linear warm-up to the peak, then flat (constant) or a half cosine to 0 (cosine)."""
+    assert [lr_factor(s, 4, 20) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 4, 20, "cosine") == 1.0
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0, 0, 10) == 1.0
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_factor(5, 0, 10, "step")  # type: ignore[arg-type]
+
+
+def test_scheduler_drives_the_optimizer_lr() -> None:
+    """The LambdaLR built from the settings moves the optimizer's lr step by step."""
+    opt = build_optimizer(nn.Linear(2, 2).parameters(), "sgd", lr=1.0, momentum=0.0)
+    sched = build_lr_scheduler(opt, warmup_steps=2, total_steps=4, schedule="cosine")
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+def test_ema_is_torch_swa_utils_exponential_average() -> None:
+    """The EMA is torch's AveragedModel: first update copies, then ema = d*ema + (1-d)*w."""
+    net = nn.Linear(1, 1, bias=False)
+    ema = build_ema(net, decay=0.9)
+    assert isinstance(ema, torch.optim.swa_utils.AveragedModel)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+        ema.update_parameters(net)
+        net.weight.fill_(3.0)
+        ema.update_parameters(net)
+    assert ema.module.weight.item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+
+
+def test_gradient_clipping_bounds_the_update() -> None:
+    """With SGD (lr 1, no momentum) and grad_clip c, a step moves the weights by exactly c."""
+    model = tiny_model()
+    opt = build_optimizer(model.parameters(), "sgd", lr=1.0, momentum=0.0)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    train_step(model, opt, torch.rand(2, 3, 32, 32) * 2 - 1, grad_clip=1e-3)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_train_epoch_reports_metrics_and_steps_everything() -> None:
+    """train_epoch steps the optimizer, scheduler and EMA per batch and reports plain numbers."""
+    model = tiny_model()
+    opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
+    sched = build_lr_scheduler(opt, warmup_steps=10, total_steps=100)
+    ema = build_ema(model, decay=0.5)
+    dataset = TensorImageDataset(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8))
+    seen = []
+    metrics = train_epoch(
+        model,
+        opt,
+        epoch_batches(dataset, 4, seed=0, epoch=0),
+        scheduler=sched,
+        ema=ema,
+        grad_clip=1.0,
+        on_step=lambda i, m: seen.append((i, m)),
+    )
+    assert metrics["steps"] == 3 and metrics["images"] == 10
+    assert metrics["lr"] == pytest.approx(1e-3 * 3 / 10)  # three warm-up steps taken
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["images_per_s"] > 0 and metrics["seconds"] > 0
+    assert metrics["loss"] == pytest.approx(sum(m["loss"] for _, m in seen) / 3)
+    assert [i for i, _ in seen] == [0, 1, 2]
+    assert all(set(m) == {"loss", "lr", "grad_norm"} for _, m in seen)
+    assert ema.n_averaged.item() == 3
+
+
+def test_seed_everything_makes_training_repeatable() -> None:
+    """Same seed, same data -> bit-identical weights after a few steps."""
+
+    def run() -> torch.Tensor:
+        seed_everything(123)
+        model = DiffusionModel(UNet(3, 3, hidden_size=8), num_timesteps=50)
+        opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
+        for _ in range(3):
+            train_step(model, opt, torch.rand(2, 3, 32, 32) * 2 - 1)
+        return torch.cat([p.flatten() for p in model.parameters()])
+
+    assert torch.equal(run(), run())
+
+
+def test_resolve_device() -> None:
+    """auto picks cuda only when present; asking for cuda without it is a clear error."""
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_train_step_loss_is_finite_float() -> None:
+    """Regression: train_step returns a Python float (it returned a tensor)."""
+    model = tiny_model()
+    loss = train_step(model, torch.optim.Adam(model.parameters()), torch.zeros(2, 3, 32, 32))
+    assert type(loss) is float and math.isfinite(loss)
