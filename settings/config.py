@@ -7,10 +7,12 @@ override `{"optim.lr": 2e-4}` all set the same field.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as _PydanticSettingsError
@@ -23,7 +25,10 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 class _Group(BaseModel):
     # A misspelt env var or override (DDPM_OPTIM__LRR) is an error, not silently ignored.
     # NaN and inf never make sense here (an infinite grad_clip would silently disable it).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # Defaults are validated too, so beta_start=0.5 is checked against the default beta_end.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 class _FieldError(ValueError):
@@ -123,7 +128,7 @@ class TrainSettings(_Group):
     batch_size: int = Field(128, ge=1, le=65_536, description="images per step")
     seed: int = Field(0, ge=0, lt=2**63, description="seed for weights, data order and noise")
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N"
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="auto, cpu, cuda or cuda:N"
     )
     # DDPM paper: EMA decay 0.9999.
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay of the weights")
@@ -176,7 +181,9 @@ class Settings(BaseSettings):
         env_nested_delimiter=ENV_DELIMITER,
         env_file=".env",
         env_file_encoding="utf-8",
-        extra="forbid",
+        # A .env may hold other tools' variables (WANDB_API_KEY); our own DDPM_* names are
+        # checked by _unknown_env_names, and unknown override keys by nest.
+        extra="ignore",
         validate_default=True,
     )
 
@@ -250,16 +257,26 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
 
 
 def nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """{'optim.lr': 1e-3} -> {'optim': {'lr': 1e-3}}; a key without a dot is a whole group."""
+    """{'optim.lr': 1e-3} -> {'optim': {'lr': 1e-3}}; a key without a dot sets a whole group.
+
+    Dotted keys win over the same field inside a whole-group value, whatever the key order; the
+    input is not modified.
+
+    Raises:
+        SettingsError: for a key whose group is not a setting group.
+    """
+    groups = set(Settings.model_fields)
     nested: dict[str, Any] = {}
-    for key, value in overrides.items():
+    for key, value in sorted(overrides.items(), key=lambda kv: "." in str(kv[0])):
         group, _, field = str(key).partition(".")
+        if group not in groups:
+            raise SettingsError([(str(key), "unknown setting (see --help for the list)")])
         if not field:
-            nested[group] = value
+            nested[group] = dict(value) if isinstance(value, Mapping) else value
         elif isinstance(nested.setdefault(group, {}), dict):
             nested[group][field] = value
         else:
-            raise SettingsError([(str(key), "cannot be set beside a whole-group value")])
+            raise SettingsError([(str(key), f"cannot be set beside a non-mapping {group!r}")])
     return nested
 
 
@@ -274,6 +291,22 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _unknown_env_names(env_file: str | Path | None) -> list[tuple[str, str]]:
+    """DDPM_* variables (environment or .env) whose group is not a setting group: typos such
+    as DDPM_OPTIMM__LR or DDPM_OPTIM_LR, which would otherwise be ignored silently."""
+    names = {name.upper() for name in os.environ}
+    if env_file is not None and Path(env_file).is_file():
+        names |= {name.upper() for name in dotenv_values(env_file)}
+    groups = {group.upper() for group in Settings.model_fields}
+    problems = []
+    for name in sorted(names):
+        if name.startswith(ENV_PREFIX):
+            group = name[len(ENV_PREFIX) :].partition(ENV_DELIMITER)[0]
+            if group not in groups:
+                problems.append(("", f"{name}: unknown setting (see --help for the list)"))
+    return problems
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None, *, env_file: str | Path | None = ".env"
 ) -> Settings:
@@ -286,6 +319,9 @@ def load_settings(
     Raises:
         SettingsError: naming every invalid field with its env variable and flag.
     """
+    unknown = _unknown_env_names(env_file)
+    if unknown:
+        raise SettingsError(unknown)
     try:
         return Settings(_env_file=env_file, **nest(overrides or {}))
     except ValidationError as err:
