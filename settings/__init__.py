@@ -9,6 +9,10 @@ from settings.config import (
     load_settings,
     nest,
     parse_flags,
+    result_changes,
+    result_settings,
+    run_name,
+    run_path,
 )
 
 __all__ = [
@@ -20,4 +24,8 @@ __all__ = [
     "load_settings",
     "nest",
     "parse_flags",
+    "result_changes",
+    "result_settings",
+    "run_name",
+    "run_path",
 ]

@@ -7,6 +7,8 @@ override `{"optim.lr": 2e-4}` all set the same field.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -349,3 +351,44 @@ def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
     except _PydanticSettingsError as err:
         raise SettingsError([("", str(err))]) from None
     return flatten(source())
+
+
+# Settings that do not change what a run computes: where things live, how it is watched, how
+# fast it goes. Everything else names the run. train.epochs counts only with a cosine schedule
+# (whose decay depends on the run's length); otherwise raising it continues the same run.
+_NOT_RESULT_PREFIXES = ("sample.", "run.", "wandb.")
+_NOT_RESULT = {"data.root", "data.url", "data.num_workers", "train.device", "train.log_every"}
+
+
+def result_settings(settings: Settings) -> dict[str, Any]:
+    """The dotted settings that change the trained weights, as JSON values."""
+    flat = flatten(settings.model_dump(mode="json"))
+    keep = {
+        key: value
+        for key, value in flat.items()
+        if key not in _NOT_RESULT and not key.startswith(_NOT_RESULT_PREFIXES)
+    }
+    if settings.optim.schedule != "cosine":
+        keep.pop("train.epochs")
+    return keep
+
+
+def run_name(settings: Settings) -> str:
+    """run.name, or 'run-' + a 10-hex-digit hash of the result-changing settings."""
+    if settings.run.name:
+        return settings.run.name
+    blob = json.dumps(result_settings(settings), sort_keys=True).encode()
+    return "run-" + hashlib.sha256(blob).hexdigest()[:10]
+
+
+def run_path(settings: Settings) -> Path:
+    """run.dir / run_name: the folder holding the run's settings, checkpoints and samples."""
+    return Path(settings.run.dir) / run_name(settings)
+
+
+def result_changes(saved: Mapping[str, Any], settings: Settings) -> list[str]:
+    """'key: old -> new' for each result-changing setting that differs from a saved run's
+    (a saved settings.json, nested as model_dump(mode='json') writes it)."""
+    old = {key: flatten(saved).get(key) for key in result_settings(settings)}
+    new = result_settings(settings)
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new if old[key] != new[key]]

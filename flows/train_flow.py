@@ -1,0 +1,173 @@
+"""train_flow: download -> build-model -> (train-epoch -> checkpoint -> sample-and-log) x epochs.
+
+Run it with `python flows/train_flow.py [--group.field value ...]`; settings come from flags,
+the environment (DDPM_*) and `.env`. Re-running the same command resumes the run; re-running a
+finished run does nothing and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from ddpm.training import resolve_device
+from flows.tasks import (
+    build_model_task,
+    checkpoint_task,
+    download_task,
+    sample_and_log_task,
+    train_epoch_task,
+)
+from settings import (
+    Settings,
+    SettingsError,
+    load_settings,
+    parse_flags,
+    result_changes,
+    run_path,
+)
+
+SETTINGS_FILE = "settings.json"
+
+
+def prepare_run_dir(cfg: Settings) -> Path:
+    """Create the run folder and write settings.json (only when it changed).
+
+    Raises:
+        SettingsError: if the folder holds a run made with other result-changing settings
+            (possible only with an explicit run.name).
+    """
+    run_dir = run_path(cfg)
+    saved_file = run_dir / SETTINGS_FILE
+    resolved = json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    if saved_file.is_file():
+        changes = result_changes(json.loads(saved_file.read_text()), cfg)
+        if changes:
+            raise SettingsError(
+                [
+                    (
+                        "run.name",
+                        f"{run_dir} holds a run made with other settings "
+                        f"({'; '.join(changes)}); pick another run.name",
+                    )
+                ]
+            )
+        if saved_file.read_text() == resolved:
+            return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_file.write_text(resolved)
+    return run_dir
+
+
+@flow(name="train-flow", description="Train an unconditional DDPM, resumably.")
+def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume, or confirm finished) the run that the settings name.
+
+    Args:
+        overrides: dotted setting names to values, e.g. {"train.epochs": 3, "optim.lr": 2e-4},
+            applied on top of the environment and `.env`.
+
+    Returns:
+        the run folder, epochs and steps done, the last checkpoint and the last epoch's metrics.
+    """
+    logger = get_run_logger()
+    cfg = load_settings(overrides)
+    run_dir = prepare_run_dir(cfg)
+    logger.info("run %s; settings %s", run_dir, json.dumps(cfg.model_dump(mode="json")))
+    checkpoint_dir, device = str(run_dir / "checkpoints"), str(resolve_device(cfg.train.device))
+
+    folder = str(cfg.data.folder.resolve()) if cfg.data.folder else None
+    download_args = (cfg.data.dataset, str(cfg.data.root.resolve()), cfg.data.url, folder)
+    data_path = download_task(*download_args)
+    if not Path(data_path).exists():  # cached, but deleted since: fetch again
+        data_path = download_task.with_options(refresh_cache=True)(*download_args)
+    data = {
+        "dataset": cfg.data.dataset,
+        "path": data_path,
+        "image_size": cfg.data.image_size,
+        "channels": cfg.model.channels,
+        "subset": cfg.data.subset,
+        "seed": cfg.train.seed,
+    }
+
+    model = {
+        "hidden_size": cfg.model.hidden_size,
+        "channels": cfg.model.channels,
+        **cfg.diffusion.model_dump(),
+        "optimizer": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "momentum": cfg.optim.momentum,
+        "weight_decay": cfg.optim.weight_decay,
+        "warmup_steps": cfg.optim.warmup_steps,
+        "schedule": cfg.optim.schedule,
+        "ema_decay": cfg.train.ema_decay,
+        "seed": cfg.train.seed,
+        "deterministic": cfg.train.deterministic,
+    }
+    state = build_model_task(checkpoint_dir, data, model, cfg.train.batch_size, cfg.train.epochs)
+    summary = {
+        "run_dir": str(run_dir),
+        "epochs": state.epoch,
+        "global_step": state.global_step,
+        "checkpoint": None,
+        "metrics": {},
+    }
+    if state.epoch >= cfg.train.epochs:
+        logger.info(
+            "run %s already finished %d of %d epochs; nothing to do",
+            run_dir,
+            state.epoch,
+            cfg.train.epochs,
+        )
+        return summary
+
+    train = {
+        "batch_size": cfg.train.batch_size,
+        "seed": cfg.train.seed,
+        "random_flip": cfg.data.random_flip,
+        "num_workers": cfg.data.num_workers,
+        "grad_clip": cfg.optim.grad_clip,
+        "device": device,
+    }
+    sample = {
+        "num": cfg.sample.num,
+        "sampler": cfg.sample.sampler,
+        "steps": cfg.sample.steps,
+        "seed": cfg.train.seed,
+        "use_ema": cfg.sample.use_ema,
+        "device": device,
+        "image_shape": (cfg.model.channels, cfg.data.image_size, cfg.data.image_size),
+    }
+    settings_json = cfg.model_dump(mode="json")
+    while state.epoch < cfg.train.epochs:
+        metrics, snapshot = train_epoch_task(
+            state, data, train, checkpoint_dir, settings_json, cfg.train.epochs, cfg.train.log_every
+        )
+        epoch = int(metrics["epoch"])
+        summary["checkpoint"] = checkpoint_task(snapshot, checkpoint_dir, epoch, cfg.run.keep)
+        every = cfg.sample.every
+        if every and (epoch % every == 0 or epoch == cfg.train.epochs):
+            sample_and_log_task(state, str(run_dir / "samples"), epoch, sample)
+        summary.update(epochs=epoch, global_step=state.global_step, metrics=metrics)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, validate settings (exit 2 on bad ones, before Prefect starts), run."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides = parse_flags(argv, prog="python flows/train_flow.py")
+        load_settings(overrides)
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    state = train_flow(overrides=overrides or None, return_state=True)
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""One Prefect test harness for the whole session (it takes ~10 s to start), with results and
+caches kept in a temporary folder, and a tiny-run configuration shared by the flow tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+import flows  # noqa: F401 - sets the extra-loggers default before prefect configures logging
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No DDPM_* variables or .env from the developer's shell leak into a test."""
+    for name in list(os.environ):
+        if name.upper().startswith("DDPM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, cifar_writer) -> dict[str, Any]:
+    """Overrides for a tiny CPU run on 64 of 80 official-format CIFAR images: hidden 16,
+    T = 50, 2 epochs of 2 steps."""
+    cifar_writer(tmp_path / "data", images_per_batch=16)
+    return {
+        "data.root": str(tmp_path / "data"),
+        "data.subset": 64,
+        "run.dir": str(tmp_path / "runs"),
+        "model.hidden_size": 16,
+        "diffusion.num_timesteps": 50,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.device": "cpu",
+        "train.log_every": 1,
+        "optim.warmup_steps": 2,
+        "sample.num": 4,
+        "sample.steps": 5,
+        "wandb.mode": "disabled",
+    }
+
+
+@pytest.fixture
+def task_runs():
+    """task_runs(flow_run_id) -> the flow run's task runs by task name, oldest first."""
+
+    def read(flow_run_id: Any) -> dict[str, list[Any]]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        by_name: dict[str, list[Any]] = {}
+        for run in sorted(runs, key=lambda r: r.expected_start_time):
+            by_name.setdefault(run.name.rsplit("-", 1)[0], []).append(run)  # "train-epoch-3f1"
+        return by_name
+
+    return read

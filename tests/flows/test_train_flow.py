@@ -1,0 +1,245 @@
+"""train_flow end to end on tiny data under the Prefect test harness: task states, files,
+caching, resume, retries, validation, tags, and the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import flows.tasks
+from ddpm.checkpoint import load_checkpoint
+from ddpm.pipeline import list_checkpoints
+from flows.tasks import (
+    build_model_task,
+    checkpoint_task,
+    download_task,
+    sample_and_log_task,
+    train_epoch_task,
+)
+from flows.train_flow import train_flow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(overrides: dict[str, Any]):
+    """Run the flow; return (final state, the flow's result or None)."""
+    state = train_flow(overrides=overrides, return_state=True)
+    return state, (state.result() if state.is_completed() else None)
+
+
+def files(folder: Path) -> dict[str, int]:
+    """Every file under folder with its modification time (ns)."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_whole_flow_on_tiny_cifar(tiny: dict[str, Any], task_runs) -> None:
+    """Every task completes; epoch checkpoints load with the right step; a grid per epoch."""
+    state, summary = run(tiny)
+    assert state.is_completed(), state.message
+    runs = task_runs(state.state_details.flow_run_id)
+    assert {name: [r.state.type.value for r in rs] for name, rs in runs.items()} == {
+        "download": ["COMPLETED"],
+        "build-model": ["COMPLETED"],
+        "train-epoch": ["COMPLETED"] * 2,
+        "checkpoint": ["COMPLETED"] * 2,
+        "sample-and-log": ["COMPLETED"] * 2,
+    }
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.parent == Path(tiny["run.dir"]) and run_dir.name.startswith("run-")
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in checkpoints] == ["epoch_001.pt", "epoch_002.pt"]
+    last = load_checkpoint(checkpoints[-1])
+    assert (last["epoch"], last["global_step"]) == (2, 4)  # 64 images / batch 32
+    assert last["settings"]["model"]["hidden_size"] == 16
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "epoch_001.png",
+        "epoch_002.png",
+    ]
+    assert (run_dir / "settings.json").is_file()
+    assert summary["epochs"] == 2 and summary["global_step"] == 4
+    assert summary["checkpoint"] == str(checkpoints[-1])
+
+
+def test_second_identical_run_does_nothing(tiny: dict[str, Any], task_runs) -> None:
+    """Re-running a finished run: download is Cached, no train-epoch runs, no file changes."""
+    first, summary = run(tiny)
+    assert first.is_completed(), first.message
+    before = files(Path(tiny["run.dir"]))
+    second, again = run(tiny)
+    assert second.is_completed(), second.message
+    runs = task_runs(second.state_details.flow_run_id)
+    assert [r.state.name for r in runs["download"]] == ["Cached"]
+    assert "train-epoch" not in runs and "sample-and-log" not in runs
+    assert files(Path(tiny["run.dir"])) == before
+    assert again["epochs"] == 2 and again["run_dir"] == summary["run_dir"]
+
+
+def test_more_epochs_resume_and_other_hyperparameters_start_a_new_run(tiny: dict[str, Any]) -> None:
+    """Raising train.epochs continues the same run folder from its checkpoint; changing lr
+    starts a new folder; an explicit run.name reused with other settings is refused."""
+    _, two = run(tiny)
+    _, three = run({**tiny, "train.epochs": 3})
+    assert three["run_dir"] == two["run_dir"] and three["global_step"] == 6
+    _, other = run({**tiny, "optim.lr": 1e-3})
+    assert other["run_dir"] != two["run_dir"] and other["global_step"] == 4
+    run({**tiny, "run.name": "mine"})
+    state, _ = run({**tiny, "run.name": "mine", "optim.lr": 1e-3})
+    assert state.is_failed()
+    assert "optim.lr: 0.0002 -> 0.001" in state.message and "pick another run.name" in state.message
+
+
+def test_transient_failure_in_train_epoch_is_retried_from_the_checkpoint(
+    tiny: dict[str, Any], task_runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure one step into epoch 2 is retried; the retry rewinds to epoch 1's checkpoint,
+    so the global step has no gap or double count and the weights equal an uninterrupted run."""
+    _, clean = run({**tiny, "run.dir": tiny["run.dir"] + "-clean"})
+    real_run_epoch, failed = flows.tasks.run_epoch, []
+
+    def flaky(state, dataset, epoch, *, on_step, **kwargs):
+        def step(global_step: int, metrics: dict[str, float]) -> None:
+            on_step(global_step, metrics)
+            if epoch == 2 and not failed:
+                failed.append(global_step)
+                raise RuntimeError("injected transient failure")
+
+        return real_run_epoch(state, dataset, epoch, on_step=step, **kwargs)
+
+    monkeypatch.setattr(flows.tasks, "run_epoch", flaky)
+    state, summary = run(tiny)
+    assert state.is_completed(), state.message
+    assert failed == [3]  # one step of epoch 2 was taken, then it failed
+    epochs = task_runs(state.state_details.flow_run_id)["train-epoch"]
+    assert [r.run_count for r in epochs] == [1, 2]
+    assert summary["global_step"] == clean["global_step"] == 4
+    ours = load_checkpoint(summary["checkpoint"])
+    theirs = load_checkpoint(clean["checkpoint"])
+    assert ours["global_step"] == 4
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+
+
+def test_bad_override_fails_the_flow_naming_it(tiny: dict[str, Any]) -> None:
+    """An invalid override ends the flow run Failed with a message naming the setting."""
+    state, _ = run({**tiny, "optim.lr": -1})
+    assert state.is_failed()
+    assert "optim.lr" in state.message and "greater than 0" in state.message
+    state, _ = run({**tiny, "optim.lrr": 1})
+    assert state.is_failed() and "optim.lrr" in state.message and "unknown setting" in state.message
+
+
+def test_only_train_epoch_and_sample_and_log_carry_the_gpu_tag(tiny, task_runs) -> None:
+    """Exactly the two accelerator tasks are tagged gpu, in code and on the server."""
+    tasks = [
+        download_task,
+        build_model_task,
+        train_epoch_task,
+        checkpoint_task,
+        sample_and_log_task,
+    ]
+    assert {t.name for t in tasks if "gpu" in t.tags} == {"train-epoch", "sample-and-log"}
+    state, _ = run(tiny)
+    tagged = {
+        name
+        for name, rs in task_runs(state.state_details.flow_run_id).items()
+        if all("gpu" in r.tags for r in rs)
+    }
+    assert tagged == {"train-epoch", "sample-and-log"}
+
+
+def test_offline_without_data_fails_after_retries_saying_where_to_put_it(
+    tiny: dict[str, Any], task_runs, tmp_path: Path
+) -> None:
+    """No data and no network: download is tried 4 times, then the flow fails with a message
+    saying where to put the archive or the extracted folder."""
+    state, _ = run(
+        {
+            **tiny,
+            "data.root": str(tmp_path / "empty"),
+            "data.url": "http://127.0.0.1:9/cifar-10-python.tar.gz",
+        }
+    )
+    assert state.is_failed()
+    (download,) = task_runs(state.state_details.flow_run_id)["download"]
+    assert download.run_count == 4
+    assert "could not download" in state.message
+    assert str(tmp_path / "empty" / "cifar-10-python.tar.gz") in state.message
+    assert "cifar-10-batches-py/data_batch_1..5" in state.message
+
+
+@pytest.mark.slow
+def test_dataloader_workers_inside_a_flow_run(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """num_workers=2 (forkserver) trains inside a flow run, where forked workers would die,
+    and gives the same weights as loading in-process."""
+    _, inline = run({**tiny, "train.epochs": 1, "run.dir": str(tmp_path / "inline")})
+    state, workers = run({**tiny, "train.epochs": 1, "data.num_workers": 2})
+    assert state.is_completed(), state.message
+    a, b = load_checkpoint(inline["checkpoint"]), load_checkpoint(workers["checkpoint"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def env_for(overrides: dict[str, Any]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DDPM_", "PREFECT_API_URL"))}
+    env.update({"DDPM_" + k.upper().replace(".", "__"): str(v) for k, v in overrides.items()})
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+@pytest.mark.slow
+def test_command_line_runs_with_env_settings(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """`python flows/train_flow.py` with DDPM_* env settings and a flag completes on Prefect's
+    temporary local server (no PREFECT_API_URL) and writes checkpoints and grids."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "flows" / "train_flow.py"), "--train.epochs", "1"],
+        env=env_for(tiny),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = Path(tiny["run.dir"]).iterdir()
+    assert (run_dir / "checkpoints" / "epoch_001.pt").is_file()
+    assert (run_dir / "samples" / "epoch_001.png").is_file()
+    assert "Finished in state Completed" in result.stdout + result.stderr
+
+
+def test_command_line_help_and_bad_settings(tmp_path: Path) -> None:
+    """--help lists every setting with its env name and default; a bad env value exits 2 with
+    a short message naming the variable, no traceback."""
+    script = str(REPO / "flows" / "train_flow.py")
+    shown = subprocess.run(
+        [sys.executable, script, "--help"],
+        env=env_for({}),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0
+    for text in (
+        "--optim.lr",
+        "DDPM_OPTIM__LR",
+        "--train.epochs",
+        "DDPM_TRAIN__EPOCHS",
+        "(default: 100)",
+    ):
+        assert text in shown.stdout
+    bad = subprocess.run(
+        [sys.executable, script],
+        env=env_for({"optim.lr": "-1"}),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "DDPM_OPTIM__LR" in bad.stderr and "Traceback" not in bad.stderr
