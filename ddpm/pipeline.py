@@ -178,9 +178,7 @@ def prune_checkpoints(folder: Path, keep: int) -> list[Path]:
     return old
 
 
-def save_epoch_checkpoint(
-    snapshot: Mapping[str, Any], folder: Path, epoch: int, keep: int
-) -> Path:
+def save_epoch_checkpoint(snapshot: Mapping[str, Any], folder: Path, epoch: int, keep: int) -> Path:
     """Atomically write folder/epoch_XXX.pt, then keep only the newest `keep`."""
     path = save_checkpoint(epoch_checkpoint(folder, epoch), snapshot)
     prune_checkpoints(folder, keep)

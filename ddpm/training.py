@@ -225,4 +225,3 @@ def train_epoch(
         "images_per_s": images / seconds if seconds > 0 else 0.0,
         "seconds": seconds,
     }
-

@@ -231,9 +231,7 @@ class SettingsError(ValueError):
         self.problems = list(problems)  # (dotted field, what is wrong)
         self.fields = [field for field, _ in self.problems]
         lines = [
-            f"{field} ({env_name(field)} / {flag_name(field)}): {message}"
-            if field
-            else message
+            f"{field} ({env_name(field)} / {flag_name(field)}): {message}" if field else message
             for field, message in self.problems
         ]
         super().__init__("invalid settings:\n  " + "\n  ".join(lines))
