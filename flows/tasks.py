@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from ddpm.data import steps_per_epoch
+from ddpm.data import epoch_batches, steps_per_epoch
 from ddpm.images import save_grid
 from ddpm.pipeline import (
     TrainingState,
@@ -27,6 +27,7 @@ from ddpm.pipeline import (
     run_epoch,
     save_epoch_checkpoint,
 )
+from flows.tracking import Tracker
 
 GPU_TAG = "gpu"
 
@@ -77,11 +78,13 @@ def train_epoch_task(
     settings: dict[str, Any],
     epochs: int,
     log_every: int,
+    tracker: Tracker,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the next epoch on the training device; return its metrics and a CPU snapshot.
 
     A retry (or any call on a state left mid-epoch) first rewinds to the newest valid
-    checkpoint, so no step is counted twice.
+    checkpoint, so no step is counted twice. Every step goes to the tracker; the first
+    epoch's first batch, as the model sees it, too.
     """
     logger = get_run_logger()
     if state.dirty:
@@ -90,8 +93,18 @@ def train_epoch_task(
     epoch, dataset = state.epoch + 1, load_dataset(**data)
     total = steps_per_epoch(len(dataset), train["batch_size"])
     bar = _ProgressBar(f"epoch {epoch}/{epochs}", total) if sys.stderr.isatty() else None
+    if state.global_step == 0:
+        batches = epoch_batches(
+            dataset,
+            train["batch_size"],
+            seed=train["seed"],
+            epoch=epoch,
+            random_flip=train["random_flip"],
+        )
+        tracker.log_inputs(0, next(batches))
 
     def on_step(step: int, m: dict[str, float]) -> None:
+        tracker.log_step(step, m)
         if step % log_every == 0:
             logger.info(
                 "step %d  loss %.4f  lr %.3g  grad_norm %.3f",
@@ -126,11 +139,17 @@ def checkpoint_task(snapshot: dict[str, Any], checkpoint_dir: str, epoch: int, k
 
 @task(name="sample-and-log", tags=[GPU_TAG], cache_policy=NO_CACHE, persist_result=False)
 def sample_and_log_task(
-    state: TrainingState, samples_dir: str, epoch: int, sample: dict[str, Any]
+    state: TrainingState,
+    samples_dir: str,
+    metrics: dict[str, float],
+    sample: dict[str, Any],
+    tracker: Tracker,
 ) -> str:
-    """Draw a grid from fixed noise, save samples/epoch_XXX.png, log where it went."""
-    images = draw_samples(state, **sample)
-    path = save_grid(images, Path(samples_dir) / f"epoch_{epoch:03d}.png")
+    """Draw a grid from fixed noise, save samples/epoch_XXX.png, and hand it with the epoch's
+    metrics to tracking."""
+    epoch = int(metrics["epoch"])
+    path = save_grid(draw_samples(state, **sample), Path(samples_dir) / f"epoch_{epoch:03d}.png")
+    tracker.log_epoch(metrics, path)
     get_run_logger().info("epoch %d samples: %s", epoch, path)
     return str(path)
 

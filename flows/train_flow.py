@@ -22,12 +22,14 @@ from flows.tasks import (
     sample_and_log_task,
     train_epoch_task,
 )
+from flows.tracking import RunArtifacts, Tracker, publish_summary
 from settings import (
     Settings,
     SettingsError,
     load_settings,
     parse_flags,
     result_changes,
+    run_name,
     run_path,
 )
 
@@ -123,6 +125,7 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
             state.epoch,
             cfg.train.epochs,
         )
+        publish_summary(cfg, run_dir, summary, None)
         return summary
 
     train = {
@@ -143,16 +146,34 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "image_shape": (cfg.model.channels, cfg.data.image_size, cfg.data.image_size),
     }
     settings_json = cfg.model_dump(mode="json")
-    while state.epoch < cfg.train.epochs:
-        metrics, snapshot = train_epoch_task(
-            state, data, train, checkpoint_dir, settings_json, cfg.train.epochs, cfg.train.log_every
-        )
-        epoch = int(metrics["epoch"])
-        summary["checkpoint"] = checkpoint_task(snapshot, checkpoint_dir, epoch, cfg.run.keep)
-        every = cfg.sample.every
-        if every and (epoch % every == 0 or epoch == cfg.train.epochs):
-            sample_and_log_task(state, str(run_dir / "samples"), epoch, sample)
-        summary.update(epochs=epoch, global_step=state.global_step, metrics=metrics)
+    artifacts = RunArtifacts(state.epoch, cfg.train.epochs)
+    tracker = Tracker.start(cfg, run_dir, run_name(cfg), run_dir / SETTINGS_FILE)
+    failed = True
+    try:
+        while state.epoch < cfg.train.epochs:
+            metrics, snapshot = train_epoch_task(
+                state,
+                data,
+                train,
+                checkpoint_dir,
+                settings_json,
+                cfg.train.epochs,
+                cfg.train.log_every,
+                tracker,
+            )
+            epoch = int(metrics["epoch"])
+            summary["checkpoint"] = checkpoint_task(snapshot, checkpoint_dir, epoch, cfg.run.keep)
+            every = cfg.sample.every
+            if every and (epoch % every == 0 or epoch == cfg.train.epochs):
+                sample_and_log_task(state, str(run_dir / "samples"), metrics, sample, tracker)
+            else:
+                tracker.log_epoch(metrics, None)
+            artifacts.epoch_done(metrics)
+            summary.update(epochs=epoch, global_step=state.global_step, metrics=metrics)
+        failed = False
+    finally:
+        publish_summary(cfg, run_dir, summary, tracker.url)
+        tracker.finish(failed)
     return summary
 
 

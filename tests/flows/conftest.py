@@ -73,3 +73,49 @@ def task_runs():
         return by_name
 
     return read
+
+
+@pytest.fixture
+def wandb_records():
+    """wandb_records(run_dir) -> the protobuf Records of the offline .wandb files under run_dir,
+    read with wandb's own protobuf: the file is a LevelDB-style log of 32 KiB blocks after a
+    7-byte header, each record a 7-byte header (crc32, length, type full/first/middle/last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block = 32 * 1024
+
+    def chunks(data: bytes) -> Iterator[bytes]:
+        assert data[:4] == b":W&B", "not a W&B transaction log"
+        pos, pending = 7, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:  # block trailer padding
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if length == 0 and kind == 0:
+                pos += left
+                continue
+            body, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            if kind == 1:
+                yield body
+            elif kind == 2:
+                pending = body
+            elif kind == 3:
+                pending += body
+            elif kind == 4:
+                yield pending + body
+                pending = b""
+
+    def read(run_dir: Path) -> list[Any]:
+        records = []
+        for path in sorted(Path(run_dir).rglob("run-*.wandb")):
+            for raw in chunks(path.read_bytes()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(raw)
+                records.append(record)
+        return records
+
+    return read

@@ -1,0 +1,208 @@
+"""Experiment tracking: a Weights & Biases run per training run, and Prefect UI artifacts.
+
+W&B: the resolved settings as the run config, the settings file as a `config` artifact, each
+step's loss (and its running mean over the epoch), lr and gradient norm, each epoch's mean loss,
+images/s, time and sample grid, and the first epoch's input batch. Never the code. Per-step
+metrics are plotted against `global_step` (not W&B's internal step), so a retried epoch's steps
+are kept rather than dropped as out of order.
+
+Prefect: artifacts with stable keys, so the UI shows their history across epochs and runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from ddpm.images import sample_grid
+from settings import Settings
+
+WANDB_ID_FILE = "wandb_id.txt"
+PROGRESS_KEY, METRICS_KEY, SUMMARY_KEY, LINK_KEY = (
+    "training-progress",
+    "epoch-metrics",
+    "run-summary",
+    "wandb-run",
+)
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto -> online when WANDB_API_KEY is set, else offline; other modes as named."""
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+class Tracker:
+    """Logs one training run to W&B; every method is a no-op when W&B is disabled."""
+
+    def __init__(self, run: Any | None, online: bool = False) -> None:
+        self.run, self.online = run, online
+        self._loss_sum, self._loss_steps = 0.0, 0
+
+    @classmethod
+    def start(cls, cfg: Settings, run_dir: Path, name: str, settings_file: Path) -> Tracker:
+        """Start (or resume) the run's W&B run; files go to WANDB_DIR or the run folder.
+
+        The W&B id is kept in run_dir/wandb_id.txt, so a resumed training continues the same
+        W&B run (resume="allow").
+        """
+        mode = resolve_wandb_mode(cfg.wandb.mode)
+        if mode == "disabled":
+            return cls(None)
+        import wandb
+
+        id_file = run_dir / WANDB_ID_FILE
+        if not id_file.is_file():
+            id_file.write_text(secrets.token_hex(8) + "\n")
+        run = wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            name=name,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
+            mode=mode,
+            config=cfg.model_dump(mode="json"),
+            settings=wandb.Settings(
+                save_code=False,
+                disable_code=True,
+                disable_git=True,
+                disable_job_creation=True,
+                x_save_requirements=False,
+                console="off",  # the Prefect run logs already hold the console output
+                silent=True,
+            ),
+        )
+        run.define_metric("global_step")
+        run.define_metric("*", step_metric="global_step")
+        artifact = wandb.Artifact(f"settings-{name}", type="config")
+        artifact.add_file(str(settings_file), name="settings.json")
+        run.log_artifact(artifact)
+        return cls(run, online=mode == "online")
+
+    @property
+    def url(self) -> str | None:
+        """The W&B run's page when online, else None."""
+        return self.run.url if self.run is not None and self.online else None
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Loss, its running mean over the epoch so far, lr and gradient norm at a step."""
+        self._loss_sum += metrics["loss"]
+        self._loss_steps += 1
+        if self.run is not None:
+            self.run.log(
+                {
+                    "global_step": step,
+                    "train/loss": metrics["loss"],
+                    "train/loss_avg": self._loss_sum / self._loss_steps,
+                    "train/lr": metrics["lr"],
+                    "train/grad_norm": metrics["grad_norm"],
+                }
+            )
+
+    def log_inputs(self, step: int, images: torch.Tensor) -> None:
+        """One batch as the model sees it (augmented), de-normalised into a grid."""
+        if self.run is not None:
+            import wandb
+
+            grid = sample_grid(images).permute(1, 2, 0).mul(255).round().byte().numpy()
+            self.run.log({"global_step": step, "inputs": wandb.Image(grid, caption="inputs")})
+
+    def log_epoch(self, metrics: dict[str, float], grid: Path | None) -> None:
+        """An epoch's mean loss, images/s, time and (when drawn) its sample grid."""
+        self._loss_sum, self._loss_steps = 0.0, 0
+        if self.run is not None:
+            import wandb
+
+            row: dict[str, Any] = {
+                "global_step": int(metrics["global_step"]),
+                "epoch": int(metrics["epoch"]),
+                "epoch/loss": metrics["loss"],
+                "epoch/images_per_s": metrics["images_per_s"],
+                "epoch/seconds": metrics["seconds"],
+            }
+            if grid is not None:
+                row["samples"] = wandb.Image(str(grid), caption=f"epoch {int(metrics['epoch'])}")
+            self.run.log(row)
+
+    def finish(self, failed: bool = False) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None
+
+
+# ---- Prefect artifacts ------------------------------------------------------------------------
+
+
+class RunArtifacts:
+    """The flow run's UI artifacts: progress, per-epoch metrics, summary, W&B link."""
+
+    def __init__(self, epochs_done: int, epochs: int) -> None:
+        self.epochs, self.rows = epochs, []
+        self.progress_id = create_progress_artifact(
+            progress=100.0 * epochs_done / epochs,
+            key=PROGRESS_KEY,
+            description=f"epochs done of {epochs}",
+        )
+
+    def epoch_done(self, metrics: dict[str, float]) -> None:
+        """Advance the progress bar and re-publish the metrics table with this epoch's row."""
+        epoch = int(metrics["epoch"])
+        update_progress_artifact(self.progress_id, 100.0 * epoch / self.epochs)
+        self.rows.append(
+            {
+                "epoch": epoch,
+                "global_step": int(metrics["global_step"]),
+                "loss": round(metrics["loss"], 6),
+                "lr": metrics["lr"],
+                "images_per_s": round(metrics["images_per_s"], 1),
+                "seconds": round(metrics["seconds"], 2),
+            }
+        )
+        create_table_artifact(self.rows, key=METRICS_KEY, description="per-epoch metrics")
+
+
+def publish_summary(
+    cfg: Settings, run_dir: Path, summary: dict[str, Any], wandb_url: str | None
+) -> None:
+    """A markdown summary (settings digest, where grids and checkpoints are, the W&B run) and,
+    when online, a link artifact to the W&B run."""
+    lines = [
+        f"# DDPM run `{run_dir.name}`",
+        "",
+        f"- epochs: {summary['epochs']} of {cfg.train.epochs}, "
+        f"global step {summary['global_step']}",
+        f"- settings: `{run_dir / 'settings.json'}`",
+        f"- checkpoints: `{run_dir / 'checkpoints'}` (last: `{summary['checkpoint']}`)",
+        f"- sample grids: `{run_dir / 'samples'}`",
+        f"- W&B: {wandb_url or 'offline/disabled (' + cfg.wandb.mode + ')'}",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| model | U-Net hidden {cfg.model.hidden_size}, {cfg.model.channels} channels |",
+        f"| data | {cfg.data.dataset}, {cfg.data.image_size} px, subset {cfg.data.subset} |",
+        f"| diffusion | T={cfg.diffusion.num_timesteps}, "
+        f"betas {cfg.diffusion.beta_start}..{cfg.diffusion.beta_end} |",
+        f"| optim | {cfg.optim.name} lr {cfg.optim.lr}, warm-up {cfg.optim.warmup_steps}, "
+        f"{cfg.optim.schedule} |",
+        f"| train | batch {cfg.train.batch_size}, seed {cfg.train.seed}, "
+        f"EMA {cfg.train.ema_decay} |",
+        f"| sample | {cfg.sample.sampler} ({cfg.sample.steps} steps), {cfg.sample.num} images |",
+    ]
+    if summary["metrics"]:
+        lines.append(f"| last epoch loss | {summary['metrics']['loss']:.4f} |")
+    create_markdown_artifact("\n".join(lines), key=SUMMARY_KEY, description="run summary")
+    if wandb_url:
+        create_link_artifact(wandb_url, link_text="W&B run", key=LINK_KEY)
