@@ -1,0 +1,44 @@
+"""Serve train-flow's deployments from this process, for users without a worker:
+
+    python deployments/serve.py
+    prefect deployment run 'train-flow/ddpm-smoke'
+
+The deployments are the ones in deployments/prefect.yaml. Served runs execute in this process's
+environment, so each deployment's DDPM_* job variables become its default `overrides` here; as
+with any parameter, run-time `overrides` replace them as a whole.
+"""
+
+from pathlib import Path
+
+import yaml
+from prefect import serve
+
+from flows.train_flow import train_flow
+
+PREFECT_FILE = Path(__file__).with_name("prefect.yaml")
+
+
+def served_deployments() -> list:
+    """prefect.yaml's deployments, with their DDPM_* env folded into `overrides`."""
+    deployments = []
+    for spec in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]:
+        env = spec.get("work_pool", {}).get("job_variables", {}).get("env", {})
+        overrides = {
+            name[len("DDPM_") :].lower().replace("__", "."): value
+            for name, value in env.items()
+            if name.startswith("DDPM_")
+        }
+        overrides.update(spec.get("parameters", {}).get("overrides", {}))
+        deployments.append(
+            train_flow.to_deployment(
+                name=spec["name"],
+                description=spec.get("description"),
+                tags=spec.get("tags"),
+                parameters={"overrides": overrides},
+            )
+        )
+    return deployments
+
+
+if __name__ == "__main__":
+    serve(*served_deployments())

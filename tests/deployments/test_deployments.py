@@ -1,0 +1,156 @@
+"""Deployments end to end on a real Prefect server bound to 127.0.0.1: create the pool, deploy
+from deployments/prefect.yaml, run ddpm-smoke through the CLI, execute it with a worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A Prefect server on 127.0.0.1 with its own home; yields the env that talks to it; stops
+    it by PID."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DDPM_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{api}/health", timeout=2):
+                        break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError((tmp_path / "server.log").read_text()) from None
+                    time.sleep(0.5)
+            yield {**env, "PREFECT_API_URL": api}
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def prefect(env: dict[str, str], *args: str, timeout: int = 180) -> str:
+    result = subprocess.run(
+        [PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def run_deployment(env: dict[str, str], overrides: dict[str, Any]) -> str:
+    """`prefect deployment run 'train-flow/ddpm-smoke' --params ...`, then one worker pass;
+    returns the flow run id."""
+    import json
+
+    out = prefect(
+        env,
+        "deployment",
+        "run",
+        "train-flow/ddpm-smoke",
+        "--params",
+        json.dumps({"overrides": overrides}),
+    )
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out)[1]
+    prefect(env, "worker", "start", "--pool", "ddpm-local", "--run-once", timeout=300)
+    return flow_run_id
+
+
+def read_run(env: dict[str, str], flow_run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        flow_run = client.read_flow_run(flow_run_id)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+    return flow_run, {a.key for a in artifacts}
+
+
+def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cifar_writer) -> None:
+    """Deploy both deployments, run ddpm-smoke with train.epochs=1 through a process worker:
+    Completed, one epoch's checkpoint and grid, artifacts on the server; an invalid override
+    ends Failed with a validation message, not Crashed."""
+    cifar_writer(tmp_path / "data", images_per_batch=52)  # 260 >= the smoke run's 256
+    prefect(server, "work-pool", "create", "ddpm-local", "--type", "process")
+    out = prefect(
+        server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"
+    )
+    assert "ddpm-cifar10" in out and "ddpm-smoke" in out
+
+    paths = {
+        "data.root": str(tmp_path / "data"),
+        "run.dir": str(tmp_path / "runs"),
+        "wandb.mode": "disabled",
+    }
+    flow_run, artifacts = read_run(server, run_deployment(server, {**paths, "train.epochs": 1}))
+    assert flow_run.state.type.value == "COMPLETED", flow_run.state.message
+    assert flow_run.parameters["overrides"]["train.epochs"] == 1
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_001.pt"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_001.png"]
+    assert {"training-progress", "epoch-metrics", "run-summary"} <= artifacts
+    settings = (run_dir / "settings.json").read_text()
+    assert '"hidden_size": 16' in settings and '"subset": 256' in settings  # smoke env
+
+    flow_run, _ = read_run(server, run_deployment(server, {**paths, "optim.lr": -1}))
+    assert flow_run.state.type.value == "FAILED"
+    assert "optim.lr" in flow_run.state.message and "greater than 0" in flow_run.state.message
+
+
+def test_serve_builds_the_same_deployments() -> None:
+    """deployments/serve.py serves prefect.yaml's deployments, the smoke sizes as overrides."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve", REPO / "deployments" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    deployments = {d.name: d for d in serve.served_deployments()}
+    assert set(deployments) == {"ddpm-cifar10", "ddpm-smoke"}
+    assert deployments["ddpm-cifar10"].parameters == {"overrides": {}}
+    smoke = deployments["ddpm-smoke"].parameters["overrides"]
+    assert smoke["model.hidden_size"] == "16" and smoke["train.epochs"] == "2"
+    from settings import load_settings
+
+    assert load_settings(smoke, env_file=None).data.subset == 256
