@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -16,6 +20,11 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
 FORMAT_VERSION = 1  # bump when the layout of the state dict changes
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupt, or from an incompatible version or model."""
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -46,14 +55,113 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> Path:
-    """Atomically save a state dict (see training_state) to path; returns path."""
-    return atomic_write(Path(path), lambda f: torch.save(dict(state), f))
+    """Atomically save a state dict (see training_state) to path, with its SHA-256 beside it.
+
+    The checksum file (path + '.sha256') is written first, so a complete checkpoint always has
+    one; a crash in between leaves only an orphan checksum. Returns path.
+
+    Raises:
+        CheckpointError: naming the file, if it cannot be written (disk full, permissions);
+            existing checkpoints are left as they were.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    data = buffer.getbuffer()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        atomic_write(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+        return atomic_write(path, lambda f: f.write(data))
+    except OSError as err:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {err.strerror or err}; "
+            "the previous checkpoints are untouched"
+        ) from err
+
+
+def checksum_path(path: Path) -> Path:
+    """Where a checkpoint's SHA-256 is kept: beside it, with '.sha256' appended."""
+    return Path(path).with_name(Path(path).name + CHECKSUM_SUFFIX)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU with torch.load(weights_only=True): tensors and plain
-    containers only, so a file carrying a pickled payload is refused and its code never runs."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Load a checkpoint onto the CPU, verified against the SHA-256 beside it (if any).
+
+    torch.load(weights_only=True) accepts tensors and plain containers only, so a file carrying
+    a pickled payload is refused and its code never runs.
+
+    Raises:
+        CheckpointError: if the checksum does not match (truncated or bit-flipped file).
+        Exception: whatever torch.load raises for an unreadable or refused file.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    recorded = checksum_path(path)
+    if recorded.is_file():
+        expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise CheckpointError(f"{path}: SHA-256 {actual[:12]}... does not match {recorded}")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, off the training loop.
+
+    submit() hands over a CPU snapshot and returns at once; wait() blocks until the write in
+    flight has finished and re-raises its error, so a failed write fails loudly at the next
+    wait (the previous checkpoints are untouched: writes are atomic).
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, write: Callable[[], Any]) -> None:
+        """Wait for the previous write, then start `write()` in the background."""
+        self.wait()
+        with self._lock:
+            self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; raise its error."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def check_compatible(state: Mapping[str, Any], model: nn.Module, source: str) -> None:
+    """Refuse a checkpoint from another state format or of another model shape, with a message
+    naming both sides instead of load_state_dict's shape-mismatch traceback.
+
+    Raises:
+        CheckpointError: naming the checkpoint (source) and what differs.
+    """
+    versions = state.get("versions") or {}
+    if versions.get("format") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{source} was written by checkpoint format {versions.get('format')!r} "
+            f"(ddpm-pipeline {versions.get('ddpm-pipeline', '?')}); this version reads format "
+            f"{FORMAT_VERSION!r} (ddpm-pipeline {package_versions()['ddpm-pipeline']})"
+        )
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if ours != theirs:
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        key = differ[0]
+        raise CheckpointError(
+            f"{source} holds a different model: {key} is {theirs.get(key)} there but "
+            f"{ours.get(key)} in the model built from the current settings "
+            f"({len(differ)} tensors differ; was model.hidden_size or model.channels changed?)"
+        )
 
 
 def to_cpu(value: Any) -> Any:
@@ -102,6 +210,7 @@ def training_state(
     *,
     epoch: int,
     global_step: int,
+    epoch_step: int = 0,
     settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A CPU snapshot of everything needed to resume exactly.
@@ -110,7 +219,8 @@ def training_state(
         model: the trained module (a DiffusionModel).
         optimizer, scheduler, ema: their states are included (scheduler, ema may be None).
         epoch: epochs completed.
-        global_step: optimizer steps taken.
+        global_step: training steps taken (batches consumed).
+        epoch_step: batches of the next epoch already consumed (0 at an epoch boundary).
         settings: the resolved settings, as plain JSON-like values.
 
     Returns:
@@ -124,6 +234,7 @@ def training_state(
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "epoch": epoch,
             "global_step": global_step,
+            "epoch_step": epoch_step,
             "rng": capture_rng_state(),
             "settings": dict(settings or {}),
             "versions": package_versions(),

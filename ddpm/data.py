@@ -301,6 +301,9 @@ def epoch_batches(
         sampler=_EpochOrder(order, start_batch * batch_size),
         num_workers=num_workers,
         multiprocessing_context="forkserver" if num_workers > 0 else None,
+        # Its own generator: otherwise creating the iterator draws a seed from the global RNG,
+        # which training's noise comes from, and a mid-epoch resume would draw it elsewhere.
+        generator=torch.Generator().manual_seed(seed),
     )
     position = start_batch * batch_size
     for images in loader:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, Subset
 
 from ddpm.checkpoint import (
+    CheckpointWriter,
+    check_compatible,
+    checksum_path,
     load_checkpoint,
     restore_training_state,
     save_checkpoint,
@@ -50,6 +54,8 @@ from ddpm.unet import UNet
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"^epoch_(\d+)\.pt$")
+STEP_CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
+STEP_CHECKPOINTS_KEPT = 2  # the newest mid-epoch checkpoint and one to fall back on
 
 
 @dataclass
@@ -58,6 +64,8 @@ class TrainingState:
 
     `dirty` is set while an epoch is being trained and cleared when it completes: a dirty state
     holds weights from the middle of an epoch and must be restored before training again.
+    `epoch_step` counts the batches of epoch `epoch + 1` already trained (after a resume from a
+    mid-epoch checkpoint); training goes on from there.
     """
 
     diffusion: DiffusionModel
@@ -65,7 +73,8 @@ class TrainingState:
     scheduler: LambdaLR
     ema: AveragedModel
     epoch: int = 0  # epochs completed
-    global_step: int = 0  # optimizer steps taken
+    global_step: int = 0  # training steps taken (batches consumed)
+    epoch_step: int = 0  # batches of the next epoch already taken
     dirty: bool = False
     initial: dict[str, Any] = field(default_factory=dict, repr=False)  # restore point at build
 
@@ -95,14 +104,21 @@ class TrainingState:
             self.ema,
             epoch=self.epoch,
             global_step=self.global_step,
+            epoch_step=self.epoch_step,
             settings=settings,
         )
 
-    def restore(self, state: Mapping[str, Any]) -> None:
-        """Load a snapshot (or checkpoint) into this state, wherever it lives, RNGs included."""
+    def restore(self, state: Mapping[str, Any], source: str = "the snapshot") -> None:
+        """Load a snapshot (or checkpoint) into this state, wherever it lives, RNGs included.
+
+        Raises:
+            CheckpointError: naming `source`, if it holds another format or model shape.
+        """
+        check_compatible(state, self.diffusion, source)
         # Optimizer.load_state_dict puts each state tensor on its parameter's device.
         restore_training_state(state, self.diffusion, self.optimizer, self.scheduler, self.ema)
-        self.epoch, self.global_step, self.dirty = state["epoch"], state["global_step"], False
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.epoch_step, self.dirty = state.get("epoch_step", 0), False
 
 
 def build_training(
@@ -146,52 +162,101 @@ def epoch_checkpoint(folder: Path, epoch: int) -> Path:
     return Path(folder) / f"epoch_{epoch:03d}.pt"
 
 
-def list_checkpoints(folder: Path) -> list[Path]:
-    """The epoch checkpoints in folder, oldest epoch first."""
+def step_checkpoint(folder: Path, global_step: int) -> Path:
+    """folder/step_XXXXXXX.pt: a mid-epoch checkpoint after `global_step` steps."""
+    return Path(folder) / f"step_{global_step:07d}.pt"
+
+
+def _numbered(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m[1]), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
+    found = [(int(m[1]), p) for p in folder.iterdir() if (m := pattern.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
-def load_newest_valid(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in folder that loads, with its state; None if there is none.
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The epoch checkpoints in folder, oldest epoch first."""
+    return _numbered(folder, CHECKPOINT_NAME)
 
-    A checkpoint that fails to load (truncated, corrupt, or carrying a pickled payload that
-    weights_only refuses) is reported in one warning line and the next older one is tried.
-    """
-    for path in reversed(list_checkpoints(folder)):
+
+def list_step_checkpoints(folder: Path) -> list[Path]:
+    """The mid-epoch checkpoints in folder, oldest first."""
+    return _numbered(folder, STEP_CHECKPOINT_NAME)
+
+
+def _newest_loadable(paths: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    for path in reversed(paths):
         try:
             return path, load_checkpoint(path)
+        except pickle.UnpicklingError:
+            # torch's own message suggests weights_only=False: exactly what not to do here.
+            log.warning(
+                "skipping unusable checkpoint %s: refused by weights_only loading (it "
+                "holds objects other than tensors; never load it unsafely)",
+                path,
+            )
         except Exception as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            log.warning("skipping unreadable checkpoint %s: %s", path, reason)
+            log.warning("skipping unusable checkpoint %s: %s", path, reason)
     return None
+
+
+def load_newest_valid(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint in folder with the most steps that loads and matches its checksum, with
+    its state; None if there is none.
+
+    Epoch and mid-epoch checkpoints are compared by global step (an epoch checkpoint wins a
+    tie). A checkpoint that fails to load (truncated, bit-flipped, or carrying a pickled
+    payload that weights_only refuses) is reported in one warning line and the next older one
+    is tried.
+    """
+    best = _newest_loadable(list_step_checkpoints(folder))
+    epoch = _newest_loadable(list_checkpoints(folder))
+    if epoch is not None and (best is None or epoch[1]["global_step"] >= best[1]["global_step"]):
+        best = epoch
+    return best
+
+
+def _remove(paths: list[Path]) -> list[Path]:
+    for path in paths:
+        path.unlink(missing_ok=True)
+        checksum_path(path).unlink(missing_ok=True)
+    return paths
 
 
 def prune_checkpoints(folder: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` epoch checkpoints; returns the deleted paths."""
-    old = list_checkpoints(folder)[:-keep] if keep > 0 else []
-    for path in old:
-        path.unlink(missing_ok=True)
-    return old
+    return _remove(list_checkpoints(folder)[:-keep] if keep > 0 else [])
 
 
 def save_epoch_checkpoint(snapshot: Mapping[str, Any], folder: Path, epoch: int, keep: int) -> Path:
-    """Atomically write folder/epoch_XXX.pt, then keep only the newest `keep`."""
+    """Atomically write folder/epoch_XXX.pt, keep only the newest `keep`, and drop the
+    mid-epoch checkpoints it supersedes."""
     path = save_checkpoint(epoch_checkpoint(folder, epoch), snapshot)
     prune_checkpoints(folder, keep)
+    _remove(list_step_checkpoints(folder))
+    return path
+
+
+def save_step_checkpoint(snapshot: Mapping[str, Any], folder: Path) -> Path:
+    """Atomically write folder/step_XXXXXXX.pt and keep the newest two mid-epoch ones."""
+    path = save_checkpoint(step_checkpoint(folder, snapshot["global_step"]), snapshot)
+    _remove(list_step_checkpoints(folder)[:-STEP_CHECKPOINTS_KEPT])
     return path
 
 
 def build_or_resume(checkpoint_dir: Path, **build_kwargs: Any) -> TrainingState:
-    """build_training(**build_kwargs), then restore the newest valid checkpoint if any."""
+    """build_training(**build_kwargs), then restore the newest valid checkpoint if any.
+
+    Raises:
+        CheckpointError: if that checkpoint is of another format or model shape.
+    """
     state = build_training(**build_kwargs)
     found = load_newest_valid(checkpoint_dir)
     if found is not None:
         path, checkpoint = found
-        state.restore(checkpoint)
+        state.restore(checkpoint, str(path))
         log.info("resuming from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
     return state
 
@@ -204,7 +269,7 @@ def rewind(state: TrainingState, checkpoint_dir: Path) -> str:
     """
     found = load_newest_valid(checkpoint_dir)
     if found is not None:
-        state.restore(found[1])
+        state.restore(found[1], str(found[0]))
         return str(found[0])
     state.restore(state.initial)
     return "the initial weights"
@@ -259,36 +324,64 @@ def run_epoch(
     grad_clip: float,
     device: torch.device | str,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    max_bad_steps: int | None = None,
+    checkpoint_every: int = 0,
+    checkpoint_dir: Path | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Train epoch number `epoch` (from 1) on device; the state records it when it completes.
+    """Train epoch number `epoch` (from 1) on device, from batch state.epoch_step on.
+
+    Every `checkpoint_every` steps a CPU snapshot goes to checkpoint_dir/step_XXXXXXX.pt on a
+    background thread; each write must finish by the end of the next step, so a crash loses
+    at most checkpoint_every steps.
 
     Args:
         on_step: called with (global step after the step, step metrics) after each step.
+        max_bad_steps: see train_epoch.
+        settings: stored in the mid-epoch checkpoints.
 
     Returns:
         train_epoch's metrics plus "epoch", "global_step" and "steps_per_epoch".
     """
     state.to(device)
     state.dirty = True
-    start = state.global_step
-    metrics = train_epoch(
-        state.diffusion,
-        state.optimizer,
-        epoch_batches(
-            dataset,
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            random_flip=random_flip,
-            num_workers=num_workers,
-        ),
-        device=device,
-        scheduler=state.scheduler,
-        ema=state.ema,
-        grad_clip=grad_clip,
-        on_step=None if on_step is None else lambda i, m: on_step(start + i + 1, m),
-    )
-    state.epoch, state.global_step, state.dirty = epoch, start + metrics["steps"], False
+    writer = CheckpointWriter() if checkpoint_every and checkpoint_dir is not None else None
+
+    def after_step(_: int, metrics: dict[str, float]) -> None:
+        state.global_step += 1
+        state.epoch_step += 1
+        if writer is not None:
+            writer.wait()  # the previous write overlapped this step; it must be done now
+            if state.global_step % checkpoint_every == 0:
+                snapshot = state.snapshot(settings)
+                writer.submit(lambda: save_step_checkpoint(snapshot, Path(checkpoint_dir)))
+        if on_step is not None:
+            on_step(state.global_step, metrics)
+
+    try:
+        metrics = train_epoch(
+            state.diffusion,
+            state.optimizer,
+            epoch_batches(
+                dataset,
+                batch_size,
+                seed=seed,
+                epoch=epoch,
+                random_flip=random_flip,
+                num_workers=num_workers,
+                start_batch=state.epoch_step,
+            ),
+            device=device,
+            scheduler=state.scheduler,
+            ema=state.ema,
+            grad_clip=grad_clip,
+            on_step=after_step,
+            max_bad_steps=max_bad_steps,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+    state.epoch, state.epoch_step, state.dirty = epoch, 0, False
     return {
         **metrics,
         "epoch": epoch,

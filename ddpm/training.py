@@ -17,6 +17,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ddpm.diffusion import DiffusionModel
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient was not finite for more steps in a row than allowed."""
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python's and torch's generators (CPU and every CUDA device).
 
@@ -121,25 +125,33 @@ def _optimize(
     scheduler: LambdaLR | None,
     ema: AveragedModel | None,
     grad_clip: float,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer step on a batch.
+) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    """One optimizer step on a batch, skipped when the loss or the gradient is not finite.
+
+    A skipped step changes nothing: no optimizer, schedule or EMA update.
 
     Returns:
-        (loss, gradient norm before clipping) on the device, and the lr this step used.
+        (loss, gradient norm before clipping) on the device, the lr this step used, and
+        whether the step was taken.
     """
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     loss = diffusion(x0)
+    if not torch.isfinite(loss):
+        return loss.detach(), torch.full((), math.nan), lr, False
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(
         diffusion.parameters(), grad_clip if grad_clip > 0 else math.inf
     )
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), grad_norm, lr, False
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     if ema is not None:
         ema.update_parameters(diffusion)
-    return loss.detach(), grad_norm, lr
+    return loss.detach(), grad_norm, lr, True
 
 
 def train_step(
@@ -162,9 +174,9 @@ def train_step(
         grad_clip: max gradient norm; 0 = no clipping.
 
     Returns:
-        the batch loss as a Python float.
+        the batch loss as a Python float (NaN or inf when the step was skipped).
     """
-    loss, _, _ = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip)
+    loss, _, _, _ = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip)
     return loss.item()
 
 
@@ -181,6 +193,7 @@ def train_epoch(
     ema: AveragedModel | None = None,
     grad_clip: float = 0.0,
     on_step: StepCallback | None = None,
+    max_bad_steps: int | None = None,
 ) -> dict[str, float]:
     """Train on every batch of one epoch.
 
@@ -190,23 +203,38 @@ def train_epoch(
         batches: (B, C, H, W) float batches in [-1, 1] on any device.
         device: where the model lives; batches are moved there.
         on_step: called after each step with (step index in this epoch, {"loss", "lr" used by
-            the step, "grad_norm" before clipping}) as Python floats.
+            the step, "grad_norm" before clipping, "skipped" 1.0 if it was}) as Python floats.
+        max_bad_steps: raise TrainingDiverged when more steps than this in a row have a
+            non-finite loss or gradient (skipped steps); None never raises.
 
     Returns:
-        {"loss": mean batch loss, "lr": lr the last step used, "steps": steps taken,
+        {"loss": mean loss of the steps taken, "lr": lr the last step used,
+         "bad_steps": steps skipped, "steps": steps taken,
          "images": images seen, "images_per_s": throughput, "seconds": wall time}.
     """
     diffusion.train()
     device = torch.device(device)
     total_loss, steps, images, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
+    bad, bad_in_a_row = 0, 0
     start = time.perf_counter()
     for x0 in batches:
         x0 = x0.to(device, non_blocking=True)
-        loss, grad_norm, lr = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip)
+        loss, grad_norm, lr, taken = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip)
         loss_value = loss.item()
-        total_loss += loss_value
         steps += 1
         images += x0.shape[0]
+        if taken:
+            total_loss += loss_value
+            bad_in_a_row = 0
+        else:
+            bad += 1
+            bad_in_a_row += 1
+            if max_bad_steps is not None and bad_in_a_row > max_bad_steps:
+                raise TrainingDiverged(
+                    f"loss or gradient not finite for {bad_in_a_row} steps in a row (more than "
+                    f"train.max_bad_steps = {max_bad_steps}); last loss {loss_value}, "
+                    f"gradient norm {float(grad_norm)}"
+                )
         if on_step is not None:
             on_step(
                 steps - 1,
@@ -214,12 +242,14 @@ def train_epoch(
                     "loss": loss_value,
                     "lr": lr,
                     "grad_norm": float(grad_norm),
+                    "skipped": 0.0 if taken else 1.0,
                 },
             )
     seconds = time.perf_counter() - start
     return {
-        "loss": total_loss / max(steps, 1),
+        "loss": total_loss / max(steps - bad, 1),
         "lr": lr,
+        "bad_steps": bad,
         "steps": steps,
         "images": images,
         "images_per_s": images / seconds if seconds > 0 else 0.0,

@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
+from ddpm.checkpoint import CheckpointError
 from ddpm.data import epoch_batches, steps_per_epoch
 from ddpm.images import save_grid
 from ddpm.pipeline import (
@@ -27,9 +28,16 @@ from ddpm.pipeline import (
     run_epoch,
     save_epoch_checkpoint,
 )
+from ddpm.training import TrainingDiverged
 from flows.tracking import Tracker
 
 GPU_TAG = "gpu"
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry train-epoch unless it failed for a reason a retry cannot change: divergence
+    (train.max_bad_steps) or an incompatible checkpoint."""
+    return not isinstance(state.data, (TrainingDiverged, CheckpointError))
 
 
 @task(
@@ -67,6 +75,7 @@ def build_model_task(
     tags=[GPU_TAG],
     retries=2,
     retry_delay_seconds=2,
+    retry_condition_fn=_transient,
     cache_policy=NO_CACHE,
     persist_result=False,
 )
@@ -82,9 +91,10 @@ def train_epoch_task(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the next epoch on the training device; return its metrics and a CPU snapshot.
 
-    A retry (or any call on a state left mid-epoch) first rewinds to the newest valid
-    checkpoint, so no step is counted twice. Every step goes to the tracker; the first
-    epoch's first batch, as the model sees it, too.
+    `train` holds run_epoch's settings, checkpoint_every and max_bad_steps included. A retry
+    (or any call on a state left mid-epoch) first rewinds to the newest valid checkpoint, so no
+    step is counted twice. Every step goes to the tracker; the first epoch's first batch, as
+    the model sees it, too.
     """
     logger = get_run_logger()
     if state.dirty:
@@ -104,6 +114,11 @@ def train_epoch_task(
         tracker.log_inputs(0, next(batches))
 
     def on_step(step: int, m: dict[str, float]) -> None:
+        if m["skipped"]:
+            logger.warning(
+                "step %d skipped: loss %s, gradient norm %s", step, m["loss"], m["grad_norm"]
+            )
+            return
         tracker.log_step(step, m)
         if step % log_every == 0:
             logger.info(
@@ -116,7 +131,15 @@ def train_epoch_task(
         if bar is not None:
             bar.update(step - state.global_step, m["loss"])
 
-    metrics = run_epoch(state, dataset, epoch, on_step=on_step, **train)
+    metrics = run_epoch(
+        state,
+        dataset,
+        epoch,
+        on_step=on_step,
+        checkpoint_dir=Path(checkpoint_dir),
+        settings=settings,
+        **train,
+    )
     if bar is not None:
         bar.close()
     logger.info(

@@ -135,6 +135,8 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "num_workers": cfg.data.num_workers,
         "grad_clip": cfg.optim.grad_clip,
         "device": device,
+        "max_bad_steps": cfg.train.max_bad_steps,
+        "checkpoint_every": cfg.run.checkpoint_every,
     }
     sample = {
         "num": cfg.sample.num,

@@ -135,6 +135,10 @@ class TrainSettings(_Group):
     # DDPM paper: EMA decay 0.9999.
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay of the weights")
     log_every: int = Field(100, ge=1, description="steps between log lines")
+    # A few NaN steps (one bad batch) are survivable; a run of them means divergence.
+    max_bad_steps: int = Field(
+        10, ge=0, description="non-finite steps in a row (skipped) before the run fails"
+    )
     deterministic: bool = Field(False, description="deterministic kernels (slower)")
 
 
@@ -355,7 +359,14 @@ def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
 # fast it goes. Everything else names the run. train.epochs counts only with a cosine schedule
 # (whose decay depends on the run's length); otherwise raising it continues the same run.
 _NOT_RESULT_PREFIXES = ("sample.", "run.", "wandb.")
-_NOT_RESULT = {"data.root", "data.url", "data.num_workers", "train.device", "train.log_every"}
+_NOT_RESULT = {
+    "data.root",
+    "data.url",
+    "data.num_workers",
+    "train.device",
+    "train.log_every",
+    "train.max_bad_steps",
+}
 
 
 def result_settings(settings: Settings) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 def write_cifar10(root: Path, images_per_batch: int = 8, seed: int = 0) -> Path:
@@ -32,6 +33,30 @@ def write_cifar10(root: Path, images_per_batch: int = 8, seed: int = 0) -> Path:
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}, f, protocol=2)
     return folder
+
+
+class _Payload:
+    """Pickles to a call of os.system: unpickling it would run the command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+@pytest.fixture
+def plant_pickle() -> Callable[[Path, Path], Path]:
+    """plant_pickle(path, marker) writes a torch file at path whose unpickling would create
+    `marker`: a hostile checkpoint."""
+
+    def plant(path: Path, marker: Path) -> Path:
+        torch.save({"model": _Payload(f"touch {marker}")}, path)
+        return path
+
+    return plant
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Checkpoints: exact resume, atomic writes, safe loads; sample grids as PNG."""
 
-import os
 import pickle
 from pathlib import Path
 
@@ -111,19 +110,11 @@ def test_snapshot_is_a_copy() -> None:
     assert all(torch.equal(before[k], state["model"][k]) for k in before)
 
 
-class _Payload:
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.target}",))
-
-
-def test_pickle_payload_in_checkpoint_never_runs(tmp_path: Path) -> None:
+def test_pickle_payload_in_checkpoint_never_runs(tmp_path: Path, plant_pickle) -> None:
     """A .pt file carrying a pickled callable is refused by weights_only loading; it never runs."""
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"model": _Payload(str(marker))}, path)
+    plant_pickle(path, marker)
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path)
     assert not marker.exists()

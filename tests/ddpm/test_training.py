@@ -116,7 +116,8 @@ def test_train_epoch_reports_metrics_and_steps_everything() -> None:
     assert metrics["images_per_s"] > 0 and metrics["seconds"] > 0
     assert metrics["loss"] == pytest.approx(sum(m["loss"] for _, m in seen) / 3)
     assert [i for i, _ in seen] == [0, 1, 2]
-    assert all(set(m) == {"loss", "lr", "grad_norm"} for _, m in seen)
+    assert all(set(m) == {"loss", "lr", "grad_norm", "skipped"} for _, m in seen)
+    assert [m["skipped"] for _, m in seen] == [0.0, 0.0, 0.0] and metrics["bad_steps"] == 0
     assert ema.n_averaged.item() == 3
 
 

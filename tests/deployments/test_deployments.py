@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from ddpm.pipeline import list_checkpoints
+
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -128,7 +130,8 @@ def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cif
     assert flow_run.state.type.value == "COMPLETED", flow_run.state.message
     assert flow_run.parameters["overrides"]["train.epochs"] == 1
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_001.pt"]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["epoch_001.pt"]
+    assert (run_dir / "checkpoints" / "epoch_001.pt.sha256").is_file()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_001.png"]
     assert {"training-progress", "epoch-metrics", "run-summary"} <= artifacts
     settings = (run_dir / "settings.json").read_text()

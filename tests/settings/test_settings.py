@@ -61,6 +61,7 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.device": ("cuda:1", {}),
     "train.ema_decay": (0.999, {}),
     "train.log_every": (10, {}),
+    "train.max_bad_steps": (3, {}),
     "train.deterministic": (True, {}),
     "sample.every": (0, {}),
     "sample.num": (16, {}),
@@ -134,6 +135,7 @@ def test_documented_defaults() -> None:
         "train.device": "auto",
         "train.ema_decay": 0.9999,
         "train.log_every": 100,
+        "train.max_bad_steps": 10,
         "train.deterministic": False,
         "sample.every": 1,
         "sample.num": 64,
@@ -482,7 +484,7 @@ def _check_invariants(s: Settings) -> None:
     assert 0 < o.lr <= 10
     assert 0 <= o.momentum < 1 and 0 <= o.weight_decay <= 1
     assert o.warmup_steps >= 0 and o.grad_clip >= 0
-    assert t.epochs >= 1 and t.batch_size >= 1 and t.log_every >= 1
+    assert t.epochs >= 1 and t.batch_size >= 1 and t.log_every >= 1 and t.max_bad_steps >= 0
     assert 0 <= t.seed < 2**63
     assert DEVICE.fullmatch(t.device), t.device
     assert 0 <= t.ema_decay < 1
