@@ -103,7 +103,7 @@ def train_epoch_task(
     epoch, dataset = state.epoch + 1, load_dataset(**data)
     total = steps_per_epoch(len(dataset), train["batch_size"])
     bar = _ProgressBar(f"epoch {epoch}/{epochs}", total) if sys.stderr.isatty() else None
-    if state.global_step == 0:
+    if state.global_step == 0 and tracker.enabled:
         batches = epoch_batches(
             dataset,
             train["batch_size"],
@@ -129,7 +129,7 @@ def train_epoch_task(
                 m["grad_norm"],
             )
         if bar is not None:
-            bar.update(step - state.global_step, m["loss"])
+            bar.update(state.epoch_step, m["loss"])
 
     metrics = run_epoch(
         state,

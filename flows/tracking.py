@@ -93,6 +93,10 @@ class Tracker:
         return cls(run, online=mode == "online")
 
     @property
+    def enabled(self) -> bool:
+        return self.run is not None
+
+    @property
     def url(self) -> str | None:
         """The W&B run's page when online, else None."""
         return self.run.url if self.run is not None and self.online else None

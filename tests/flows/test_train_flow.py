@@ -3,9 +3,11 @@ caching, resume, retries, validation, tags, and the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,40 @@ def test_command_line_help_and_bad_settings(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "DDPM_OPTIM__LR" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_interactive_terminal_gets_a_progress_bar(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """With stderr on a terminal, each epoch draws a progress bar that reaches all its steps."""
+    import pty
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = env_for(tiny)
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the harness's server: no startup wait
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+
+    def read() -> None:  # drain the terminal while the run writes, so it never blocks
+        with contextlib.suppress(OSError):
+            while chunk := os.read(leader, 65536):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "flows" / "train_flow.py")],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        timeout=300,
+    )
+    os.close(follower)
+    reader.join(timeout=10)
+    os.close(leader)
+    screen = b"".join(chunks)
+    assert result.returncode == 0
+    text = screen.decode(errors="replace")
+    assert "epoch 1/2 [" + "#" * 30 + "] 2/2" in text
+    assert "epoch 2/2 [" + "#" * 30 + "] 2/2" in text
