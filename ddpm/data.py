@@ -205,6 +205,8 @@ class ImageFolderDataset(Dataset):
 class TensorImageDataset(Dataset):
     """uint8 images already in memory, e.g. CIFAR-10: (N, C, H, W) -> items (C, H, W)."""
 
+    _on_device: torch.Tensor | None = None
+
     def __init__(self, images: torch.Tensor) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(
@@ -217,6 +219,15 @@ class TensorImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+    def on(self, device: torch.device | str) -> torch.Tensor:
+        """The images as one uint8 tensor on device, copied there once and kept."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self.images
+        if self._on_device is None or self._on_device.device != device:
+            self._on_device = self.images.to(device)
+        return self._on_device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +285,7 @@ def epoch_batches(
     random_flip: bool = True,
     num_workers: int = 0,
     start_batch: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[torch.Tensor]:
     """The normalised batches of one epoch, shuffled and flipped as a function of (seed, epoch).
 
@@ -287,6 +299,7 @@ def epoch_batches(
         random_flip: flip each image horizontally with probability 1/2.
         num_workers: DataLoader worker processes (0 = load in this process).
         start_batch: skip the epoch's first batches (resuming mid-epoch).
+        pin_memory: page-lock the decoded batches (faster copies to a GPU).
 
     Yields:
         (B, C, H, W) float32 in [-1, 1], on the CPU.
@@ -300,6 +313,7 @@ def epoch_batches(
         batch_size=batch_size,
         sampler=_EpochOrder(order, start_batch * batch_size),
         num_workers=num_workers,
+        pin_memory=pin_memory,
         multiprocessing_context="forkserver" if num_workers > 0 else None,
         # Its own generator: otherwise creating the iterator draws a seed from the global RNG,
         # which training's noise comes from, and a mid-epoch resume would draw it elsewhere.
@@ -313,6 +327,48 @@ def epoch_batches(
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         position += x.shape[0]
         yield x
+
+
+def device_epoch_batches(
+    images: torch.Tensor,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    random_flip: bool = True,
+    start_batch: int = 0,
+) -> Iterator[torch.Tensor]:
+    """The same batches as epoch_batches, from uint8 images already on the training device.
+
+    Each batch is gathered, flipped and normalised on the device: no DataLoader, no workers,
+    no host-to-device copy per step. Order and flips come from the same (seed, epoch)
+    generator, so both paths give identical batches.
+
+    Args:
+        images: (N, C, H, W) uint8 on the training device.
+
+    Yields:
+        (B, C, H, W) float32 in [-1, 1] on images' device.
+    """
+    n = images.shape[0]
+    generator = epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=generator).to(images.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    for start in range(start_batch * batch_size, n, batch_size):
+        x = normalize(images[order[start : start + batch_size]])
+        if random_flip:
+            flip = flips[start : start + batch_size]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        yield x
+
+
+def fits_on(device: torch.device, nbytes: int, fraction: float = 0.25) -> bool:
+    """Whether nbytes may live on device: always on the CPU (the data is in memory already);
+    on CUDA, within `fraction` of the memory free now."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= fraction * free
 
 
 def steps_per_epoch(num_items: int, batch_size: int) -> int:

@@ -10,7 +10,7 @@ import functools
 import logging
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +35,10 @@ from ddpm.data import (
     DatasetError,
     ImageFolderDataset,
     TensorImageDataset,
+    device_epoch_batches,
     download_cifar10,
     epoch_batches,
+    fits_on,
     load_cifar10,
     steps_per_epoch,
     subset_indices,
@@ -312,6 +314,53 @@ def load_dataset(
 # ---- epochs and samples ---------------------------------------------------------------------
 
 
+def epoch_batch_source(
+    dataset: Dataset,
+    epoch: int,
+    *,
+    loader: Literal["auto", "device", "dataloader"],
+    device: torch.device | str,
+    batch_size: int,
+    seed: int,
+    random_flip: bool,
+    num_workers: int,
+    start_batch: int = 0,
+) -> Iterator[torch.Tensor]:
+    """An epoch's batches, device-resident or through a DataLoader (identical either way).
+
+    auto keeps an in-memory dataset (CIFAR-10) on the training device when it takes at most a
+    quarter of its free memory, and reads anything else (image folders) with a DataLoader.
+
+    Raises:
+        ValueError: for loader="device" with a dataset that is not in memory.
+    """
+    device = torch.device(device)
+    in_memory = isinstance(dataset, TensorImageDataset)
+    if loader == "device" and not in_memory:
+        raise ValueError("data.loader=device needs an in-memory dataset (cifar10)")
+    if in_memory and (
+        loader == "device" or (loader == "auto" and fits_on(device, dataset.images.nbytes))
+    ):
+        return device_epoch_batches(
+            dataset.on(device),
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            random_flip=random_flip,
+            start_batch=start_batch,
+        )
+    return epoch_batches(
+        dataset,
+        batch_size,
+        seed=seed,
+        epoch=epoch,
+        random_flip=random_flip,
+        num_workers=num_workers,
+        start_batch=start_batch,
+        pin_memory=device.type == "cuda",
+    )
+
+
 def run_epoch(
     state: TrainingState,
     dataset: Dataset,
@@ -328,6 +377,7 @@ def run_epoch(
     checkpoint_every: int = 0,
     checkpoint_dir: Path | None = None,
     settings: Mapping[str, Any] | None = None,
+    loader: Literal["auto", "device", "dataloader"] = "auto",
 ) -> dict[str, float]:
     """Train epoch number `epoch` (from 1) on device, from batch state.epoch_step on.
 
@@ -339,6 +389,7 @@ def run_epoch(
         on_step: called with (global step after the step, step metrics) after each step.
         max_bad_steps: see train_epoch.
         settings: stored in the mid-epoch checkpoints.
+        loader: where batches come from (see epoch_batch_source).
 
     Returns:
         train_epoch's metrics plus "epoch", "global_step" and "steps_per_epoch".
@@ -362,11 +413,13 @@ def run_epoch(
         metrics = train_epoch(
             state.diffusion,
             state.optimizer,
-            epoch_batches(
+            epoch_batch_source(
                 dataset,
-                batch_size,
+                epoch,
+                loader=loader,
+                device=device,
+                batch_size=batch_size,
                 seed=seed,
-                epoch=epoch,
                 random_flip=random_flip,
                 num_workers=num_workers,
                 start_batch=state.epoch_step,

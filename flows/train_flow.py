@@ -137,6 +137,7 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "device": device,
         "max_bad_steps": cfg.train.max_bad_steps,
         "checkpoint_every": cfg.run.checkpoint_every,
+        "loader": cfg.data.loader,
     }
     sample = {
         "num": cfg.sample.num,

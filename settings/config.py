@@ -58,6 +58,10 @@ class DataSettings(_Group):
     random_flip: bool = Field(True, description="random horizontal flip")
     # In-memory CIFAR-10 needs no workers; raise it for large image folders.
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    # Device-resident batches skip the DataLoader and the per-step host-to-device copy.
+    loader: Literal["auto", "device", "dataloader"] = Field(
+        "auto", description="auto: keep cifar10 on the training device if it fits"
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -210,6 +214,8 @@ class Settings(BaseSettings):
             raise _FieldError("data.image_size", "must be 32 for cifar10 (its native size)")
         if self.data.dataset == "cifar10" and self.model.channels != 3:
             raise _FieldError("model.channels", "must be 3 for cifar10 (RGB)")
+        if self.data.loader == "device" and self.data.dataset != "cifar10":
+            raise _FieldError("data.loader", "device needs data.dataset=cifar10 (in memory)")
         if self.sample.sampler == "ddim" and self.sample.steps > self.diffusion.num_timesteps:
             raise _FieldError(
                 "sample.steps",
@@ -363,6 +369,7 @@ _NOT_RESULT = {
     "data.root",
     "data.url",
     "data.num_workers",
+    "data.loader",
     "train.device",
     "train.log_every",
     "train.max_bad_steps",

@@ -255,3 +255,20 @@ def test_tensor_dataset_rejects_non_uint8() -> None:
     """In-memory datasets must be uint8 (N, C, H, W)."""
     with pytest.raises(ValueError, match="uint8"):
         TensorImageDataset(torch.zeros(2, 3, 32, 32))
+
+
+def test_device_resident_batches_equal_the_dataloader_path() -> None:
+    """For the same seed and epoch, device-resident batches (gathered, flipped and normalised
+    on the device) equal the DataLoader path's, from the start and from a mid-epoch batch."""
+    from ddpm.data import device_epoch_batches
+
+    images = torch.randint(
+        0, 256, (37, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    for start in (0, 2):
+        loaded = list(
+            epoch_batches(TensorImageDataset(images), 8, seed=4, epoch=3, start_batch=start)
+        )
+        resident = list(device_epoch_batches(images, 8, seed=4, epoch=3, start_batch=start))
+        assert len(loaded) == len(resident) == 5 - start
+        assert all(torch.equal(a, b) for a, b in zip(loaded, resident, strict=True))

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import DatasetError
+from ddpm.data import DatasetError, ImageFolderDataset, TensorImageDataset
 from ddpm.pipeline import (
     build_or_resume,
     build_training,
     draw_samples,
+    epoch_batch_source,
     epoch_checkpoint,
     list_checkpoints,
     load_dataset,
@@ -168,3 +169,24 @@ def test_samples_come_from_fixed_noise_and_leave_training_rng_alone(sampler: str
     assert torch.equal(a, b) and a.shape == (2, 3, 32, 32) and a.device.type == "cpu"
     assert torch.equal(torch.get_rng_state(), rng)
     assert state.diffusion.training  # the model is back in train mode
+
+
+def test_batch_source_picks_device_resident_data_for_in_memory_datasets(tmp_path: Path) -> None:
+    """auto keeps in-memory images on the device (no DataLoader) and reads image folders with
+    a DataLoader; device with a folder is refused; both paths give the same batches."""
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    kwargs = dict(device="cpu", batch_size=4, seed=0, random_flip=True, num_workers=0)
+    dataset = TensorImageDataset(images)
+    auto = epoch_batch_source(dataset, 1, loader="auto", **kwargs)
+    assert auto.gi_code.co_name == "device_epoch_batches"
+    via_loader = epoch_batch_source(dataset, 1, loader="dataloader", **kwargs)
+    assert via_loader.gi_code.co_name == "epoch_batches"
+    assert all(torch.equal(a, b) for a, b in zip(auto, via_loader, strict=True))
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    folder = ImageFolderDataset(tmp_path, 32)
+    assert epoch_batch_source(folder, 1, loader="auto", **kwargs).gi_code.co_name == (
+        "epoch_batches"
+    )
+    with pytest.raises(ValueError, match=r"data\.loader=device needs an in-memory dataset"):
+        epoch_batch_source(folder, 1, loader="device", **kwargs)

@@ -179,12 +179,14 @@ def test_offline_without_data_fails_after_retries_saying_where_to_put_it(
 
 @pytest.mark.slow
 def test_dataloader_workers_inside_a_flow_run(tiny: dict[str, Any], tmp_path: Path) -> None:
-    """num_workers=2 (forkserver) trains inside a flow run, where forked workers would die,
-    and gives the same weights as loading in-process."""
-    _, inline = run({**tiny, "train.epochs": 1, "run.dir": str(tmp_path / "inline")})
-    state, workers = run({**tiny, "train.epochs": 1, "data.num_workers": 2})
+    """A DataLoader with num_workers=2 (forkserver) trains inside a flow run, where forked
+    workers would die, and gives the same weights as the default device-resident batches."""
+    _, resident = run({**tiny, "train.epochs": 1, "run.dir": str(tmp_path / "resident")})
+    state, workers = run(
+        {**tiny, "train.epochs": 1, "data.loader": "dataloader", "data.num_workers": 2}
+    )
     assert state.is_completed(), state.message
-    a, b = load_checkpoint(inline["checkpoint"]), load_checkpoint(workers["checkpoint"])
+    a, b = load_checkpoint(resident["checkpoint"]), load_checkpoint(workers["checkpoint"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

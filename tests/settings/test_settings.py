@@ -43,6 +43,7 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "data.subset": (500, {}),
     "data.random_flip": (False, {}),
     "data.num_workers": (4, {}),
+    "data.loader": ("dataloader", {}),
     "model.hidden_size": (64, {}),
     "model.channels": (1, FOLDER),
     "diffusion.num_timesteps": (2000, {}),
@@ -117,6 +118,7 @@ def test_documented_defaults() -> None:
         "data.subset": 0,
         "data.random_flip": True,
         "data.num_workers": 0,
+        "data.loader": "auto",
         "model.hidden_size": 128,
         "model.channels": 3,
         "diffusion.num_timesteps": 1000,
@@ -302,6 +304,11 @@ BAD = [
     ("data.image_size", {"data.image_size": 64}, "cifar10"),
     ("data.dataset", {"data.dataset": "imagenet"}, "imagenet"),
     ("data.folder", {"data.dataset": "folder"}, "folder"),
+    (
+        "data.loader",
+        {"data.dataset": "folder", "data.folder": "pics", "data.loader": "device"},
+        "cifar10",
+    ),
     ("diffusion.num_timesteps", {"diffusion.num_timesteps": 0}, ""),
     (
         "diffusion.beta_end",
