@@ -212,6 +212,7 @@ def training_state(
     global_step: int,
     epoch_step: int = 0,
     settings: Mapping[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
     """A CPU snapshot of everything needed to resume exactly.
 
@@ -221,6 +222,7 @@ def training_state(
         epoch: epochs completed.
         global_step: training steps taken (batches consumed).
         epoch_step: batches of the next epoch already consumed (0 at an epoch boundary).
+        scaler: the fp16 gradient scaler, if any.
         settings: the resolved settings, as plain JSON-like values.
 
     Returns:
@@ -232,6 +234,7 @@ def training_state(
             "ema": ema.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch,
             "global_step": global_step,
             "epoch_step": epoch_step,
@@ -250,6 +253,7 @@ def restore_training_state(
     ema: AveragedModel | None = None,
     *,
     restore_rng: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Load a training_state into freshly built objects (on any device) and the RNGs."""
     model.load_state_dict(state["model"])
@@ -259,5 +263,7 @@ def restore_training_state(
         scheduler.load_state_dict(state["scheduler"])
     if ema is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     if restore_rng:
         restore_rng_state(state["rng"])

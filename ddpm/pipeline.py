@@ -45,6 +45,7 @@ from ddpm.data import (
 )
 from ddpm.diffusion import DiffusionModel
 from ddpm.training import (
+    Precision,
     build_ema,
     build_lr_scheduler,
     build_optimizer,
@@ -79,6 +80,9 @@ class TrainingState:
     epoch_step: int = 0  # batches of the next epoch already taken
     dirty: bool = False
     initial: dict[str, Any] = field(default_factory=dict, repr=False)  # restore point at build
+    precision: Precision = "fp32"
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    compiled: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -108,6 +112,7 @@ class TrainingState:
             global_step=self.global_step,
             epoch_step=self.epoch_step,
             settings=settings,
+            scaler=self.scaler,
         )
 
     def restore(self, state: Mapping[str, Any], source: str = "the snapshot") -> None:
@@ -118,7 +123,9 @@ class TrainingState:
         """
         check_compatible(state, self.diffusion, source)
         # Optimizer.load_state_dict puts each state tensor on its parameter's device.
-        restore_training_state(state, self.diffusion, self.optimizer, self.scheduler, self.ema)
+        restore_training_state(
+            state, self.diffusion, self.optimizer, self.scheduler, self.ema, scaler=self.scaler
+        )
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.epoch_step, self.dirty = state.get("epoch_step", 0), False
 
@@ -140,18 +147,28 @@ def build_training(
     ema_decay: float,
     seed: int,
     deterministic: bool = False,
+    precision: Precision = "fp32",
+    fused: bool = False,
+    device_type: str = "cpu",
 ) -> TrainingState:
     """Build a fresh run's U-Net, DiffusionModel, optimizer, lr schedule and EMA on the CPU.
 
     The weights come from `seed`, so two builds with the same arguments are identical.
+
+    Args:
+        precision: fp32, bf16 or fp16 (which gets a GradScaler for device_type).
+        fused: fused optimizer kernels (for CUDA training).
     """
     seed_everything(seed, deterministic)
     diffusion = DiffusionModel(
         UNet(channels, channels, hidden_size), (beta_start, beta_end), num_timesteps
     )
-    opt = build_optimizer(diffusion.parameters(), optimizer, lr, momentum, weight_decay)
+    opt = build_optimizer(diffusion.parameters(), optimizer, lr, momentum, weight_decay, fused)
     scheduler = build_lr_scheduler(opt, warmup_steps, total_steps, schedule)
     state = TrainingState(diffusion, opt, scheduler, build_ema(diffusion, ema_decay))
+    state.precision = precision
+    if precision == "fp16":
+        state.scaler = torch.amp.GradScaler(device_type)
     state.initial = state.snapshot()
     return state
 
@@ -378,6 +395,7 @@ def run_epoch(
     checkpoint_dir: Path | None = None,
     settings: Mapping[str, Any] | None = None,
     loader: Literal["auto", "device", "dataloader"] = "auto",
+    compile: bool = False,
 ) -> dict[str, float]:
     """Train epoch number `epoch` (from 1) on device, from batch state.epoch_step on.
 
@@ -390,11 +408,20 @@ def run_epoch(
         max_bad_steps: see train_epoch.
         settings: stored in the mid-epoch checkpoints.
         loader: where batches come from (see epoch_batch_source).
+        compile: torch.compile the network (in place, once; state dicts are unchanged).
+
+    On CUDA the model and batches use the channels-last memory format.
 
     Returns:
         train_epoch's metrics plus "epoch", "global_step" and "steps_per_epoch".
     """
     state.to(device)
+    channels_last = torch.device(device).type == "cuda"
+    if channels_last:
+        state.diffusion.to(memory_format=torch.channels_last)
+    if compile and not state.compiled:
+        state.diffusion.eps_model.compile()
+        state.compiled = True
     state.dirty = True
     writer = CheckpointWriter() if checkpoint_every and checkpoint_dir is not None else None
 
@@ -409,27 +436,32 @@ def run_epoch(
         if on_step is not None:
             on_step(state.global_step, metrics)
 
+    batches = epoch_batch_source(
+        dataset,
+        epoch,
+        loader=loader,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        random_flip=random_flip,
+        num_workers=num_workers,
+        start_batch=state.epoch_step,
+    )
+    if channels_last:
+        batches = (x.contiguous(memory_format=torch.channels_last) for x in batches)
     try:
         metrics = train_epoch(
             state.diffusion,
             state.optimizer,
-            epoch_batch_source(
-                dataset,
-                epoch,
-                loader=loader,
-                device=device,
-                batch_size=batch_size,
-                seed=seed,
-                random_flip=random_flip,
-                num_workers=num_workers,
-                start_batch=state.epoch_step,
-            ),
+            batches,
             device=device,
             scheduler=state.scheduler,
             ema=state.ema,
             grad_clip=grad_clip,
             on_step=after_step,
             max_bad_steps=max_bad_steps,
+            precision=state.precision,
+            scaler=state.scaler,
         )
     finally:
         if writer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -19,6 +20,19 @@ from ddpm.diffusion import DiffusionModel
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient was not finite for more steps in a row than allowed."""
+
+
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """'auto' -> bf16 on CUDA (tensor cores, no scaler needed), fp32 elsewhere."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {name!r}; expected auto, fp32, bf16 or fp16")
+    return name  # type: ignore[return-value]
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -55,6 +69,7 @@ def build_optimizer(
     lr: float = 2e-4,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    fused: bool = False,
 ) -> Optimizer:
     """An optimizer by name.
 
@@ -64,13 +79,15 @@ def build_optimizer(
         lr: learning rate.
         momentum: SGD momentum, or beta1 of Adam/AdamW (beta2 stays 0.999).
         weight_decay: L2 penalty (Adam, SGD) or decoupled decay (AdamW).
+        fused: one fused kernel per step for all parameters (fast on CUDA).
     """
+    common = {"lr": lr, "weight_decay": weight_decay, "fused": fused or None}
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+        return torch.optim.Adam(params, betas=(momentum, 0.999), **common)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+        return torch.optim.AdamW(params, betas=(momentum, 0.999), **common)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, momentum=momentum, **common)
     raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or sgd")
 
 
@@ -125,33 +142,48 @@ def _optimize(
     scheduler: LambdaLR | None,
     ema: AveragedModel | None,
     grad_clip: float,
-) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    precision: Precision = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     """One optimizer step on a batch, skipped when the loss or the gradient is not finite.
 
-    A skipped step changes nothing: no optimizer, schedule or EMA update.
+    The forward runs under autocast for bf16/fp16; fp16 needs `scaler`, which also skips (and
+    lowers its scale) when the scaled gradient overflows. A skipped step changes nothing: no
+    optimizer, schedule or EMA update.
 
     Returns:
-        (loss, gradient norm before clipping) on the device, the lr this step used, and
-        whether the step was taken.
+        (loss, gradient norm before clipping) on the device, the lr this step used, and what
+        happened: "taken", "bad" (non-finite loss or gradient) or "overflow" (fp16 scaler).
     """
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
-    loss = diffusion(x0)
+    dtype = AUTOCAST_DTYPES.get(precision)
+    with torch.autocast(x0.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        loss = diffusion(x0)
     if not torch.isfinite(loss):
-        return loss.detach(), torch.full((), math.nan), lr, False
-    loss.backward()
+        return loss.detach(), torch.full((), math.nan), lr, "bad"
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(
         diffusion.parameters(), grad_clip if grad_clip > 0 else math.inf
     )
-    if not torch.isfinite(grad_norm):
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skips the update itself when the scaled gradient overflowed
+        scaler.update()
+        if scaler.get_scale() < scale:
+            return loss.detach(), grad_norm, lr, "overflow"
+    elif not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), grad_norm, lr, False
-    optimizer.step()
+        return loss.detach(), grad_norm, lr, "bad"
+    else:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     if ema is not None:
         ema.update_parameters(diffusion)
-    return loss.detach(), grad_norm, lr, True
+    return loss.detach(), grad_norm, lr, "taken"
 
 
 def train_step(
@@ -162,6 +194,8 @@ def train_step(
     scheduler: LambdaLR | None = None,
     ema: AveragedModel | None = None,
     grad_clip: float = 0.0,
+    precision: Precision = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One training step: loss, backward, clip, optimizer, lr schedule and EMA updates.
 
@@ -172,11 +206,15 @@ def train_step(
         scheduler: per-step lr schedule, stepped after the optimizer.
         ema: averaged copy, updated after the optimizer.
         grad_clip: max gradient norm; 0 = no clipping.
+        precision: fp32, or autocast to bf16 / fp16 (fp16 needs scaler).
+        scaler: torch.amp.GradScaler for fp16.
 
     Returns:
         the batch loss as a Python float (NaN or inf when the step was skipped).
     """
-    loss, _, _, _ = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip)
+    loss, _, _, _ = _optimize(
+        diffusion, optimizer, x0, scheduler, ema, grad_clip, precision, scaler
+    )
     return loss.item()
 
 
@@ -194,6 +232,8 @@ def train_epoch(
     grad_clip: float = 0.0,
     on_step: StepCallback | None = None,
     max_bad_steps: int | None = None,
+    precision: Precision = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """Train on every batch of one epoch.
 
@@ -205,7 +245,9 @@ def train_epoch(
         on_step: called after each step with (step index in this epoch, {"loss", "lr" used by
             the step, "grad_norm" before clipping, "skipped" 1.0 if it was}) as Python floats.
         max_bad_steps: raise TrainingDiverged when more steps than this in a row have a
-            non-finite loss or gradient (skipped steps); None never raises.
+            non-finite loss or gradient (skipped steps); None never raises. Steps the fp16
+            scaler skips on overflow (it then lowers its scale) do not count.
+        precision, scaler: as in train_step.
 
     Returns:
         {"loss": mean loss of the steps taken, "lr": lr the last step used,
@@ -219,11 +261,14 @@ def train_epoch(
     start = time.perf_counter()
     for x0 in batches:
         x0 = x0.to(device, non_blocking=True)
-        loss, grad_norm, lr, taken = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip)
+        loss, grad_norm, lr, outcome = _optimize(
+            diffusion, optimizer, x0, scheduler, ema, grad_clip, precision, scaler
+        )
+        taken = outcome == "taken"
         loss_value = loss.item()
         steps += 1
         images += x0.shape[0]
-        if taken:
+        if outcome != "bad":
             total_loss += loss_value
             bad_in_a_row = 0
         else:
@@ -247,7 +292,7 @@ def train_epoch(
             )
     seconds = time.perf_counter() - start
     return {
-        "loss": total_loss / max(steps - bad, 1),
+        "loss": total_loss / max(steps - bad, 1),  # overflowed fp16 steps had a finite loss
         "lr": lr,
         "bad_steps": bad,
         "steps": steps,

@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from ddpm.training import resolve_device
+from ddpm.training import resolve_device, resolve_precision
 from flows.tasks import (
     build_model_task,
     checkpoint_task,
@@ -80,7 +80,9 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = load_settings(overrides)
     run_dir = prepare_run_dir(cfg)
     logger.info("run %s; settings %s", run_dir, json.dumps(cfg.model_dump(mode="json")))
-    checkpoint_dir, device = str(run_dir / "checkpoints"), str(resolve_device(cfg.train.device))
+    accelerator = resolve_device(cfg.train.device)
+    checkpoint_dir, device = str(run_dir / "checkpoints"), str(accelerator)
+    on_cuda = accelerator.type == "cuda"
 
     folder = str(cfg.data.folder.resolve()) if cfg.data.folder else None
     download_args = (cfg.data.dataset, str(cfg.data.root.resolve()), cfg.data.url, folder)
@@ -109,6 +111,9 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "ema_decay": cfg.train.ema_decay,
         "seed": cfg.train.seed,
         "deterministic": cfg.train.deterministic,
+        "precision": resolve_precision(cfg.train.precision, accelerator),
+        "fused": on_cuda,
+        "device_type": accelerator.type,
     }
     state = build_model_task(checkpoint_dir, data, model, cfg.train.batch_size, cfg.train.epochs)
     summary = {
@@ -138,6 +143,7 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "max_bad_steps": cfg.train.max_bad_steps,
         "checkpoint_every": cfg.run.checkpoint_every,
         "loader": cfg.data.loader,
+        "compile": cfg.train.compile == "on" or (cfg.train.compile == "auto" and on_cuda),
     }
     sample = {
         "num": cfg.sample.num,

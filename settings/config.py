@@ -144,6 +144,14 @@ class TrainSettings(_Group):
         10, ge=0, description="non-finite steps in a row (skipped) before the run fails"
     )
     deterministic: bool = Field(False, description="deterministic kernels (slower)")
+    # bf16 autocast runs on tensor cores and needs no loss scaling; CPUs train in fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler"
+    )
+    # Compiling pays off over a long GPU run; on a CPU it costs minutes for little gain.
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the network; auto = on for CUDA"
+    )
 
 
 class SampleSettings(_Group):
@@ -373,6 +381,8 @@ _NOT_RESULT = {
     "train.device",
     "train.log_every",
     "train.max_bad_steps",
+    "train.precision",
+    "train.compile",
 }
 
 
