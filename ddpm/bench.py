@@ -1,0 +1,241 @@
+"""Training and sampling throughput: the seed pipeline against this project's, in one run.
+
+    python -m ddpm.bench [--device cuda] [--json results.json]
+    python -m ddpm.bench --quick --device cpu      # a CPU smoke run in under a minute
+
+(a) baseline, the course assignment's pipeline with its bugs fixed: a torchvision DataLoader
+    decoding PIL images with RandomHorizontalFlip/ToTensor/Normalize in worker processes, fp32
+    eager, plain Adam, a host-to-device copy and loss.item() every step;
+(b) project: the real training path (ddpm.pipeline.run_epoch) with device-resident data and,
+    on CUDA, bf16 autocast, fused Adam, channels-last and torch.compile.
+Same model, batch size, dataset size and device; both warmed up before timing. Only torch and
+torchvision are needed, so it runs on a GPU machine without the rest of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm.data import TensorImageDataset
+from ddpm.diffusion import DiffusionModel
+from ddpm.pipeline import build_training, run_epoch
+from ddpm.training import resolve_device, resolve_precision
+from ddpm.unet import UNet
+
+CIFAR10_TRAIN_IMAGES = 50_000
+DEFAULT_EPOCHS = 100
+# Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's datasheets (SXM parts).
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
+
+
+class PILImages(Dataset):
+    """CIFAR-style uint8 images served as PIL images through transforms, like torchvision's
+    CIFAR10 dataset in the seed pipeline."""
+
+    def __init__(self, images: torch.Tensor, transform: Any) -> None:
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def baseline_img_per_s(
+    images: torch.Tensor, hidden: int, batch: int, device: torch.device, workers: int, steps: int
+) -> float:
+    """Images/s of the seed pipeline over `steps` steps after a warm-up epoch's worth."""
+    from torchvision import transforms
+
+    torch.manual_seed(0)
+    model = DiffusionModel(UNet(3, 3, hidden), num_timesteps=1000).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    transform = transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
+    loader = DataLoader(
+        PILImages(images, transform),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        multiprocessing_context="forkserver" if workers else None,
+        persistent_workers=workers > 0,
+    )
+
+    def run(n: int) -> int:
+        done = 0
+        while done < n:
+            for x, _ in loader:
+                x = x.to(device)
+                optimizer.zero_grad()
+                loss = model(x)
+                loss.backward()
+                optimizer.step()
+                loss.item()  # the seed logged every step
+                done += 1
+                if done == n:
+                    break
+        return done
+
+    run(max(2, steps // 4))  # warm-up: workers started, kernels chosen
+    _sync(device)
+    start = time.perf_counter()
+    run(steps)
+    _sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def project_img_per_s(
+    images: torch.Tensor, hidden: int, batch: int, device: torch.device, steps: int
+) -> tuple[float, str, bool]:
+    """Images/s of the project's training path; returns (img/s, precision, compiled)."""
+    precision = resolve_precision("auto", device)
+    compiled = device.type == "cuda"
+    state = build_training(
+        hidden_size=hidden, channels=3, num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+        optimizer="adam", lr=2e-4, momentum=0.9, weight_decay=0.0, warmup_steps=0,
+        schedule="constant", total_steps=10**9, ema_decay=0.9999, seed=0,
+        precision=precision, fused=device.type == "cuda", device_type=device.type,
+    )  # fmt: skip
+    dataset = TensorImageDataset(images[: steps * batch])
+    kwargs = dict(
+        batch_size=batch, seed=0, random_flip=True, num_workers=0, grad_clip=1.0,
+        device=device, loader="device", compile=compiled,
+    )  # fmt: skip
+    warm = TensorImageDataset(images[: max(2, steps // 4) * batch])
+    run_epoch(state, warm, 1, **kwargs)  # warm-up: compilation, autotuning, allocator
+    _sync(device)
+    start = time.perf_counter()
+    run_epoch(state, dataset, 2, **kwargs)
+    _sync(device)
+    return steps * batch / (time.perf_counter() - start), precision, compiled
+
+
+def forward_gflops_per_image(hidden: int, image_size: int) -> float:
+    """Forward FLOPs of the U-Net for one image, counted by torch.utils.flop_counter."""
+    net = UNet(3, 3, hidden)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(torch.zeros(1, 3, image_size, image_size), torch.ones(1))
+    return counter.get_total_flops() / 1e9
+
+
+def sampling_img_per_s(
+    hidden: int, device: torch.device, num: int, ddpm_steps: int, ddim_steps: int
+) -> tuple[float, float]:
+    """(ancestral sampler images/s at ddpm_steps, DDIM images/s at ddim_steps), from an
+    untrained model (speed does not depend on the weights)."""
+    model = DiffusionModel(UNet(3, 3, hidden), num_timesteps=ddpm_steps).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def timed(fn: Any) -> float:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            fn()  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+        return num / (time.perf_counter() - start)
+
+    ddpm = timed(lambda: model.sample(num, (3, 32, 32), generator=generator))
+    ddim = timed(lambda: model.sample_ddim(num, (3, 32, 32), ddim_steps, generator=generator))
+    return ddpm, ddim
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a known GPU, else None (CPUs, unknown GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    steps, batch, hidden = args.steps, args.batch_size, args.hidden
+    images = torch.randint(
+        0, 256, (max(steps, 8) * batch, 3, 32, 32), dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    baseline = baseline_img_per_s(images, hidden, batch, device, args.workers, steps)
+    project, precision, compiled = project_img_per_s(images, hidden, batch, device, steps)
+    gflops = forward_gflops_per_image(hidden, 32)
+    achieved = 3 * gflops * project / 1e3  # forward + backward ~ 3x forward
+    peak = peak_tflops(device)
+    ddpm, ddim = sampling_img_per_s(hidden, device, args.sample_num, 1000, 50)
+    epoch_s = CIFAR10_TRAIN_IMAGES / project + 64 / ddim  # an epoch and its 8x8 DDIM grid
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": str(torch.__version__),
+        "quick": args.quick,
+        "batch_size": batch,
+        "hidden_size": hidden,
+        "timed_steps": steps,
+        "baseline_workers": args.workers,
+        "project_precision": precision,
+        "project_compiled": compiled,
+        "baseline_img_per_s": round(baseline, 1),
+        "project_img_per_s": round(project, 1),
+        "speedup": round(project / baseline, 3),
+        "model_gflops_per_img": round(gflops, 4),
+        "achieved_tflops": round(achieved, 4),
+        "mfu": round(achieved / peak, 4) if peak else None,
+        "sample_num": args.sample_num,
+        "sample_ddpm_1000_img_per_s": round(ddpm, 3),
+        "sample_ddim_50_img_per_s": round(ddim, 3),
+        "default_run_minutes_extrapolated": round(DEFAULT_EPOCHS * epoch_s / 60, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m ddpm.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=128, help="U-Net hidden size")
+    parser.add_argument("--steps", type=int, default=100, help="timed training steps")
+    parser.add_argument("--workers", type=int, default=4, help="baseline DataLoader workers")
+    parser.add_argument("--sample-num", type=int, default=64, help="images per sampling run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.hidden, args.steps, args.workers, args.sample_num = 16, 16, 8, 0, 2
+    results = run(args)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    if not all(math.isfinite(v) for v in results.values() if isinstance(v, float)):
+        raise SystemExit("non-finite measurement")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The benchmark's CPU smoke path (`python -m ddpm.bench --quick`): every key, sane numbers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ddpm.bench import forward_gflops_per_image, main
+
+KEYS = {
+    "device", "baseline_img_per_s", "project_img_per_s", "speedup", "model_gflops_per_img",
+    "achieved_tflops", "mfu", "sample_ddpm_1000_img_per_s", "sample_ddim_50_img_per_s",
+    "default_run_minutes_extrapolated",
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_quick_bench_on_cpu_writes_every_key(tmp_path: Path) -> None:
+    """--quick --device cpu prints and writes JSON with every documented key; throughputs and
+    FLOPs are positive, speedup is their ratio, MFU is null on a CPU (~25 s)."""
+    out = tmp_path / "bench" / "cpu.json"
+    printed = main(["--quick", "--device", "cpu", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written == printed and set(written) >= KEYS
+    assert written["device"] == "cpu" and written["mfu"] is None
+    for key in KEYS - {"device", "mfu"}:
+        assert written[key] > 0, key
+    ratio = written["project_img_per_s"] / written["baseline_img_per_s"]
+    assert written["speedup"] == pytest.approx(ratio, rel=1e-2)
+
+
+def test_flops_grow_with_the_square_of_the_width() -> None:
+    """The U-Net's forward FLOPs (torch.utils.flop_counter) are dominated by convolutions whose
+    cost grows with width squared: doubling hidden_size gives 3.5-4x the FLOPs."""
+    ratio = forward_gflops_per_image(32, 32) / forward_gflops_per_image(16, 32)
+    assert 3.5 < ratio < 4.0
