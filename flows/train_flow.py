@@ -65,30 +65,12 @@ def prepare_run_dir(cfg: Settings) -> Path:
     return run_dir
 
 
-@flow(name="train-flow", description="Train an unconditional DDPM, resumably.")
-def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (or resume, or confirm finished) the run that the settings name.
-
-    Args:
-        overrides: dotted setting names to values, e.g. {"train.epochs": 3, "optim.lr": 2e-4},
-            applied on top of the environment and `.env`.
-
-    Returns:
-        the run folder, epochs and steps done, the last checkpoint and the last epoch's metrics.
-    """
-    logger = get_run_logger()
-    cfg = load_settings(overrides)
-    run_dir = prepare_run_dir(cfg)
-    logger.info("run %s; settings %s", run_dir, json.dumps(cfg.model_dump(mode="json")))
+def task_arguments(cfg: Settings, data_path: str) -> tuple[dict[str, Any], ...]:
+    """The settings as the plain keyword arguments of the core calls the tasks make:
+    (load_dataset, build_training, run_epoch, draw_samples). Device-dependent choices (bf16,
+    fused kernels, compile) are resolved here, once."""
     accelerator = resolve_device(cfg.train.device)
-    checkpoint_dir, device = str(run_dir / "checkpoints"), str(accelerator)
-    on_cuda = accelerator.type == "cuda"
-
-    folder = str(cfg.data.folder.resolve()) if cfg.data.folder else None
-    download_args = (cfg.data.dataset, str(cfg.data.root.resolve()), cfg.data.url, folder)
-    data_path = download_task(*download_args)
-    if not Path(data_path).exists():  # cached, but deleted since: fetch again
-        data_path = download_task.with_options(refresh_cache=True)(*download_args)
+    on_cuda, device = accelerator.type == "cuda", str(accelerator)
     data = {
         "dataset": cfg.data.dataset,
         "path": data_path,
@@ -97,7 +79,6 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "subset": cfg.data.subset,
         "seed": cfg.train.seed,
     }
-
     model = {
         "hidden_size": cfg.model.hidden_size,
         "channels": cfg.model.channels,
@@ -115,24 +96,6 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "fused": on_cuda,
         "device_type": accelerator.type,
     }
-    state = build_model_task(checkpoint_dir, data, model, cfg.train.batch_size, cfg.train.epochs)
-    summary = {
-        "run_dir": str(run_dir),
-        "epochs": state.epoch,
-        "global_step": state.global_step,
-        "checkpoint": None,
-        "metrics": {},
-    }
-    if state.epoch >= cfg.train.epochs:
-        logger.info(
-            "run %s already finished %d of %d epochs; nothing to do",
-            run_dir,
-            state.epoch,
-            cfg.train.epochs,
-        )
-        publish_summary(cfg, run_dir, summary, None)
-        return summary
-
     train = {
         "batch_size": cfg.train.batch_size,
         "seed": cfg.train.seed,
@@ -154,7 +117,50 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "device": device,
         "image_shape": (cfg.model.channels, cfg.data.image_size, cfg.data.image_size),
     }
-    settings_json = cfg.model_dump(mode="json")
+    return data, model, train, sample
+
+
+@flow(name="train-flow", description="Train an unconditional DDPM, resumably.")
+def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume, or confirm finished) the run that the settings name.
+
+    Args:
+        overrides: dotted setting names to values, e.g. {"train.epochs": 3, "optim.lr": 2e-4},
+            applied on top of the environment and `.env`.
+
+    Returns:
+        the run folder, epochs and steps done, the last checkpoint and the last epoch's metrics.
+    """
+    logger = get_run_logger()
+    cfg = load_settings(overrides)
+    run_dir, resolved = prepare_run_dir(cfg), cfg.model_dump(mode="json")
+    logger.info("run %s; settings %s", run_dir, json.dumps(resolved))
+    checkpoint_dir = str(run_dir / "checkpoints")
+
+    folder = str(cfg.data.folder.resolve()) if cfg.data.folder else None
+    download_args = (cfg.data.dataset, str(cfg.data.root.resolve()), cfg.data.url, folder)
+    data_path = download_task(*download_args)
+    if not Path(data_path).exists():  # cached, but deleted since: fetch again
+        data_path = download_task.with_options(refresh_cache=True)(*download_args)
+    data, model, train, sample = task_arguments(cfg, data_path)
+    state = build_model_task(checkpoint_dir, data, model, cfg.train.batch_size, cfg.train.epochs)
+    summary = {
+        "run_dir": str(run_dir),
+        "epochs": state.epoch,
+        "global_step": state.global_step,
+        "checkpoint": None,
+        "metrics": {},
+    }
+    if state.epoch >= cfg.train.epochs:
+        logger.info(
+            "run %s already finished %d of %d epochs; nothing to do",
+            run_dir,
+            state.epoch,
+            cfg.train.epochs,
+        )
+        publish_summary(cfg, run_dir, summary, None)
+        return summary
+
     artifacts = RunArtifacts(state.epoch, cfg.train.epochs)
     tracker = Tracker.start(cfg, run_dir, run_name(cfg), run_dir / SETTINGS_FILE)
     failed = True
@@ -165,7 +171,7 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
                 data,
                 train,
                 checkpoint_dir,
-                settings_json,
+                resolved,
                 cfg.train.epochs,
                 cfg.train.log_every,
                 tracker,

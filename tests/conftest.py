@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import pickle
 import threading
 from collections.abc import Callable, Iterator
@@ -42,8 +43,6 @@ class _Payload:
         self.command = command
 
     def __reduce__(self):
-        import os
-
         return (os.system, (self.command,))
 
 
@@ -63,6 +62,16 @@ def plant_pickle() -> Callable[[Path, Path], Path]:
 def cifar_writer() -> Callable[..., Path]:
     """write_cifar10(root, images_per_batch=8, seed=0) -> the extracted folder."""
     return write_cifar10
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test runs without the developer's DDPM_* variables, in a folder of its own (so
+    no stray .env is read and relative paths land in tmp_path)."""
+    for name in list(os.environ):
+        if name.upper().startswith("DDPM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

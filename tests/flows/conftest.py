@@ -27,15 +27,6 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No DDPM_* variables or .env from the developer's shell leak into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("DDPM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
 @pytest.fixture
 def tiny(tmp_path: Path, cifar_writer) -> dict[str, Any]:
     """Overrides for a tiny CPU run on 64 of 80 official-format CIFAR images: hidden 16,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -79,15 +78,6 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "wandb.project": ("ddpm-cifar", {}),
     "wandb.entity": ("my-team", {}),
 }
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No `DDPM_*` variable from the outer environment, and a cwd without a stray `.env`."""
-    for name in list(os.environ):
-        if name.upper().startswith("DDPM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 def _as_text(value: Any) -> str:
