@@ -6,7 +6,6 @@ import hashlib
 import io
 import os
 import random
-import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
@@ -98,7 +97,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     recorded = checksum_path(path)
     if recorded.is_file():
-        expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
+        expected = (recorded.read_text().split() or [""])[0]
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise CheckpointError(f"{path}: SHA-256 {actual[:12]}... does not match {recorded}")
@@ -114,20 +113,18 @@ class CheckpointWriter:
     """
 
     def __init__(self) -> None:
+        # Only the training thread calls submit and wait; the pool's thread only runs writes.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future | None = None
-        self._lock = threading.Lock()
 
     def submit(self, write: Callable[[], Any]) -> None:
         """Wait for the previous write, then start `write()` in the background."""
         self.wait()
-        with self._lock:
-            self._pending = self._pool.submit(write)
+        self._pending = self._pool.submit(write)
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is done; raise its error."""
-        with self._lock:
-            pending, self._pending = self._pending, None
+        pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 

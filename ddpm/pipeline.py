@@ -94,11 +94,9 @@ class TrainingState:
         if self.device != device:
             self.diffusion.to(device)
             self.ema.to(device)
-            for param_state in self.optimizer.state.values():
-                for key, value in param_state.items():
-                    # Adam keeps its step count on the CPU unless fused/capturable.
-                    if isinstance(value, torch.Tensor) and key != "step":
-                        param_state[key] = value.to(device)
+            # load_state_dict puts each state tensor where its parameter now lives, by torch's
+            # own rules (Adam's step stays on the CPU unless the optimizer is fused/capturable).
+            self.optimizer.load_state_dict(self.optimizer.state_dict())
         return self
 
     def snapshot(self, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:

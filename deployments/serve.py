@@ -14,6 +14,7 @@ import yaml
 from prefect import serve
 
 from flows.train_flow import train_flow
+from settings import setting_name
 
 PREFECT_FILE = Path(__file__).with_name("prefect.yaml")
 
@@ -24,9 +25,7 @@ def served_deployments() -> list:
     for spec in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]:
         env = spec.get("work_pool", {}).get("job_variables", {}).get("env", {})
         overrides = {
-            name[len("DDPM_") :].lower().replace("__", "."): value
-            for name, value in env.items()
-            if name.startswith("DDPM_")
+            setting_name(name): value for name, value in env.items() if name.startswith("DDPM_")
         }
         overrides.update(spec.get("parameters", {}).get("overrides", {}))
         deployments.append(

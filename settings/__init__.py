@@ -13,6 +13,7 @@ from settings.config import (
     result_settings,
     run_name,
     run_path,
+    setting_name,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "result_settings",
     "run_name",
     "run_path",
+    "setting_name",
 ]

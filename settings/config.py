@@ -237,6 +237,11 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper().replace(".", ENV_DELIMITER)
 
 
+def setting_name(env_var: str) -> str:
+    """'DDPM_OPTIM__LR' -> 'optim.lr' (the inverse of env_name)."""
+    return env_var.removeprefix(ENV_PREFIX).lower().replace(ENV_DELIMITER, ".")
+
+
 def flag_name(field: str) -> str:
     """'optim.lr' -> '--optim.lr'."""
     return f"--{field}"
@@ -415,6 +420,9 @@ def run_path(settings: Settings) -> Path:
 def result_changes(saved: Mapping[str, Any], settings: Settings) -> list[str]:
     """'key: old -> new' for each result-changing setting that differs from a saved run's
     (a saved settings.json, nested as model_dump(mode='json') writes it)."""
-    old = {key: flatten(saved).get(key) for key in result_settings(settings)}
-    new = result_settings(settings)
-    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new if old[key] != new[key]]
+    old, new = flatten(saved), result_settings(settings)
+    return [
+        f"{key}: {old.get(key)!r} -> {value!r}"
+        for key, value in new.items()
+        if old.get(key) != value
+    ]

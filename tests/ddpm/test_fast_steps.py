@@ -15,6 +15,13 @@ from ddpm.pipeline import build_training, run_epoch
 from ddpm.training import build_optimizer, resolve_precision, train_epoch, train_step
 from ddpm.unet import UNet
 
+# build_training's arguments for a tiny run: an 8-wide U-Net, T = 20.
+TINY = dict(
+    hidden_size=8, channels=3, num_timesteps=20, beta_start=1e-4, beta_end=0.02,
+    optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, warmup_steps=0,
+    schedule="constant", total_steps=10, ema_decay=0.9, seed=0,
+)  # fmt: skip
+
 
 def smooth_batch(seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -70,23 +77,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_counted_as_divergence() -> N
 
 def test_fp16_scaler_state_is_checkpointed() -> None:
     """An fp16 run's snapshot carries its scaler, and restoring puts the scale back."""
-    kwargs = dict(
-        hidden_size=8,
-        channels=3,
-        num_timesteps=20,
-        beta_start=1e-4,
-        beta_end=0.02,
-        optimizer="adam",
-        lr=1e-3,
-        momentum=0.9,
-        weight_decay=0.0,
-        warmup_steps=0,
-        schedule="constant",
-        total_steps=10,
-        ema_decay=0.9,
-        seed=0,
-        precision="fp16",
-    )
+    kwargs = {**TINY, "precision": "fp16"}
     state = build_training(**kwargs)
     data = TensorImageDataset(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
     run_epoch(
@@ -153,3 +144,23 @@ def test_compiled_and_eager_steps_agree() -> None:
     update = eager[2] - eager[1]
     assert (compiled[2] - eager[2]).norm() / update.norm() < 0.02
     assert compiled[3] == eager[3]  # checkpoints stay loadable either way
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_run_resumed_from_a_cpu_checkpoint_trains_on_cuda() -> None:
+    """A fused-Adam state restored on the CPU (as build-model does) and moved to CUDA carries
+    all its optimizer state there, step counts included, and trains on."""
+    kwargs = {**TINY, "precision": "bf16", "fused": True, "device_type": "cuda"}
+    train = dict(
+        batch_size=4, seed=0, random_flip=False, num_workers=0, grad_clip=1.0, device="cuda"
+    )
+    data = TensorImageDataset(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
+    first = build_training(**kwargs)
+    run_epoch(first, data, 1, **train)
+    resumed = build_training(**kwargs)
+    resumed.restore(first.snapshot())
+    run_epoch(resumed, data, 2, **train)
+    assert all(
+        t.device.type == "cuda" for s in resumed.optimizer.state.values() for t in s.values()
+    )

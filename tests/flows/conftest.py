@@ -4,7 +4,7 @@ caches kept in a temporary folder, and a tiny-run configuration shared by the fl
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-import flows  # noqa: F401 - sets the extra-loggers default before prefect configures logging
+from settings import env_name
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,6 +47,23 @@ def tiny(tmp_path: Path, cifar_writer) -> dict[str, Any]:
         "sample.steps": 5,
         "wandb.mode": "disabled",
     }
+
+
+@pytest.fixture
+def cli_env() -> Callable[..., dict[str, str]]:
+    """cli_env(overrides, harness=True) -> the environment of a `python flows/train_flow.py`
+    child: settings as DDPM_* variables and, with harness, the test harness's Prefect server
+    (else none: the child starts Prefect's temporary server, as a new user's run does)."""
+
+    def make(overrides: dict[str, Any], harness: bool = True) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DDPM_", "PREFECT_"))}
+        env.update({env_name(k): str(v) for k, v in overrides.items()})
+        env.update(PYTHONUNBUFFERED="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        if harness:
+            env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        return env
+
+    return make
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import torch
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from prefect.settings import PREFECT_API_URL
 
 import ddpm.pipeline
 from ddpm.checkpoint import load_checkpoint
@@ -31,19 +30,6 @@ from settings import Settings, SettingsError, env_name, flag_name, flatten, load
 
 REPO = Path(__file__).resolve().parents[2]
 STEP_LINE = re.compile(r"step (\d+)  loss")
-
-
-def cli_env(overrides: dict[str, Any]) -> dict[str, str]:
-    """The environment of a `python flows/train_flow.py` child: settings as DDPM_* variables,
-    talking to the test harness's Prefect server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DDPM_", "PREFECT_"))}
-    env.update({env_name(k): str(v) for k, v in overrides.items()})
-    env.update(
-        PREFECT_API_URL=PREFECT_API_URL.value(),
-        PYTHONUNBUFFERED="1",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
-    return env
 
 
 def train_cli(env: dict[str, str], cwd: Path, kill_at: int | None = None) -> tuple[int, int]:
@@ -83,7 +69,7 @@ def train_cli(env: dict[str, str], cwd: Path, kill_at: int | None = None) -> tup
 
 @pytest.mark.slow
 def test_sigkill_at_any_step_resumes_and_ends_exactly_like_an_uninterrupted_run(
-    tiny: dict[str, Any], tmp_path: Path, cifar_writer
+    tiny: dict[str, Any], tmp_path: Path, cifar_writer, cli_env
 ) -> None:
     """Three SIGKILLs at arbitrary steps (not at checkpoint boundaries) of a 3-epoch run with
     checkpoint_every=3: each re-run resumes, loses at most 3 steps, and the final weights and

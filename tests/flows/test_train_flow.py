@@ -190,20 +190,13 @@ def test_dataloader_workers_inside_a_flow_run(tiny: dict[str, Any], tmp_path: Pa
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def env_for(overrides: dict[str, Any]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DDPM_", "PREFECT_API_URL"))}
-    env.update({"DDPM_" + k.upper().replace(".", "__"): str(v) for k, v in overrides.items()})
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    return env
-
-
 @pytest.mark.slow
-def test_command_line_runs_with_env_settings(tiny: dict[str, Any], tmp_path: Path) -> None:
+def test_command_line_runs_with_env_settings(tiny: dict[str, Any], tmp_path: Path, cli_env) -> None:
     """`python flows/train_flow.py` with DDPM_* env settings and a flag completes on Prefect's
     temporary local server (no PREFECT_API_URL) and writes checkpoints and grids."""
     result = subprocess.run(
         [sys.executable, str(REPO / "flows" / "train_flow.py"), "--train.epochs", "1"],
-        env=env_for(tiny),
+        env=cli_env(tiny, harness=False),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -216,13 +209,13 @@ def test_command_line_runs_with_env_settings(tiny: dict[str, Any], tmp_path: Pat
     assert "Finished in state Completed" in result.stdout + result.stderr
 
 
-def test_command_line_help_and_bad_settings(tmp_path: Path) -> None:
+def test_command_line_help_and_bad_settings(tmp_path: Path, cli_env) -> None:
     """--help lists every setting with its env name and default; a bad env value exits 2 with
     a short message naming the variable, no traceback."""
     script = str(REPO / "flows" / "train_flow.py")
     shown = subprocess.run(
         [sys.executable, script, "--help"],
-        env=env_for({}),
+        env=cli_env({}, harness=False),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -239,7 +232,7 @@ def test_command_line_help_and_bad_settings(tmp_path: Path) -> None:
         assert text in shown.stdout
     bad = subprocess.run(
         [sys.executable, script],
-        env=env_for({"optim.lr": "-1"}),
+        env=cli_env({"optim.lr": "-1"}, harness=False),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -250,14 +243,13 @@ def test_command_line_help_and_bad_settings(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_interactive_terminal_gets_a_progress_bar(tiny: dict[str, Any], tmp_path: Path) -> None:
+def test_interactive_terminal_gets_a_progress_bar(
+    tiny: dict[str, Any], tmp_path: Path, cli_env
+) -> None:
     """With stderr on a terminal, each epoch draws a progress bar that reaches all its steps."""
     import pty
 
-    from prefect.settings import PREFECT_API_URL
-
-    env = env_for(tiny)
-    env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the harness's server: no startup wait
+    env = cli_env(tiny)  # the harness's server: no startup wait
     leader, follower = pty.openpty()
     chunks: list[bytes] = []
 

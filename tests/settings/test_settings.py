@@ -24,6 +24,7 @@ from settings import (
     load_settings,
     nest,
     parse_flags,
+    setting_name,
 )
 
 # Every dotted setting with its default, built without reading the environment or a `.env`.
@@ -158,6 +159,12 @@ def test_env_and_flag_names() -> None:
     assert env_name("data.random_flip") == "DDPM_DATA__RANDOM_FLIP"
     assert flag_name("optim.lr") == "--optim.lr"
     assert flag_name("train.batch_size") == "--train.batch_size"
+
+
+def test_setting_name_inverts_env_name() -> None:
+    """setting_name reads any setting's env variable back to its dotted name."""
+    assert setting_name("DDPM_OPTIM__LR") == "optim.lr"
+    assert all(setting_name(env_name(field)) == field for field in FIELDS)
 
 
 # Env, `.env`, flags, overrides
