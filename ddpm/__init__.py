@@ -11,6 +11,7 @@ from ddpm.checkpoint import (
 )
 from ddpm.data import (
     DatasetError,
+    EpochLoader,
     ImageFolderDataset,
     TensorImageDataset,
     denormalize,
@@ -18,6 +19,7 @@ from ddpm.data import (
     epoch_batches,
     load_cifar10,
     normalize,
+    shared_epoch_loader,
     subset_indices,
 )
 from ddpm.diffusion import DiffusionModel, linear_beta_schedule
@@ -36,6 +38,7 @@ from ddpm.unet import UNet
 __all__ = [
     "DatasetError",
     "DiffusionModel",
+    "EpochLoader",
     "ImageFolderDataset",
     "TensorImageDataset",
     "UNet",
@@ -54,6 +57,7 @@ __all__ = [
     "save_checkpoint",
     "save_grid",
     "seed_everything",
+    "shared_epoch_loader",
     "subset_indices",
     "train_epoch",
     "train_step",

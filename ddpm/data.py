@@ -7,6 +7,7 @@ workers and however often the run was resumed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from collections.abc import Iterator, Sequence
@@ -258,13 +259,26 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def _normalize_flipped(images: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float32 in [-1, 1], mirrored left-right where flip (B,) is True;
+    on images' device. Both batch paths use it, so their batches are bit-identical."""
+    x = normalize(images)
+    if flip is None:
+        return x
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator behind an epoch's order and flips: a function of (seed, epoch) only."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 class _EpochOrder(Sampler[int]):
-    """A permutation of the dataset drawn for one epoch, starting at a given position."""
+    """The current epoch's permutation of the dataset, from a given position on.
+
+    Set before each epoch, like DistributedSampler.set_epoch: the DataLoader reads it in the
+    main process whenever an epoch starts, so persistent workers never see it.
+    """
 
     def __init__(self, order: torch.Tensor, start: int) -> None:
         self.order, self.start = order, start
@@ -274,6 +288,115 @@ class _EpochOrder(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, len(self.order) - self.start)
+
+
+class EpochLoader:
+    """One DataLoader kept across epochs, for datasets read from disk (image folders).
+
+    Its workers start once (by forkserver, since forked workers die inside Prefect flow runs)
+    and serve every epoch: each `epoch()` sets the sampler's permutation, then iterates. They
+    only decode uint8 images; order and flips are drawn here from epoch_generator(seed, epoch),
+    so batches do not depend on num_workers and equal device_epoch_batches'.
+
+    An epoch abandoned midway (the consumer stops, or raises) does not spoil the next one:
+    the DataLoader drains its workers' leftover batches when the next epoch starts. Workers
+    stop when the loader is garbage-collected.
+
+    Args:
+        dataset: items are uint8 (C, H, W).
+        batch_size: images per batch; the last batch of an epoch may be smaller.
+        num_workers: DataLoader worker processes (0 = load in this process).
+        pin_memory: page-lock the uint8 batches, so copies to a GPU are asynchronous.
+        seed: with the epoch, selects the permutation and the flips.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.batch_size, self.pin_memory, self.seed = batch_size, pin_memory, seed
+        self.num_items = len(dataset)
+        self._order = _EpochOrder(torch.arange(self.num_items), 0)
+        self._owner: object | None = None  # the running epoch; a stale one must not read on
+        self.dataloader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self._order,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            multiprocessing_context="forkserver" if num_workers > 0 else None,
+            # Its own generator: otherwise starting an epoch draws a seed from the global RNG,
+            # which training's noise comes from, and a mid-epoch resume would draw it elsewhere.
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def epoch(
+        self,
+        epoch: int,
+        *,
+        random_flip: bool = True,
+        start_batch: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[torch.Tensor]:
+        """The normalised batches of one epoch, shuffled and flipped as a function of
+        (seed, epoch).
+
+        Each uint8 batch is copied to device (asynchronously when pinned), then normalised and
+        flipped there: a quarter of the bytes a float32 copy would move.
+
+        Args:
+            epoch: with the seed, selects the permutation and the flips.
+            random_flip: flip each image horizontally with probability 1/2.
+            start_batch: skip the epoch's first batches (resuming mid-epoch).
+            device: where the batches go.
+
+        Yields:
+            (B, C, H, W) float32 in [-1, 1], on device.
+
+        Raises:
+            RuntimeError: when read on after a later epoch of this loader has started.
+        """
+        device = torch.device(device)
+        generator = epoch_generator(self.seed, epoch)
+        order = torch.randperm(self.num_items, generator=generator)
+        flips = torch.rand(self.num_items, generator=generator) < 0.5  # k-th image of the epoch
+        flips = flips.to(device)
+        position = start_batch * self.batch_size
+        self._order.order, self._order.start = order, position
+        self._owner = owner = object()
+        batches = iter(self.dataloader)
+        for _ in range(len(self.dataloader)):
+            if self._owner is not owner:
+                raise RuntimeError(f"epoch {epoch} read on after a later epoch started")
+            images = next(batches).to(device, non_blocking=self.pin_memory)  # (B, C, H, W) uint8
+            flip = flips[position : position + images.shape[0]] if random_flip else None
+            position += images.shape[0]
+            yield _normalize_flipped(images, flip)
+
+
+@functools.lru_cache(maxsize=1)
+def shared_epoch_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    seed: int = 0,
+) -> EpochLoader:
+    """The EpochLoader for these arguments, kept between calls so its workers serve every epoch.
+
+    One loader is kept (the dataset is keyed by identity): a call with other arguments replaces
+    it, and its workers stop. `shared_epoch_loader.cache_clear()` stops them at once.
+    """
+    return EpochLoader(
+        dataset, batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed
+    )
 
 
 def epoch_batches(
@@ -286,47 +409,21 @@ def epoch_batches(
     num_workers: int = 0,
     start_batch: int = 0,
     pin_memory: bool = False,
+    device: torch.device | str = "cpu",
 ) -> Iterator[torch.Tensor]:
-    """The normalised batches of one epoch, shuffled and flipped as a function of (seed, epoch).
+    """The normalised batches of one epoch, through a DataLoader used for this epoch only.
 
-    Workers only decode images; order and flips are drawn here, so the batches do not depend on
-    num_workers. Workers start by forkserver, since forked workers die inside Prefect flow runs.
-
-    Args:
-        dataset: items are uint8 (C, H, W).
-        batch_size: images per batch; the last batch may be smaller.
-        seed, epoch: select the permutation and the flips.
-        random_flip: flip each image horizontally with probability 1/2.
-        num_workers: DataLoader worker processes (0 = load in this process).
-        start_batch: skip the epoch's first batches (resuming mid-epoch).
-        pin_memory: page-lock the decoded batches (faster copies to a GPU).
+    The workers start and stop with the epoch; to keep them across epochs, iterate
+    `shared_epoch_loader(...).epoch(epoch, ...)` (or an EpochLoader of your own) instead.
+    Arguments as for EpochLoader and EpochLoader.epoch.
 
     Yields:
-        (B, C, H, W) float32 in [-1, 1], on the CPU.
+        (B, C, H, W) float32 in [-1, 1], on device.
     """
-    n = len(dataset)
-    generator = epoch_generator(seed, epoch)
-    order = torch.randperm(n, generator=generator)
-    flips = torch.rand(n, generator=generator) < 0.5  # flips[k]: the k-th image of the epoch
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=_EpochOrder(order, start_batch * batch_size),
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        multiprocessing_context="forkserver" if num_workers > 0 else None,
-        # Its own generator: otherwise creating the iterator draws a seed from the global RNG,
-        # which training's noise comes from, and a mid-epoch resume would draw it elsewhere.
-        generator=torch.Generator().manual_seed(seed),
+    loader = EpochLoader(
+        dataset, batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed
     )
-    position = start_batch * batch_size
-    for images in loader:
-        x = normalize(images)
-        if random_flip:
-            flip = flips[position : position + x.shape[0]]
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        position += x.shape[0]
-        yield x
+    yield from loader.epoch(epoch, random_flip=random_flip, start_batch=start_batch, device=device)
 
 
 def device_epoch_batches(
@@ -355,11 +452,8 @@ def device_epoch_batches(
     order = torch.randperm(n, generator=generator).to(images.device)
     flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
     for start in range(start_batch * batch_size, n, batch_size):
-        x = normalize(images[order[start : start + batch_size]])
-        if random_flip:
-            flip = flips[start : start + batch_size]
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        yield x
+        flip = flips[start : start + batch_size] if random_flip else None
+        yield _normalize_flipped(images[order[start : start + batch_size]], flip)
 
 
 def fits_on(device: torch.device, nbytes: int, fraction: float = 0.25) -> bool:

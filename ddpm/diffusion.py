@@ -6,7 +6,8 @@ network is given (t + 1) / T, a float in (0, 1].
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,13 @@ def linear_beta_schedule(
         # DDPM eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t
         "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
     }
+
+
+# model -> {step name: compiled step}; kept outside the module, so copies (the EMA is a
+# deepcopy) never share another model's compiled steps, and dropped with the model.
+_COMPILED_STEPS: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -133,6 +141,84 @@ class DiffusionModel(nn.Module):
             return torch.randn(*shape, device=device)
         return torch.randn(*shape, generator=generator, device=generator.device).to(device)
 
+    def _step_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
+        """The generator for per-step noise: `generator` itself when it is on the module's
+        device (or None); otherwise one there, seeded from it, so each step's noise is drawn
+        where it is used (a CPU draw copied to a GPU would make every step wait)."""
+        device = self.betas.device
+        if generator is None or generator.device == device:
+            return generator
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        return torch.Generator(device).manual_seed(seed)
+
+    def _ancestral_step(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x_t -> x_{t-1} (DDPM Algorithm 2, line 4, with sigma_t^2 = beta_t).
+
+        Tensors only, so one compiled graph serves every t.
+
+        Args:
+            x_t: (B, C, H, W).
+            t: (B,) long timesteps in [0, T).
+            z: (B, C, H, W) standard Gaussian noise; not added where t = 0.
+
+        Returns:
+            (B, C, H, W) x_{t-1}.
+        """
+        eps = self.eps_model(x_t, self._net_time(t))
+        # mean = 1/sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - abar_t) * eps)
+        coef = extract(self.betas, t, x_t.ndim) / extract(
+            self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim
+        )
+        mean = extract(self.sqrt_recip_alphas, t, x_t.ndim) * (x_t - coef * eps)
+        sigma = extract(self.betas, t, x_t.ndim).sqrt() * (t > 0).reshape(-1, 1, 1, 1)
+        return mean + sigma * z
+
+    def _ddim_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:
+        """x_t -> x_{t_prev} (DDIM, eta = 0); t_prev = -1 means the end (abar_prev = 1).
+
+        Args:
+            x_t: (B, C, H, W).
+            t, t_prev: (B,) long timesteps, t_prev < t.
+
+        Returns:
+            (B, C, H, W) x_{t_prev}.
+        """
+        eps = self.eps_model(x_t, self._net_time(t))
+        abar_t = extract(self.alphas_cumprod, t, x_t.ndim)
+        abar_prev = torch.where(
+            t_prev.reshape(-1, 1, 1, 1) >= 0,
+            extract(self.alphas_cumprod, t_prev.clamp(min=0), x_t.ndim),
+            1.0,
+        )
+        # Song et al. 2021, eq. 12: predict x0, then move it to the previous noise level.
+        x0_hat = (x_t - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()
+        return abar_prev.sqrt() * x0_hat + (1.0 - abar_prev).sqrt() * eps
+
+    def _stepper(self, name: str, compile: bool) -> Callable[..., torch.Tensor]:
+        """The sampler step `name`, eager or torch.compile'd (compiled once per module).
+
+        On CUDA the compiled step is captured as a CUDA graph (mode "reduce-overhead"): one
+        replay per step instead of a launch per kernel, which is what bounds a small network's
+        sampling speed.
+        """
+        if not compile:
+            return getattr(self, name)
+        compiled = _COMPILED_STEPS.setdefault(self, {})
+        if name not in compiled:
+            cuda = self.betas.device.type == "cuda"
+            # The function, not the bound method: the cache must not hold the model alive.
+            compiled[name] = torch.compile(
+                getattr(type(self), name), mode="reduce-overhead" if cuda else None, dynamic=False
+            )
+        fn = compiled[name]
+
+        def run(*args: torch.Tensor) -> torch.Tensor:
+            # A CUDA graph's outputs are overwritten by its next replay: copy x out.
+            torch.compiler.cudagraph_mark_step_begin()
+            return fn(self, *args).clone()
+
+        return run
+
     @torch.no_grad()
     def p_sample(
         self, x_t: torch.Tensor, t: int, generator: torch.Generator | None = None
@@ -142,19 +228,14 @@ class DiffusionModel(nn.Module):
         Args:
             x_t: (B, C, H, W) on the module's device.
             t: the current timestep in [0, T); at t = 0 no noise is added.
+            generator: source of the step's noise.
 
         Returns:
             (B, C, H, W) x_{t-1}.
         """
         t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        eps = self.eps_model(x_t, self._net_time(t_batch))
-        # mean = 1/sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - abar_t) * eps)
-        mean = self.sqrt_recip_alphas[t] * (
-            x_t - self.betas[t] / self.sqrt_one_minus_alphas_cumprod[t] * eps
-        )
-        if t == 0:
-            return mean
-        return mean + self.betas[t].sqrt() * self._noise(x_t.shape, generator)
+        z = self._noise(x_t.shape, generator) if t > 0 else torch.zeros_like(x_t)
+        return self._ancestral_step(x_t, t_batch, z)
 
     @torch.no_grad()
     def sample(
@@ -163,21 +244,29 @@ class DiffusionModel(nn.Module):
         size: Sequence[int],
         *,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Draw samples with the ancestral sampler (DDPM Algorithm 2), on the module's device.
 
         Args:
             num_samples: B.
             size: (C, H, W) of one image.
-            generator: source of all noise (x_T and every step); the same seed gives the same
-                samples.
+            generator: source of all noise; the same seed gives the same samples on one kind
+                of device. x_T is drawn from it wherever it is; the per-step noise on the
+                module's device (see _step_generator).
+            compile: run each step through torch.compile (a CUDA graph on CUDA); the first
+                call compiles.
 
         Returns:
             (B, C, H, W) float samples clamped to [-1, 1].
         """
+        step = self._stepper("_ancestral_step", compile)
         x = self._noise((num_samples, *size), generator)  # x_T ~ N(0, I)
+        step_generator = self._step_generator(generator)
         for t in reversed(range(self.num_timesteps)):
-            x = self.p_sample(x, t, generator)
+            t_batch = torch.full((num_samples,), t, device=x.device, dtype=torch.long)
+            z = self._noise(x.shape, step_generator) if t > 0 else torch.zeros_like(x)
+            x = step(x, t_batch, z)
         return x.clamp(-1.0, 1.0)
 
     def ddim_timesteps(self, steps: int) -> list[int]:
@@ -195,6 +284,7 @@ class DiffusionModel(nn.Module):
         steps: int = 50,
         *,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Draw samples with deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0).
 
@@ -208,21 +298,15 @@ class DiffusionModel(nn.Module):
             size: (C, H, W) of one image.
             steps: number of network evaluations, in [1, T].
             generator: source of x_T.
+            compile: as in sample.
 
         Returns:
             (B, C, H, W) float samples clamped to [-1, 1].
         """
+        step = self._stepper("_ddim_step", compile)
         timesteps = self.ddim_timesteps(steps)
         x = self._noise((num_samples, *size), generator)
-        for i, t in enumerate(timesteps):
-            abar_t = self.alphas_cumprod[t]
-            abar_prev = (
-                self.alphas_cumprod[timesteps[i + 1]]
-                if i + 1 < len(timesteps)
-                else abar_t.new_ones(())
-            )
+        for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
             t_batch = torch.full((num_samples,), t, device=x.device, dtype=torch.long)
-            eps = self.eps_model(x, self._net_time(t_batch))
-            x0_hat = (x - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()
-            x = abar_prev.sqrt() * x0_hat + (1.0 - abar_prev).sqrt() * eps
+            x = step(x, t_batch, torch.full_like(t_batch, t_prev))
         return x.clamp(-1.0, 1.0)

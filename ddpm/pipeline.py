@@ -18,7 +18,6 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, Subset
 
 from ddpm.checkpoint import (
@@ -37,14 +36,16 @@ from ddpm.data import (
     TensorImageDataset,
     device_epoch_batches,
     download_cifar10,
-    epoch_batches,
     fits_on,
     load_cifar10,
+    shared_epoch_loader,
     steps_per_epoch,
     subset_indices,
 )
 from ddpm.diffusion import DiffusionModel
 from ddpm.training import (
+    AUTOCAST_DTYPES,
+    EMA,
     Precision,
     build_ema,
     build_lr_scheduler,
@@ -74,7 +75,7 @@ class TrainingState:
     diffusion: DiffusionModel
     optimizer: Optimizer
     scheduler: LambdaLR
-    ema: AveragedModel
+    ema: EMA
     epoch: int = 0  # epochs completed
     global_step: int = 0  # training steps taken (batches consumed)
     epoch_step: int = 0  # batches of the next epoch already taken
@@ -120,10 +121,17 @@ class TrainingState:
             CheckpointError: naming `source`, if it holds another format or model shape.
         """
         check_compatible(state, self.diffusion, source)
-        # Optimizer.load_state_dict puts each state tensor on its parameter's device.
+        kernels = {k: self.optimizer.defaults.get(k) for k in ("fused", "foreach")}
         restore_training_state(
             state, self.diffusion, self.optimizer, self.scheduler, self.ema, scaler=self.scaler
         )
+        # Loading takes every group setting from the checkpoint, `fused` included; which
+        # kernels to use is this machine's choice, not the checkpoint's. Loading the state
+        # again places it for that choice (a fused optimizer keeps its step counts beside the
+        # parameters, an unfused one on the CPU).
+        for group in self.optimizer.param_groups:
+            group.update(kernels)
+        self.optimizer.load_state_dict(self.optimizer.state_dict())
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.epoch_step, self.dirty = state.get("epoch_step", 0), False
 
@@ -344,7 +352,9 @@ def epoch_batch_source(
     """An epoch's batches, device-resident or through a DataLoader (identical either way).
 
     auto keeps an in-memory dataset (CIFAR-10) on the training device when it takes at most a
-    quarter of its free memory, and reads anything else (image folders) with a DataLoader.
+    quarter of its free memory, and reads anything else (image folders) with a DataLoader
+    whose workers persist across epochs (shared_epoch_loader); either way the batches are
+    normalised and flipped on the device.
 
     Raises:
         ValueError: for loader="device" with a dataset that is not in memory.
@@ -364,15 +374,15 @@ def epoch_batch_source(
             random_flip=random_flip,
             start_batch=start_batch,
         )
-    return epoch_batches(
+    loader_for_run = shared_epoch_loader(  # kept across epochs: its workers persist
         dataset,
         batch_size,
-        seed=seed,
-        epoch=epoch,
-        random_flip=random_flip,
         num_workers=num_workers,
-        start_batch=start_batch,
         pin_memory=device.type == "cuda",
+        seed=seed,
+    )
+    return loader_for_run.epoch(
+        epoch, random_flip=random_flip, start_batch=start_batch, device=device
     )
 
 
@@ -394,6 +404,7 @@ def run_epoch(
     settings: Mapping[str, Any] | None = None,
     loader: Literal["auto", "device", "dataloader"] = "auto",
     compile: bool = False,
+    read_every: int = 1,
 ) -> dict[str, float]:
     """Train epoch number `epoch` (from 1) on device, from batch state.epoch_step on.
 
@@ -402,7 +413,10 @@ def run_epoch(
     at most checkpoint_every steps.
 
     Args:
-        on_step: called with (global step after the step, step metrics) after each step.
+        on_step: called with (global step after the step, step metrics) for every step, at
+            the reads (see train_epoch).
+        read_every: steps between reads of the step metrics from the device (see
+            train_epoch); on a GPU, more than 1 keeps steps from waiting for it.
         max_bad_steps: see train_epoch.
         settings: stored in the mid-epoch checkpoints.
         loader: where batches come from (see epoch_batch_source).
@@ -422,8 +436,9 @@ def run_epoch(
         state.compiled = True
     state.dirty = True
     writer = CheckpointWriter() if checkpoint_every and checkpoint_dir is not None else None
+    first_step = state.global_step
 
-    def after_step(_: int, metrics: dict[str, float]) -> None:
+    def after_step() -> None:
         state.global_step += 1
         state.epoch_step += 1
         if writer is not None:
@@ -431,8 +446,10 @@ def run_epoch(
             if state.global_step % checkpoint_every == 0:
                 snapshot = state.snapshot(settings)
                 writer.submit(lambda: save_step_checkpoint(snapshot, Path(checkpoint_dir)))
+
+    def step_metrics(index: int, metrics: dict[str, float]) -> None:
         if on_step is not None:
-            on_step(state.global_step, metrics)
+            on_step(first_step + index + 1, metrics)
 
     batches = epoch_batch_source(
         dataset,
@@ -456,7 +473,9 @@ def run_epoch(
             scheduler=state.scheduler,
             ema=state.ema,
             grad_clip=grad_clip,
-            on_step=after_step,
+            on_step=step_metrics,
+            after_step=after_step,
+            read_every=read_every,
             max_bad_steps=max_bad_steps,
             precision=state.precision,
             scaler=state.scaler,
@@ -483,11 +502,17 @@ def draw_samples(
     seed: int,
     use_ema: bool,
     device: torch.device | str,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Sample a batch from fixed noise: the same seed gives the same noise every epoch.
 
-    The noise comes from a CPU generator, so it is the same on any device, and the global RNG
-    (which training draws from) is left untouched.
+    x_T comes from a CPU generator, so it is the same on any device, and the global RNG (which
+    training draws from) is left untouched; the ancestral sampler's per-step noise comes from
+    a generator on the device seeded from it. The network runs in the run's precision.
+
+    Args:
+        compile: run the sampler's steps through torch.compile (CUDA graphs on CUDA); worth
+            it for the 1000-step ancestral sampler, where the first call's compile pays back.
 
     Returns:
         (num, C, H, W) samples in [-1, 1], on the CPU.
@@ -495,13 +520,16 @@ def draw_samples(
     state.to(device)
     model = state.ema.module if use_ema else state.diffusion
     generator = torch.Generator().manual_seed(seed)
+    dtype = AUTOCAST_DTYPES.get(state.precision)
+    device_type = torch.device(device).type
     was_training = model.training
     model.eval()
     try:
-        if sampler == "ddim":
-            x = model.sample_ddim(num, image_shape, steps, generator=generator)
-        else:
-            x = model.sample(num, image_shape, generator=generator)
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            if sampler == "ddim":
+                x = model.sample_ddim(num, image_shape, steps, generator=generator, compile=compile)
+            else:
+                x = model.sample(num, image_shape, generator=generator, compile=compile)
     finally:
         model.train(was_training)
-    return to_cpu(x)
+    return to_cpu(x.float())

@@ -7,13 +7,13 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ddpm.diffusion import DiffusionModel
 
@@ -126,13 +126,75 @@ def build_lr_scheduler(
     return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
 
 
-def build_ema(model: nn.Module, decay: float = 0.9999) -> AveragedModel:
-    """An exponential moving average of model's weights and buffers (torch.optim.swa_utils).
+class EMA(AveragedModel):
+    """An exponential moving average of a model's weights and buffers, updated on the device.
+
+    torch.optim.swa_utils.AveragedModel with its state dict (`module.*`, `n_averaged`), so
+    checkpoints are unchanged, but its update never waits for the device: AveragedModel reads
+    `n_averaged` on the host twice per update, a GPU sync every training step.
+
+    Args:
+        model: the network to average; `ema.module` is a copy holding the averaged weights.
+        decay: d in ema = d * ema + (1 - d) * weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
+        """ema <- ema + w (weights - ema): w = 1 on the first update (a copy), 1 - decay after.
+
+        Args:
+            model: the trained network, on the EMA's device.
+            taken: bool scalar on the device; where False (a skipped step) nothing changes,
+                n_averaged included. None = True.
+        """
+        pairs = [
+            (a, c.detach())
+            for a, c in zip(
+                (*self.module.parameters(), *self.module.buffers()),
+                (*model.parameters(), *model.buffers()),
+                strict=True,
+            )
+            if a.is_floating_point()
+        ]
+        averaged, current = [a for a, _ in pairs], [c for _, c in pairs]
+        weight = torch.where(self.n_averaged == 0, 1.0, 1.0 - self.decay)
+        if taken is not None:
+            weight = weight * taken
+        delta = torch._foreach_sub(current, averaged)
+        torch._foreach_mul_(delta, weight)  # a tensor weight: no host read (lerp would read it)
+        torch._foreach_add_(averaged, delta)
+        self.n_averaged += 1 if taken is None else taken.long()
+
+
+def build_ema(model: nn.Module, decay: float = 0.9999) -> EMA:
+    """An exponential moving average of model's weights and buffers (see EMA).
 
     ema.module is a copy of the model holding the averaged weights; update it with
     `ema.update_parameters(model)` after each optimizer step.
     """
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return EMA(model, decay)
+
+
+class StepResult(NamedTuple):
+    """One training step, as tensors still on the device (reading them waits for it)."""
+
+    loss: torch.Tensor  # () the batch loss
+    grad_norm: torch.Tensor  # () gradient norm before clipping
+    taken: torch.Tensor  # () bool: the update was applied
+    bad: torch.Tensor  # () bool: loss or gradient not finite (fp16 overflows are not bad)
+    lr: float  # the lr the step used
+
+
+def _masks_on_device(optimizer: Optimizer) -> bool:
+    """Whether the optimizer can skip an update on a device-side flag (fused kernels read
+    `found_inf`, the mechanism torch.amp.GradScaler uses)."""
+    return bool(optimizer.param_groups[0].get("fused")) and getattr(
+        optimizer, "_step_supports_amp_scaling", False
+    )
 
 
 def _optimize(
@@ -140,50 +202,56 @@ def _optimize(
     optimizer: Optimizer,
     x0: torch.Tensor,
     scheduler: LambdaLR | None,
-    ema: AveragedModel | None,
+    ema: EMA | None,
     grad_clip: float,
     precision: Precision = "fp32",
     scaler: torch.amp.GradScaler | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+) -> StepResult:
     """One optimizer step on a batch, skipped when the loss or the gradient is not finite.
 
     The forward runs under autocast for bf16/fp16; fp16 needs `scaler`, which also skips (and
-    lowers its scale) when the scaled gradient overflows. A skipped step changes nothing: no
-    optimizer, schedule or EMA update.
+    lowers its scale) when the scaled gradient overflows. A skipped step changes no weight,
+    optimizer moment or EMA; the lr schedule advances with every batch, taken or not.
 
-    Returns:
-        (loss, gradient norm before clipping) on the device, the lr this step used, and what
-        happened: "taken", "bad" (non-finite loss or gradient) or "overflow" (fp16 scaler).
+    With a fused optimizer nothing here waits for the device: the skip is a device-side flag
+    (`found_inf`) the fused kernel and the EMA update read. Other optimizers (the CPU default,
+    where waiting costs nothing) check finiteness on the host.
     """
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     dtype = AUTOCAST_DTYPES.get(precision)
     with torch.autocast(x0.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
         loss = diffusion(x0)
-    if not torch.isfinite(loss):
-        return loss.detach(), torch.full((), math.nan), lr, "bad"
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(
         diffusion.parameters(), grad_clip if grad_clip > 0 else math.inf
     )
+    loss = loss.detach()
+    loss_finite = torch.isfinite(loss)
+    taken = loss_finite & torch.isfinite(grad_norm)
     if scaler is not None:
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # skips the update itself when the scaled gradient overflowed
+        # The scaler finds the same non-finite gradients, skips, and lowers its scale; a
+        # finite loss with overflowing fp16 gradients is its business, not divergence.
+        scaler.step(optimizer)
         scaler.update()
-        if scaler.get_scale() < scale:
-            return loss.detach(), grad_norm, lr, "overflow"
-    elif not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), grad_norm, lr, "bad"
+        bad = ~loss_finite
     else:
-        optimizer.step()
+        bad = ~taken
+        if _masks_on_device(optimizer):
+            optimizer.found_inf, optimizer.grad_scale = bad.float(), None
+            try:
+                optimizer.step()
+            finally:
+                optimizer.found_inf = None
+        elif taken:
+            optimizer.step()
     if scheduler is not None:
         scheduler.step()
     if ema is not None:
-        ema.update_parameters(diffusion)
-    return loss.detach(), grad_norm, lr, "taken"
+        ema.update_parameters(diffusion, taken)
+    return StepResult(loss, grad_norm, taken, bad, lr)
 
 
 def train_step(
@@ -192,7 +260,7 @@ def train_step(
     x0: torch.Tensor,
     *,
     scheduler: LambdaLR | None = None,
-    ema: AveragedModel | None = None,
+    ema: EMA | None = None,
     grad_clip: float = 0.0,
     precision: Precision = "fp32",
     scaler: torch.amp.GradScaler | None = None,
@@ -210,12 +278,11 @@ def train_step(
         scaler: torch.amp.GradScaler for fp16.
 
     Returns:
-        the batch loss as a Python float (NaN or inf when the step was skipped).
+        the batch loss as a Python float (NaN or inf when the step was skipped); reading it
+        waits for the device.
     """
-    loss, _, _, _ = _optimize(
-        diffusion, optimizer, x0, scheduler, ema, grad_clip, precision, scaler
-    )
-    return loss.item()
+    result = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip, precision, scaler)
+    return result.loss.item()
 
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -228,71 +295,90 @@ def train_epoch(
     *,
     device: torch.device | str = "cpu",
     scheduler: LambdaLR | None = None,
-    ema: AveragedModel | None = None,
+    ema: EMA | None = None,
     grad_clip: float = 0.0,
     on_step: StepCallback | None = None,
+    after_step: Callable[[], None] | None = None,
+    read_every: int = 1,
     max_bad_steps: int | None = None,
     precision: Precision = "fp32",
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """Train on every batch of one epoch.
 
+    Steps do not wait for the device: each step's loss, gradient norm and outcome stay there
+    and are read together every `read_every` steps and at the end of the epoch (one sync per
+    read); `on_step` and the divergence check run then, once per step, in order.
+
     Args:
         diffusion: the model, already on `device`.
         optimizer, scheduler, ema, grad_clip: as in train_step.
         batches: (B, C, H, W) float batches in [-1, 1] on any device.
         device: where the model lives; batches are moved there.
-        on_step: called after each step with (step index in this epoch, {"loss", "lr" used by
-            the step, "grad_norm" before clipping, "skipped" 1.0 if it was}) as Python floats.
+        on_step: called at each read, for every step since the last, with (step index in this
+            epoch, {"loss", "lr" used by the step, "grad_norm" before clipping, "skipped" 1.0
+            if it was}) as Python floats.
+        after_step: called right after each step is queued, with nothing read (bookkeeping
+            that must not wait for the device).
+        read_every: steps between reads; 1 reads (and waits) after every step.
         max_bad_steps: raise TrainingDiverged when more steps than this in a row have a
-            non-finite loss or gradient (skipped steps); None never raises. Steps the fp16
-            scaler skips on overflow (it then lowers its scale) do not count.
+            non-finite loss or gradient (skipped steps); None never raises. Found at the next
+            read, so up to read_every - 1 further steps may have run. Steps the fp16 scaler
+            skips on overflow (it then lowers its scale) do not count.
         precision, scaler: as in train_step.
 
     Returns:
-        {"loss": mean loss of the steps taken, "lr": lr the last step used,
-         "bad_steps": steps skipped, "steps": steps taken,
+        {"loss": mean loss of the steps with a finite loss, "lr": lr the last step used,
+         "bad_steps": steps skipped as non-finite, "steps": steps run,
          "images": images seen, "images_per_s": throughput, "seconds": wall time}.
     """
+    if read_every < 1:
+        raise ValueError(f"read_every must be at least 1, got {read_every}")
     diffusion.train()
     device = torch.device(device)
-    total_loss, steps, images, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
-    bad, bad_in_a_row = 0, 0
+    pending: list[tuple[torch.Tensor, float]] = []  # (stats (4,) on the device, lr) per step
+    total = {"loss": 0.0, "steps": 0, "bad": 0, "bad_in_a_row": 0}
+    images, lr = 0, optimizer.param_groups[0]["lr"]
+
+    def read() -> None:
+        values = torch.stack([stats for stats, _ in pending]).tolist()  # waits for the device
+        for (loss, grad_norm, taken, bad), (_, step_lr) in zip(values, pending, strict=True):
+            index = total["steps"]
+            total["steps"] += 1
+            if bad:
+                total["bad"] += 1
+                total["bad_in_a_row"] += 1
+                if max_bad_steps is not None and total["bad_in_a_row"] > max_bad_steps:
+                    raise TrainingDiverged(
+                        f"loss or gradient not finite for {total['bad_in_a_row']} steps in a "
+                        f"row (more than train.max_bad_steps = {max_bad_steps}); last loss "
+                        f"{loss}, gradient norm {grad_norm}"
+                    )
+            else:
+                total["loss"] += loss  # overflowed fp16 steps had a finite loss
+                total["bad_in_a_row"] = 0
+            if on_step is not None:
+                metrics = {"loss": loss, "lr": step_lr, "grad_norm": grad_norm}
+                on_step(index, {**metrics, "skipped": 0.0 if taken else 1.0})
+        pending.clear()
+
     start = time.perf_counter()
     for x0 in batches:
         x0 = x0.to(device, non_blocking=True)
-        loss, grad_norm, lr, outcome = _optimize(
-            diffusion, optimizer, x0, scheduler, ema, grad_clip, precision, scaler
-        )
-        taken = outcome == "taken"
-        loss_value = loss.item()
-        steps += 1
-        images += x0.shape[0]
-        if outcome != "bad":
-            total_loss += loss_value
-            bad_in_a_row = 0
-        else:
-            bad += 1
-            bad_in_a_row += 1
-            if max_bad_steps is not None and bad_in_a_row > max_bad_steps:
-                raise TrainingDiverged(
-                    f"loss or gradient not finite for {bad_in_a_row} steps in a row (more than "
-                    f"train.max_bad_steps = {max_bad_steps}); last loss {loss_value}, "
-                    f"gradient norm {float(grad_norm)}"
-                )
-        if on_step is not None:
-            on_step(
-                steps - 1,
-                {
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "skipped": 0.0 if taken else 1.0,
-                },
-            )
+        step = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip, precision, scaler)
+        stats = torch.stack([step.loss.float(), step.grad_norm.float(), step.taken, step.bad])
+        pending.append((stats, step.lr))
+        images, lr = images + x0.shape[0], step.lr
+        if after_step is not None:
+            after_step()
+        if len(pending) >= read_every:
+            read()
+    if pending:
+        read()
     seconds = time.perf_counter() - start
+    steps, bad = total["steps"], total["bad"]
     return {
-        "loss": total_loss / max(steps - bad, 1),  # overflowed fp16 steps had a finite loss
+        "loss": total["loss"] / max(steps - bad, 1),
         "lr": lr,
         "bad_steps": bad,
         "steps": steps,

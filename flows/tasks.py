@@ -93,8 +93,9 @@ def train_epoch_task(
 
     `train` holds run_epoch's settings, checkpoint_every and max_bad_steps included. A retry
     (or any call on a state left mid-epoch) first rewinds to the newest valid checkpoint, so no
-    step is counted twice. Every step goes to the tracker; the first epoch's first batch, as
-    the model sees it, too.
+    step is counted twice. Every step goes to the tracker, in batches of `log_every` (steps
+    never wait for the device in between); the first epoch's first batch, as the model sees
+    it, too.
     """
     logger = get_run_logger()
     if state.dirty:
@@ -136,6 +137,7 @@ def train_epoch_task(
         dataset,
         epoch,
         on_step=on_step,
+        read_every=log_every,  # the step metrics are read from the device as they are logged
         checkpoint_dir=Path(checkpoint_dir),
         settings=settings,
         **train,

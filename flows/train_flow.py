@@ -116,6 +116,8 @@ def task_arguments(cfg: Settings, data_path: str) -> tuple[dict[str, Any], ...]:
         "use_ema": cfg.sample.use_ema,
         "device": device,
         "image_shape": (cfg.model.channels, cfg.data.image_size, cfg.data.image_size),
+        "compile": cfg.sample.compile == "on"
+        or (cfg.sample.compile == "auto" and on_cuda and cfg.sample.sampler == "ddpm"),
     }
     return data, model, train, sample
 

@@ -138,7 +138,10 @@ class TrainSettings(_Group):
     )
     # DDPM paper: EMA decay 0.9999.
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay of the weights")
-    log_every: int = Field(100, ge=1, description="steps between log lines")
+    # Each read of the step metrics waits for the GPU: reading every step would stall it.
+    log_every: int = Field(
+        100, ge=1, description="steps between log lines and reads of the step metrics"
+    )
     # A few NaN steps (one bad batch) are survivable; a run of them means divergence.
     max_bad_steps: int = Field(
         10, ge=0, description="non-finite steps in a row (skipped) before the run fails"
@@ -164,6 +167,12 @@ class SampleSettings(_Group):
     sampler: Literal["ddpm", "ddim"] = Field("ddim", description="ddpm (Algorithm 2) or ddim")
     steps: int = Field(50, ge=1, description="DDIM steps (ddpm always uses all T)")
     use_ema: bool = Field(True, description="sample with the EMA weights")
+    # Compiling takes longer than a 50-step DDIM grid saves; 1000 ancestral steps repay it.
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the sampler's steps (CUDA graphs on CUDA); auto = on for "
+        "CUDA with sampler ddpm",
+    )
 
 
 class RunSettings(_Group):

@@ -14,14 +14,17 @@ from PIL import Image
 
 from ddpm.data import (
     DatasetError,
+    EpochLoader,
     ImageFolderDataset,
     TensorImageDataset,
     denormalize,
+    device_epoch_batches,
     download_cifar10,
     epoch_batches,
     load_cifar10,
     normalize,
     read_cifar10_batch,
+    shared_epoch_loader,
     steps_per_epoch,
     subset_indices,
 )
@@ -260,8 +263,6 @@ def test_tensor_dataset_rejects_non_uint8() -> None:
 def test_device_resident_batches_equal_the_dataloader_path() -> None:
     """For the same seed and epoch, device-resident batches (gathered, flipped and normalised
     on the device) equal the DataLoader path's, from the start and from a mid-epoch batch."""
-    from ddpm.data import device_epoch_batches
-
     images = torch.randint(
         0, 256, (37, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
@@ -272,3 +273,102 @@ def test_device_resident_batches_equal_the_dataloader_path() -> None:
         resident = list(device_epoch_batches(images, 8, seed=4, epoch=3, start_batch=start))
         assert len(loaded) == len(resident) == 5 - start
         assert all(torch.equal(a, b) for a, b in zip(loaded, resident, strict=True))
+
+
+# ---- one DataLoader across epochs -----------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 8, 8) uint8 noise: tiny, and every flip shows."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator)
+
+
+def worker_pids(loader: EpochLoader) -> list[int]:
+    """The PIDs of the loader's live DataLoader workers (torch keeps them on its iterator)."""
+    workers = loader.dataloader._iterator._workers
+    assert all(w.is_alive() for w in workers)
+    return [w.pid for w in workers]
+
+
+def assert_same_batches(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Same number of batches, each bit-identical."""
+    assert len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+@pytest.mark.slow
+def test_workers_persist_across_epochs_and_batches_match_device_path() -> None:
+    """One EpochLoader with two workers serves consecutive epochs from the same worker
+    processes, and each epoch's batches equal device_epoch_batches' for that seed and epoch."""
+    images = random_images(21)
+    loader = EpochLoader(TensorImageDataset(images), 4, num_workers=2, seed=5)
+    first = list(loader.epoch(0))
+    pids = worker_pids(loader)
+    second = list(loader.epoch(1))
+    assert len(pids) == 2 and worker_pids(loader) == pids
+    assert_same_batches(first, list(device_epoch_batches(images, 4, seed=5, epoch=0)))
+    assert_same_batches(second, list(device_epoch_batches(images, 4, seed=5, epoch=1)))
+
+
+@pytest.mark.slow
+def test_abandoned_epoch_does_not_spoil_the_next() -> None:
+    """An epoch dropped after one batch, and one ended by an exception in the consumer, leave
+    the next epoch and a mid-epoch start exact, on the same workers."""
+    images = random_images(21)
+    loader = EpochLoader(TensorImageDataset(images), 4, num_workers=2, seed=2)
+    dropped = loader.epoch(0)
+    next(dropped)
+    pids = worker_pids(loader)
+    del dropped
+    assert_same_batches(
+        list(loader.epoch(1)), list(device_epoch_batches(images, 4, seed=2, epoch=1))
+    )
+    with pytest.raises(ValueError, match="consumer failed"):
+        for _ in loader.epoch(2):
+            raise ValueError("consumer failed")
+    resumed = list(loader.epoch(3, start_batch=2))
+    assert_same_batches(
+        resumed, list(device_epoch_batches(images, 4, seed=2, epoch=3, start_batch=2))
+    )
+    assert len(resumed) == 4 and worker_pids(loader) == pids
+
+
+def test_stale_epoch_cannot_read_the_next_epochs_batches() -> None:
+    """Reading on from an epoch after a later one started fails loudly (with persistent workers
+    it would otherwise be handed the later epoch's images)."""
+    loader = EpochLoader(numbered_images(12), 4)
+    stale = loader.epoch(0)
+    next(stale)
+    assert len(list(loader.epoch(1))) == 3
+    with pytest.raises(RuntimeError, match="epoch 0 read on after a later epoch started"):
+        next(stale)
+
+
+def test_shared_loader_is_reused_for_the_same_arguments() -> None:
+    """shared_epoch_loader returns one loader per (dataset, batch size, workers, pinning, seed)
+    and builds a new one when any of them changes."""
+    dataset = numbered_images(10)
+    try:
+        loader = shared_epoch_loader(dataset, 4, seed=1)
+        assert shared_epoch_loader(dataset, 4, seed=1) is loader
+        assert shared_epoch_loader(dataset, 4, seed=2) is not loader
+        assert shared_epoch_loader(numbered_images(10), 4, seed=2) is not loader
+    finally:
+        shared_epoch_loader.cache_clear()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda])])
+def test_batches_land_on_the_device_bit_identical(device: str) -> None:
+    """device= yields float32 batches on that device, bit-identical to device_epoch_batches
+    there and (values) to the CPU path; on CUDA the uint8 batches come through pinned memory."""
+    images = random_images(10)
+    dataset = TensorImageDataset(images)
+    pinned = device == "cuda"
+    got = list(epoch_batches(dataset, 4, seed=1, epoch=2, pin_memory=pinned, device=device))
+    assert all(x.device.type == device and x.dtype == torch.float32 for x in got)
+    assert_same_batches(got, list(device_epoch_batches(images.to(device), 4, seed=1, epoch=2)))
+    on_cpu = list(epoch_batches(dataset, 4, seed=1, epoch=2))
+    assert_same_batches([x.cpu() for x in got], on_cpu)

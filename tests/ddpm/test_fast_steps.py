@@ -8,11 +8,18 @@ import statistics
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ddpm.data import TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.pipeline import build_training, run_epoch
-from ddpm.training import build_optimizer, resolve_precision, train_epoch, train_step
+from ddpm.training import (
+    build_ema,
+    build_optimizer,
+    resolve_precision,
+    train_epoch,
+    train_step,
+)
 from ddpm.unet import UNet
 
 # build_training's arguments for a tiny run: an 8-wide U-Net, T = 20.
@@ -164,3 +171,106 @@ def test_fused_run_resumed_from_a_cpu_checkpoint_trains_on_cuda() -> None:
     assert all(
         t.device.type == "cuda" for s in resumed.optimizer.state.values() for t in s.values()
     )
+
+
+class HostReads(TorchFunctionMode):
+    """Records every Python-level read of a tensor's value (each one waits for a GPU)."""
+
+    READS = frozenset(
+        {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_steps_read_nothing_from_the_device_between_reads() -> None:
+    """The project's step path (fused Adam, device-resident data, lr schedule, clipping, EMA)
+    reads no tensor value on the host: 10 steps with read_every=4 make exactly 3 reads (after
+    steps 4, 8 and 10), and on_step sees every step, in order, at those reads."""
+    state = build_training(**{**TINY, "fused": True, "warmup_steps": 3})
+    data = TensorImageDataset(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8))
+    calls = []
+    reads = HostReads()
+    with reads:
+        run_epoch(
+            state, data, 1, batch_size=4, seed=0, random_flip=True, num_workers=0,
+            grad_clip=1.0, device="cpu", loader="device", read_every=4,
+            on_step=lambda step, m: calls.append((step, state.global_step)),
+        )  # fmt: skip
+    assert reads.seen == ["tolist"] * 3
+    assert [step for step, _ in calls] == list(range(1, 11))
+    assert [at for _, at in calls] == [4] * 4 + [8] * 4 + [10] * 2
+
+
+def test_ema_matches_torch_averaged_model() -> None:
+    """The device-side EMA update equals torch's AveragedModel EMA (first update copies, then
+    ema = d ema + (1 - d) w) over 5 updates, and has the same state dict keys."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    net = UNet(3, 3, 8)
+    ours = build_ema(net, decay=0.9)
+    reference = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=generator))
+        ours.update_parameters(net)
+        reference.update_parameters(net)
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("saved_fused", "built_fused"), [(False, True), (True, False)])
+def test_restore_keeps_this_machines_optimizer_kernels(saved_fused, built_fused) -> None:
+    """A checkpoint from an unfused optimizer restored into a fused build (a CPU run resumed
+    on a GPU), or the reverse, steps with the kernels of the build, and trains on."""
+    data = TensorImageDataset(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
+    train = dict(batch_size=4, seed=0, random_flip=False, num_workers=0, grad_clip=1.0)
+    saved = build_training(**{**TINY, "fused": saved_fused})
+    run_epoch(saved, data, 1, device="cpu", **train)
+    resumed = build_training(**{**TINY, "fused": built_fused})
+    resumed.restore(saved.snapshot())
+    assert all(bool(g["fused"]) == built_fused for g in resumed.optimizer.param_groups)
+    before = torch.cat([p.detach().flatten().clone() for p in resumed.diffusion.parameters()])
+    metrics = run_epoch(resumed, data, 2, device="cpu", **train)
+    assert metrics["bad_steps"] == 0 and resumed.global_step == 4
+    assert not torch.equal(before, torch.cat([p.flatten() for p in resumed.diffusion.parameters()]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_steps_synchronise_only_at_reads() -> None:
+    """On CUDA, with bf16, fused Adam, clipping and the EMA, 8 steps with read_every=4
+    synchronise with the host exactly twice (torch's sync debug mode counts each one)."""
+    import warnings
+
+    state = build_training(**{**TINY, "fused": True, "precision": "bf16", "device_type": "cuda"})
+    state.to("cuda")
+    batches = [smooth_batch(i).cuda() for i in range(8)]
+
+    def epoch() -> None:
+        train_epoch(
+            state.diffusion, state.optimizer, batches, device="cuda", scheduler=state.scheduler,
+            ema=state.ema, grad_clip=1.0, read_every=4, precision="bf16",
+        )  # fmt: skip
+
+    epoch()  # warm-up: optimizer state, kernels chosen
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epoch()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, [str(w.message) for w in syncs]

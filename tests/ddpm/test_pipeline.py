@@ -180,13 +180,11 @@ def test_batch_source_picks_device_resident_data_for_in_memory_datasets(tmp_path
     auto = epoch_batch_source(dataset, 1, loader="auto", **kwargs)
     assert auto.gi_code.co_name == "device_epoch_batches"
     via_loader = epoch_batch_source(dataset, 1, loader="dataloader", **kwargs)
-    assert via_loader.gi_code.co_name == "epoch_batches"
+    assert via_loader.gi_code.co_name == "epoch"  # EpochLoader.epoch
     assert all(torch.equal(a, b) for a, b in zip(auto, via_loader, strict=True))
     for i in range(3):
         Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / f"{i}.png")
     folder = ImageFolderDataset(tmp_path, 32)
-    assert epoch_batch_source(folder, 1, loader="auto", **kwargs).gi_code.co_name == (
-        "epoch_batches"
-    )
+    assert epoch_batch_source(folder, 1, loader="auto", **kwargs).gi_code.co_name == "epoch"
     with pytest.raises(ValueError, match=r"data\.loader=device needs an in-memory dataset"):
         epoch_batch_source(folder, 1, loader="device", **kwargs)

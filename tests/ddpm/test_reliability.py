@@ -31,7 +31,7 @@ from ddpm.pipeline import (
     run_epoch,
     save_epoch_checkpoint,
 )
-from ddpm.training import TrainingDiverged, build_optimizer, train_epoch
+from ddpm.training import TrainingDiverged, build_ema, build_optimizer, train_epoch
 from ddpm.unet import UNet
 
 BUILD = dict(
@@ -186,6 +186,50 @@ def test_nan_steps_are_skipped_and_counted() -> None:
     assert torch.equal(snapshots[0], snapshots[1]) and torch.equal(snapshots[1], snapshots[2])
     assert not torch.equal(snapshots[2], snapshots[3])
     assert math.isfinite(metrics["loss"])
+
+
+def test_a_skipped_step_changes_nothing_without_reading_the_device() -> None:
+    """With a fused optimizer the skip is a device-side flag: a NaN step leaves the weights,
+    Adam's moments and step counts, and the EMA (n_averaged included) bit-identical, and
+    training then goes on; the host-checked (unfused) path behaves the same."""
+
+    def run(fused: bool) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+        torch.manual_seed(0)
+        model = DiffusionModel(NaNAfter(UNet(3, 3, 8), bad={1}), num_timesteps=20)
+        optimizer = build_optimizer(model.parameters(), "adam", lr=1e-3, fused=fused)
+        ema = build_ema(model, decay=0.9)
+        after = []
+
+        def keep() -> None:
+            after.append(
+                {
+                    "weights": torch.cat([p.detach().flatten() for p in model.parameters()]),
+                    "moments": torch.cat(
+                        [s["exp_avg"].flatten() for s in optimizer.state.values()]
+                    ),
+                    "steps": torch.stack([s["step"].float() for s in optimizer.state.values()]),
+                    "ema": torch.cat([p.flatten() for p in ema.module.parameters()]),
+                    "n_averaged": ema.n_averaged.clone(),
+                }
+            )
+            after[-1] = {k: v.clone() for k, v in after[-1].items()}
+
+        skipped = []
+        batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(4)]
+        train_epoch(
+            model, optimizer, batches, ema=ema, grad_clip=1.0, after_step=keep, read_every=4,
+            on_step=lambda i, m: skipped.append(m["skipped"]),
+        )  # fmt: skip
+        return after, skipped
+
+    for fused in (True, False):
+        after, skipped = run(fused)
+        assert skipped == [0.0, 1.0, 0.0, 0.0]
+        assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
+        assert [s["steps"].max().item() for s in after] == [1, 1, 2, 3]
+        assert [s["n_averaged"].item() for s in after] == [1, 1, 2, 3]
+        assert not torch.equal(after[1]["weights"], after[2]["weights"])
+        assert not torch.equal(after[1]["ema"], after[2]["ema"])
 
 
 def test_too_many_nan_steps_in_a_row_fail_clearly() -> None:
