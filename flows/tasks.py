@@ -1,7 +1,7 @@
 """The Prefect tasks of train_flow: each a thin wrapper over one call into ddpm.pipeline.
 
-Only train-epoch and sample-and-log touch the accelerator; both carry the `gpu` tag, so
-`prefect concurrency-limit create gpu 1` serialises GPU work across concurrent runs.
+Only train-epoch and sample-and-log touch the accelerator. Turns on a shared GPU are taken per
+run, not per task (see train_flow.gpu_slot): a run keeps its model on the GPU between tasks.
 Tasks that carry a model never hash or persist it (cache_policy=NO_CACHE, no result files).
 """
 
@@ -30,8 +30,6 @@ from ddpm.pipeline import (
 )
 from ddpm.training import TrainingDiverged
 from flows.tracking import Tracker
-
-GPU_TAG = "gpu"
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -72,7 +70,6 @@ def build_model_task(
 
 @task(
     name="train-epoch",
-    tags=[GPU_TAG],
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=_transient,
@@ -162,7 +159,7 @@ def checkpoint_task(snapshot: dict[str, Any], checkpoint_dir: str, epoch: int, k
     return str(save_epoch_checkpoint(snapshot, Path(checkpoint_dir), epoch, keep))
 
 
-@task(name="sample-and-log", tags=[GPU_TAG], cache_policy=NO_CACHE, persist_result=False)
+@task(name="sample-and-log", cache_policy=NO_CACHE, persist_result=False)
 def sample_and_log_task(
     state: TrainingState,
     samples_dir: str,

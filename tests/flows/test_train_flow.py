@@ -13,18 +13,17 @@ from typing import Any
 
 import pytest
 import torch
+from prefect import flow, get_client
 
 import flows.tasks
 from ddpm.checkpoint import load_checkpoint
 from ddpm.pipeline import list_checkpoints
 from flows.tasks import (
-    build_model_task,
     checkpoint_task,
-    download_task,
     sample_and_log_task,
     train_epoch_task,
 )
-from flows.train_flow import train_flow
+from flows.train_flow import GPU_SLOT, gpu_slot, train_flow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,23 +137,31 @@ def test_bad_override_fails_the_flow_naming_it(tiny: dict[str, Any]) -> None:
     assert state.is_failed() and "optim.lrr" in state.message and "unknown setting" in state.message
 
 
-def test_only_train_epoch_and_sample_and_log_carry_the_gpu_tag(tiny, task_runs) -> None:
-    """Exactly the two accelerator tasks are tagged gpu, in code and on the server."""
-    tasks = [
-        download_task,
-        build_model_task,
-        train_epoch_task,
-        checkpoint_task,
-        sample_and_log_task,
-    ]
-    assert {t.name for t in tasks if "gpu" in t.tags} == {"train-epoch", "sample-and-log"}
-    state, _ = run(tiny)
-    tagged = {
-        name
-        for name, rs in task_runs(state.state_details.flow_run_id).items()
-        if all("gpu" in r.tags for r in rs)
-    }
-    assert tagged == {"train-epoch", "sample-and-log"}
+def test_cuda_runs_take_turns_on_the_gpu_slot_and_cpu_runs_do_not_wait(tiny) -> None:
+    """With the global concurrency limit `gpu` at 1 and its slot taken, a CUDA run's
+    gpu_slot waits (here: times out after 1 s) while a CPU run's passes at once; without the
+    limit a CUDA run does not wait. Tasks carry no tag: a run holds its slot for all its
+    epochs, not per task (real server, no CUDA needed: the slot is a name)."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    @flow
+    def probe(device: str, timeout: float) -> str:
+        with gpu_slot(device, timeout_seconds=timeout):
+            return "in"
+
+    assert not any(t.tags for t in (train_epoch_task, sample_and_log_task, checkpoint_task))
+    assert probe("cuda", 1.0) == "in"  # no limit: nothing to wait for
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=GPU_SLOT, limit=1, active_slots=1)
+        )
+        try:
+            assert probe("cpu", 1.0) == "in"
+            state = probe("cuda", 1.0, return_state=True)
+            assert state.is_failed()
+            assert isinstance(state.result(raise_on_failure=False), TimeoutError)
+        finally:
+            client.delete_global_concurrency_limit_by_name(GPU_SLOT)
 
 
 def test_offline_without_data_fails_after_retries_saying_where_to_put_it(
