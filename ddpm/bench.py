@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddpm.data import TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.pipeline import build_training, run_epoch
-from ddpm.training import resolve_device, resolve_precision
+from ddpm.training import autocast, resolve_device, resolve_precision
 from ddpm.unet import UNet
 
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -158,10 +158,10 @@ def sampling_img_per_s(
     """
     model = DiffusionModel(UNet(3, 3, hidden), num_timesteps=ddpm_steps).to(device).eval()
     generator = torch.Generator().manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    precision = resolve_precision("auto", device)  # bf16 on CUDA, as training runs
 
     def timed(fn: Any) -> float:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device.type, precision):
             fn()  # warm-up (and compilation)
             _sync(device)
             start = time.perf_counter()

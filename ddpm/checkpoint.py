@@ -255,7 +255,14 @@ def restore_training_state(
     """Load a training_state into freshly built objects (on any device) and the RNGs."""
     model.load_state_dict(state["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        # Which kernels step the optimizer (fused, foreach) is this machine's choice, not the
+        # checkpoint's: load_state_dict takes every group setting from what it loads, and
+        # places the state for it (a fused optimizer keeps its step counts beside the
+        # parameters, an unfused one on the CPU).
+        saved = state["optimizer"]
+        kernels = {k: optimizer.defaults.get(k) for k in ("fused", "foreach")}
+        groups = [{**group, **kernels} for group in saved["param_groups"]]
+        optimizer.load_state_dict({**saved, "param_groups": groups})
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if ema is not None and state.get("ema") is not None:

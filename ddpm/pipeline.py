@@ -44,9 +44,9 @@ from ddpm.data import (
 )
 from ddpm.diffusion import DiffusionModel
 from ddpm.training import (
-    AUTOCAST_DTYPES,
     EMA,
     Precision,
+    autocast,
     build_ema,
     build_lr_scheduler,
     build_optimizer,
@@ -121,17 +121,10 @@ class TrainingState:
             CheckpointError: naming `source`, if it holds another format or model shape.
         """
         check_compatible(state, self.diffusion, source)
-        kernels = {k: self.optimizer.defaults.get(k) for k in ("fused", "foreach")}
+        # Optimizer.load_state_dict puts each state tensor on its parameter's device.
         restore_training_state(
             state, self.diffusion, self.optimizer, self.scheduler, self.ema, scaler=self.scaler
         )
-        # Loading takes every group setting from the checkpoint, `fused` included; which
-        # kernels to use is this machine's choice, not the checkpoint's. Loading the state
-        # again places it for that choice (a fused optimizer keeps its step counts beside the
-        # parameters, an unfused one on the CPU).
-        for group in self.optimizer.param_groups:
-            group.update(kernels)
-        self.optimizer.load_state_dict(self.optimizer.state_dict())
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.epoch_step, self.dirty = state.get("epoch_step", 0), False
 
@@ -520,12 +513,10 @@ def draw_samples(
     state.to(device)
     model = state.ema.module if use_ema else state.diffusion
     generator = torch.Generator().manual_seed(seed)
-    dtype = AUTOCAST_DTYPES.get(state.precision)
-    device_type = torch.device(device).type
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        with autocast(torch.device(device).type, state.precision):
             if sampler == "ddim":
                 x = model.sample_ddim(num, image_shape, steps, generator=generator, compile=compile)
             else:

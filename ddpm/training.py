@@ -26,6 +26,12 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast(device_type: str, precision: Precision) -> contextlib.AbstractContextManager:
+    """Autocast to bf16 or fp16 on device_type for those precisions; nothing for fp32."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """'auto' -> bf16 on CUDA (tensor cores, no scaler needed), fp32 elsewhere."""
     if name == "auto":
@@ -219,8 +225,7 @@ def _optimize(
     """
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
-    dtype = AUTOCAST_DTYPES.get(precision)
-    with torch.autocast(x0.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+    with autocast(x0.device.type, precision):
         loss = diffusion(x0)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:

@@ -85,7 +85,9 @@ def plain_run(overrides: dict[str, Any]) -> float:
             settings=resolved,
             **train,
         )
-        save_epoch_checkpoint(state.snapshot(resolved), run_dir / "checkpoints", epoch, 3)
+        save_epoch_checkpoint(
+            state.snapshot(resolved), run_dir / "checkpoints", epoch, cfg.run.keep
+        )
         save_grid(draw_samples(state, **sample), run_dir / "samples" / f"epoch_{epoch:03d}.png")
     return time.perf_counter() - start
 

@@ -43,6 +43,16 @@ SETTINGS_FILE = "settings.json"
 GPU_SLOT = "gpu"  # the global concurrency limit CUDA runs take a slot of
 
 
+def _limit_exists(name: str) -> bool:
+    """Whether the server has a global concurrency limit of this name."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True
+
+
 @contextmanager
 def gpu_slot(device: str, timeout_seconds: float | None = None) -> Iterator[None]:
     """Hold a slot of the global concurrency limit `gpu` while a CUDA run trains.
@@ -55,17 +65,7 @@ def gpu_slot(device: str, timeout_seconds: float | None = None) -> Iterator[None
     Raises:
         TimeoutError: if timeout_seconds pass without a free slot.
     """
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_SLOT)
-        except ObjectNotFound:
-            limit = None
-        else:
-            limit = GPU_SLOT
-    if limit is None:
+    if torch.device(device).type != "cuda" or not _limit_exists(GPU_SLOT):
         yield
         return
     get_run_logger().info("waiting for a slot of the %r concurrency limit", GPU_SLOT)

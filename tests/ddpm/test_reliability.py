@@ -212,7 +212,6 @@ def test_a_skipped_step_changes_nothing_without_reading_the_device() -> None:
                     "n_averaged": ema.n_averaged.clone(),
                 }
             )
-            after[-1] = {k: v.clone() for k, v in after[-1].items()}
 
         skipped = []
         batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(4)]
