@@ -18,7 +18,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
-FORMAT_VERSION = 1  # bump when the layout of the state dict changes
+# Bump when the layout of the state dict changes. 2: the sinusoidal timestep embedding, the
+# posterior-mean buffers, and the lr schedule's settings saved with the scheduler.
+FORMAT_VERSION = 2
 CHECKSUM_SUFFIX = ".sha256"
 
 

@@ -26,8 +26,9 @@ def linear_beta_schedule(
 
     Returns:
         name -> (T,) float64 tensor: betas, alphas_cumprod, alphas_cumprod_prev,
-        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, sqrt_recip_alphas,
-        posterior_variance (beta~_t, eq. 7; 0 at t = 0).
+        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, posterior_variance (beta~_t,
+        eq. 7; 0 at t = 0), posterior_mean_coef1 and posterior_mean_coef2 (the weights of x0
+        and x_t in the posterior mean mu~_t, eq. 7).
     """
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
@@ -45,9 +46,13 @@ def linear_beta_schedule(
         "alphas_cumprod_prev": alphas_cumprod_prev,
         "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
         "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-        "sqrt_recip_alphas": alphas.rsqrt(),
         # DDPM eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t
         "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        # DDPM eq. 7: mu~_t(x_t, x0) = coef1 * x0 + coef2 * x_t
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev)
+        * alphas.sqrt()
+        / (1.0 - alphas_cumprod),
     }
 
 
@@ -151,34 +156,81 @@ class DiffusionModel(nn.Module):
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         return torch.Generator(device).manual_seed(seed)
 
-    def _ancestral_step(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def predict_x0(
+        self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, clip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0_hat from x_t and the predicted noise (DDPM eq. 4 solved for x0), and the noise
+        consistent with it.
+
+        With `clip`, x0_hat is clipped to the data range [-1, 1], as the DDPM reference code
+        does when sampling (`clip_denoised`), and eps is recomputed from the clipped x0_hat, so
+        x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps still holds. Near t = T, x0_hat divides
+        by sqrt(abar_T) ~ 0.006 and every error in eps is magnified about 150 times: unclipped,
+        those errors survive to the image as noise.
+
+        Args:
+            x_t: (B, C, H, W).
+            t: (B,) long timesteps in [0, T).
+            eps: (B, C, H, W) the network's noise estimate.
+            clip: clip x0_hat to [-1, 1].
+
+        Returns:
+            (x0_hat, eps), both (B, C, H, W).
+        """
+        sqrt_abar = extract(self.sqrt_alphas_cumprod, t, x_t.ndim)
+        sqrt_one_minus_abar = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+        x0_hat = (x_t - sqrt_one_minus_abar * eps) / sqrt_abar
+        if clip:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+            eps = (x_t - sqrt_abar * x0_hat) / sqrt_one_minus_abar
+        return x0_hat, eps
+
+    def _ancestral_step(
+        self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, clip: bool = True
+    ) -> torch.Tensor:
         """x_t -> x_{t-1} (DDPM Algorithm 2, line 4, with sigma_t^2 = beta_t).
 
-        Tensors only, so one compiled graph serves every t.
+        Tensors only, so one compiled graph serves every t. The mean is written as the
+        posterior mean mu~_t(x_t, x0_hat) of eq. 7, which equals Algorithm 2's
+        1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) when x0_hat is not clipped.
 
         Args:
             x_t: (B, C, H, W).
             t: (B,) long timesteps in [0, T).
             z: (B, C, H, W) standard Gaussian noise; not added where t = 0.
+            clip: clip x0_hat to [-1, 1] (see predict_x0).
 
         Returns:
             (B, C, H, W) x_{t-1}.
         """
         eps = self.eps_model(x_t, self._net_time(t))
-        # mean = 1/sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - abar_t) * eps)
-        coef = extract(self.betas, t, x_t.ndim) / extract(
-            self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim
+        x0_hat, _ = self.predict_x0(x_t, t, eps, clip)
+        mean = (
+            extract(self.posterior_mean_coef1, t, x_t.ndim) * x0_hat
+            + extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t
         )
-        mean = extract(self.sqrt_recip_alphas, t, x_t.ndim) * (x_t - coef * eps)
         sigma = extract(self.betas, t, x_t.ndim).sqrt() * (t > 0).reshape(-1, 1, 1, 1)
         return mean + sigma * z
 
-    def _ddim_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:
-        """x_t -> x_{t_prev} (DDIM, eta = 0); t_prev = -1 means the end (abar_prev = 1).
+    def _ddim_step(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        clip: bool = True,
+        eta: float = 0.0,
+        z: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_t -> x_{t_prev} (DDIM, Song et al. 2021, eq. 12); t_prev = -1 means the end
+        (abar_prev = 1).
 
         Args:
             x_t: (B, C, H, W).
             t, t_prev: (B,) long timesteps, t_prev < t.
+            clip: clip x0_hat to [-1, 1] and use the eps consistent with it (see predict_x0).
+            eta: 0 = deterministic (the probability-flow ODE); 1 = the ancestral step over
+                [t_prev, t], with the posterior variance of eq. 7.
+            z: (B, C, H, W) standard Gaussian noise, used when eta > 0.
 
         Returns:
             (B, C, H, W) x_{t_prev}.
@@ -191,8 +243,14 @@ class DiffusionModel(nn.Module):
             1.0,
         )
         # Song et al. 2021, eq. 12: predict x0, then move it to the previous noise level.
-        x0_hat = (x_t - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()
-        return abar_prev.sqrt() * x0_hat + (1.0 - abar_prev).sqrt() * eps
+        x0_hat, eps = self.predict_x0(x_t, t, eps, clip)
+        if eta == 0 or z is None:
+            return abar_prev.sqrt() * x0_hat + (1.0 - abar_prev).sqrt() * eps
+        # eq. 16: sigma^2 = eta^2 (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)
+        variance = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
+        sigma = eta * variance.clamp(min=0).sqrt()
+        direction = (1.0 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        return abar_prev.sqrt() * x0_hat + direction + sigma * z
 
     def _stepper(self, name: str, compile: bool) -> Callable[..., torch.Tensor]:
         """The sampler step `name`, eager or torch.compile'd (compiled once per module).
@@ -212,7 +270,7 @@ class DiffusionModel(nn.Module):
             )
         fn = compiled[name]
 
-        def run(*args: torch.Tensor) -> torch.Tensor:
+        def run(*args: torch.Tensor | bool | float | None) -> torch.Tensor:
             # A CUDA graph's outputs are overwritten by its next replay: copy x out.
             torch.compiler.cudagraph_mark_step_begin()
             return fn(self, *args).clone()
@@ -221,7 +279,11 @@ class DiffusionModel(nn.Module):
 
     @torch.no_grad()
     def p_sample(
-        self, x_t: torch.Tensor, t: int, generator: torch.Generator | None = None
+        self,
+        x_t: torch.Tensor,
+        t: int,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = True,
     ) -> torch.Tensor:
         """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2, line 4, with sigma_t^2 = beta_t).
 
@@ -229,13 +291,14 @@ class DiffusionModel(nn.Module):
             x_t: (B, C, H, W) on the module's device.
             t: the current timestep in [0, T); at t = 0 no noise is added.
             generator: source of the step's noise.
+            clip_denoised: clip x0_hat to [-1, 1] (see predict_x0).
 
         Returns:
             (B, C, H, W) x_{t-1}.
         """
         t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         z = self._noise(x_t.shape, generator) if t > 0 else torch.zeros_like(x_t)
-        return self._ancestral_step(x_t, t_batch, z)
+        return self._ancestral_step(x_t, t_batch, z, clip_denoised)
 
     @torch.no_grad()
     def sample(
@@ -245,6 +308,7 @@ class DiffusionModel(nn.Module):
         *,
         generator: torch.Generator | None = None,
         compile: bool = False,
+        clip_denoised: bool = True,
     ) -> torch.Tensor:
         """Draw samples with the ancestral sampler (DDPM Algorithm 2), on the module's device.
 
@@ -256,6 +320,8 @@ class DiffusionModel(nn.Module):
                 module's device (see _step_generator).
             compile: run each step through torch.compile (a CUDA graph on CUDA); the first
                 call compiles.
+            clip_denoised: clip each step's x0_hat to [-1, 1], as the DDPM reference code
+                does (see predict_x0); off gives Algorithm 2 as printed.
 
         Returns:
             (B, C, H, W) float samples clamped to [-1, 1].
@@ -266,7 +332,7 @@ class DiffusionModel(nn.Module):
         for t in reversed(range(self.num_timesteps)):
             t_batch = torch.full((num_samples,), t, device=x.device, dtype=torch.long)
             z = self._noise(x.shape, step_generator) if t > 0 else torch.zeros_like(x)
-            x = step(x, t_batch, z)
+            x = step(x, t_batch, z, clip_denoised)
         return x.clamp(-1.0, 1.0)
 
     def ddim_timesteps(self, steps: int) -> list[int]:
@@ -285,28 +351,39 @@ class DiffusionModel(nn.Module):
         *,
         generator: torch.Generator | None = None,
         compile: bool = False,
+        clip_denoised: bool = True,
+        eta: float = 0.0,
     ) -> torch.Tensor:
-        """Draw samples with deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0).
+        """Draw samples with DDIM (Song et al. 2021, eq. 12) on `steps` of the T timesteps.
 
-        Only x_T is random; each step is
+        Each step is
             x0_hat   = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-            x_{prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps,
-        an Euler step of the probability-flow ODE, with abar_prev = 1 after the last step.
+            x_{prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+        with abar_prev = 1 after the last step. With eta = 0 (sigma = 0) only x_T is random and
+        each step is an Euler step of the probability-flow ODE; with eta = 1 each step is
+        ancestral, and DDIM on all T steps is DDPM with the posterior variance beta~_t.
 
         Args:
             num_samples: B.
             size: (C, H, W) of one image.
             steps: number of network evaluations, in [1, T].
-            generator: source of x_T.
+            generator: source of all noise, as in sample.
             compile: as in sample.
+            clip_denoised: clip each step's x0_hat to [-1, 1] and continue with the eps
+                consistent with it (see predict_x0), as diffusers' DDIMScheduler does.
+            eta: the share of fresh noise, in [0, 1] (eq. 16).
 
         Returns:
             (B, C, H, W) float samples clamped to [-1, 1].
         """
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
         step = self._stepper("_ddim_step", compile)
         timesteps = self.ddim_timesteps(steps)
         x = self._noise((num_samples, *size), generator)
+        step_generator = self._step_generator(generator) if eta > 0 else None
         for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
             t_batch = torch.full((num_samples,), t, device=x.device, dtype=torch.long)
-            x = step(x, t_batch, torch.full_like(t_batch, t_prev))
+            z = self._noise(x.shape, step_generator) if eta > 0 and t_prev >= 0 else None
+            x = step(x, t_batch, torch.full_like(t_batch, t_prev), clip_denoised, eta, z)
         return x.clamp(-1.0, 1.0)

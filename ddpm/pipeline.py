@@ -50,6 +50,7 @@ from ddpm.training import (
     build_ema,
     build_lr_scheduler,
     build_optimizer,
+    run_warmup_steps,
     seed_everything,
     train_epoch,
 )
@@ -155,6 +156,8 @@ def build_training(
     The weights come from `seed`, so two builds with the same arguments are identical.
 
     Args:
+        warmup_steps: lr warm-up, shortened to a tenth of total_steps where longer (see
+            run_warmup_steps).
         precision: fp32, bf16 or fp16 (which gets a GradScaler for device_type).
         fused: fused optimizer kernels (for CUDA training).
     """
@@ -163,7 +166,11 @@ def build_training(
         UNet(channels, channels, hidden_size), (beta_start, beta_end), num_timesteps
     )
     opt = build_optimizer(diffusion.parameters(), optimizer, lr, momentum, weight_decay, fused)
-    scheduler = build_lr_scheduler(opt, warmup_steps, total_steps, schedule)
+    # Decided once, when the run starts: a resumed run restores the schedule from its
+    # checkpoint (see LRSchedule), so raising the epochs later keeps its warm-up.
+    scheduler = build_lr_scheduler(
+        opt, run_warmup_steps(warmup_steps, total_steps), total_steps, schedule
+    )
     state = TrainingState(diffusion, opt, scheduler, build_ema(diffusion, ema_decay))
     state.precision = precision
     if precision == "fp16":
@@ -496,6 +503,8 @@ def draw_samples(
     use_ema: bool,
     device: torch.device | str,
     compile: bool = False,
+    clip_denoised: bool = True,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """Sample a batch from fixed noise: the same seed gives the same noise every epoch.
 
@@ -506,6 +515,8 @@ def draw_samples(
     Args:
         compile: run the sampler's steps through torch.compile (CUDA graphs on CUDA); worth
             it for the 1000-step ancestral sampler, where the first call's compile pays back.
+        clip_denoised: clip each step's x0 estimate to [-1, 1] (see DiffusionModel.predict_x0).
+        eta: DDIM's share of fresh noise per step (0 = deterministic; see sample_ddim).
 
     Returns:
         (num, C, H, W) samples in [-1, 1], on the CPU.
@@ -517,10 +528,11 @@ def draw_samples(
     model.eval()
     try:
         with autocast(torch.device(device).type, state.precision):
+            options = {"generator": generator, "compile": compile, "clip_denoised": clip_denoised}
             if sampler == "ddim":
-                x = model.sample_ddim(num, image_shape, steps, generator=generator, compile=compile)
+                x = model.sample_ddim(num, image_shape, steps, eta=eta, **options)
             else:
-                x = model.sample(num, image_shape, generator=generator, compile=compile)
+                x = model.sample(num, image_shape, **options)
     finally:
         model.train(was_training)
     return to_cpu(x.float())

@@ -6,7 +6,10 @@ The network knows nothing of betas: it maps (x_t, t/T) to a noise estimate of th
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GROUPS = 8  # GroupNorm(8) as in the assignment; every width must be divisible by it
@@ -78,15 +81,28 @@ class UpBlock(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """Learned sinusoidal embedding: sin(w·t) with learned frequencies w, then a linear layer.
+    """The DDPM paper's sinusoidal timestep embedding, then a two-layer MLP (Ho et al. 2020,
+    Appendix B, as in the Transformer's position embedding).
+
+    The assignment's `sin(w·t)` with learned w started with |w| <= 1 on t in (0, 1], so it was
+    nearly linear in t and gave the network almost no resolution between t = 1 and t = 100
+    of 1000: the small noise levels the last sampling steps remove looked alike to it.
 
     Args:
-        emb_dim: embedding width (2h in the U-Net, the bottleneck's channel count).
+        emb_dim: embedding width (2h in the U-Net, the bottleneck's channel count), even.
     """
+
+    SCALE = 1000.0  # t in (0, 1] -> the timestep index of the DDPM paper's T = 1000
+    MAX_PERIOD = 10_000.0  # the Transformer's (and the DDPM reference code's) longest period
 
     def __init__(self, emb_dim: int) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(1, emb_dim, bias=False)
+        if emb_dim % 2:
+            raise ValueError(f"emb_dim must be even (sin and cos halves), got {emb_dim}")
+        half = emb_dim // 2
+        freqs = torch.exp(-math.log(self.MAX_PERIOD) * torch.arange(half) / max(half - 1, 1))
+        self.register_buffer("freqs", freqs, persistent=False)  # (emb_dim / 2,) a constant
+        self.lin1 = nn.Linear(emb_dim, emb_dim)
         self.lin2 = nn.Linear(emb_dim, emb_dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -95,7 +111,9 @@ class TimestepEmbedding(nn.Module):
         The original code returned (B, emb_dim) and added it to a (B, emb_dim, 1, 1) map, which
         broadcast silently to (B, emb_dim, B, emb_dim).
         """
-        emb = self.lin2(torch.sin(self.lin1(t.reshape(-1, 1))))  # (B, emb_dim)
+        angles = t.float().reshape(-1, 1) * self.SCALE * self.freqs  # (B, emb_dim / 2)
+        emb = torch.cat((angles.sin(), angles.cos()), dim=1)  # (B, emb_dim)
+        emb = self.lin2(F.silu(self.lin1(emb)))  # (B, emb_dim)
         return emb[:, :, None, None]  # (B, emb_dim, 1, 1)
 
 

@@ -61,10 +61,18 @@ def build_model_task(
     """Build the model, optimizer, lr schedule and EMA on the CPU, or resume them from the run's
     newest valid checkpoint. `data` are load_dataset's arguments (the cosine schedule needs the
     run's total steps); `model` are build_training's, less total_steps."""
+    logger = get_run_logger()
     total_steps = steps_per_epoch(len(load_dataset(**data)), batch_size) * epochs
     state = build_or_resume(Path(checkpoint_dir), total_steps=total_steps, **model)
     if state.epoch:
-        get_run_logger().info("resumed at epoch %d, step %d", state.epoch, state.global_step)
+        logger.info("resumed at epoch %d, step %d", state.epoch, state.global_step)
+    warmup = state.scheduler.lr_lambdas[0].warmup_steps  # as the run started (LRSchedule)
+    if warmup < model["warmup_steps"]:
+        logger.info(
+            "lr warm-up %d steps: optim.warmup_steps (%d) cut to a tenth of the run's steps",
+            warmup,
+            model["warmup_steps"],
+        )
     return state
 
 

@@ -149,8 +149,10 @@ def task_arguments(cfg: Settings, data_path: str) -> tuple[dict[str, Any], ...]:
         "num": cfg.sample.num,
         "sampler": cfg.sample.sampler,
         "steps": cfg.sample.steps,
+        "eta": cfg.sample.eta,
         "seed": cfg.train.seed,
         "use_ema": cfg.sample.use_ema,
+        "clip_denoised": cfg.sample.clip_denoised,
         "device": device,
         "image_shape": (cfg.model.channels, cfg.data.image_size, cfg.data.image_size),
         "compile": cfg.sample.compile == "on"

@@ -14,6 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+# One intra-op thread: with another process on the same two cores, torch's default of one
+# thread per core made a small forward pass 50x slower (../shared/ENVIRONMENT.md).
+torch.set_num_threads(1)
+
 
 def write_cifar10(root: Path, images_per_batch: int = 8, seed: int = 0) -> Path:
     """Write data_batch_1..5 (+ test_batch, batches.meta) under root/cifar-10-batches-py in the

@@ -210,15 +210,20 @@ def test_training_steps_read_nothing_from_the_device_between_reads() -> None:
 
 
 def test_ema_matches_torch_averaged_model() -> None:
-    """The device-side EMA update equals torch's AveragedModel EMA (first update copies, then
-    ema = d ema + (1 - d) w) over 5 updates, and has the same state dict keys."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    """The device-side EMA update equals torch's AveragedModel given the warm-up EMA as its
+    averaging function (first update copies, then ema = d_n ema + (1 - d_n) w with
+    d_n = min(0.9, (1 + n) / (10 + n))) over 100 updates, and has the same state dict keys."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def warmup_ema(averaged, current, n):
+        decay = min(0.9, (1 + n.item()) / (10 + n.item()))
+        return decay * averaged + (1 - decay) * current
 
     net = UNet(3, 3, 8)
     ours = build_ema(net, decay=0.9)
-    reference = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    reference = AveragedModel(net, avg_fn=warmup_ema, use_buffers=True)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
+    for _ in range(100):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn(p.shape, generator=generator))

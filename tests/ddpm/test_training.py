@@ -1,5 +1,6 @@
 """Optimizers, lr schedules, EMA, the training step and epoch, seeding, devices."""
 
+import io
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from ddpm.training import (
     build_optimizer,
     lr_factor,
     resolve_device,
+    run_warmup_steps,
     seed_everything,
     train_epoch,
     train_step,
@@ -58,6 +60,39 @@ def test_lr_warmup_then_constant_or_cosine() -> None:
         lr_factor(5, 0, 10, "step")  # type: ignore[arg-type]
 
 
+def test_warmup_is_at_most_a_tenth_of_the_run() -> None:
+    """The paper's 5,000 warm-up steps are kept for long runs and cut to a tenth of a short
+    one (a 900-step run warms up for 90), so no run ends still warming up."""
+    assert run_warmup_steps(5000, 800_000) == 5000
+    assert run_warmup_steps(5000, 900) == 90
+    assert run_warmup_steps(0, 900) == 0
+    assert run_warmup_steps(5000, 5) == 0
+
+
+def test_scheduler_state_keeps_the_schedule_a_run_started_with() -> None:
+    """The schedule's settings travel in the scheduler's state dict (through a weights_only
+    load): a run resumed with more epochs keeps the warm-up it started with."""
+    opt = build_optimizer(nn.Linear(2, 2).parameters(), "sgd", lr=1.0, momentum=0.0)
+    started = build_lr_scheduler(opt, warmup_steps=90, total_steps=900)
+    for _ in range(10):
+        opt.step()
+        started.step()
+    buffer = io.BytesIO()
+    torch.save(started.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    opt2 = build_optimizer(nn.Linear(2, 2).parameters(), "sgd", lr=1.0, momentum=0.0)
+    resumed = build_lr_scheduler(opt2, warmup_steps=180, total_steps=1800)
+    resumed.load_state_dict(saved)
+    assert resumed.lr_lambdas[0].warmup_steps == 90
+    lrs = []
+    for _ in range(3):
+        opt2.step()
+        resumed.step()
+        lrs.append(opt2.param_groups[0]["lr"])
+    assert lrs == pytest.approx([12 / 90, 13 / 90, 14 / 90])
+
+
 def test_scheduler_drives_the_optimizer_lr() -> None:
     """The LambdaLR built from the settings moves the optimizer's lr step by step."""
     opt = build_optimizer(nn.Linear(2, 2).parameters(), "sgd", lr=1.0, momentum=0.0)
@@ -70,17 +105,40 @@ def test_scheduler_drives_the_optimizer_lr() -> None:
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5])
 
 
-def test_ema_is_torch_swa_utils_exponential_average() -> None:
-    """The EMA is torch's AveragedModel: first update copies, then ema = d*ema + (1-d)*w."""
+def test_ema_is_torch_swa_utils_average_with_decay_warmup() -> None:
+    """The EMA is torch's AveragedModel: the first update copies, then
+    ema = d_n ema + (1 - d_n) w with d_n = min(decay, (1 + n) / (10 + n)) after n updates."""
     net = nn.Linear(1, 1, bias=False)
     ema = build_ema(net, decay=0.9)
     assert isinstance(ema, torch.optim.swa_utils.AveragedModel)
-    with torch.no_grad():
-        net.weight.fill_(1.0)
-        ema.update_parameters(net)
-        net.weight.fill_(3.0)
-        ema.update_parameters(net)
-    assert ema.module.weight.item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+    expected = None
+    for n, value in enumerate([1.0, 3.0, -2.0, 5.0] + [4.0] * 80):
+        with torch.no_grad():
+            net.weight.fill_(value)
+            ema.update_parameters(net)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = value if n == 0 else d * expected + (1 - d) * value
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert ema.current_decay().item() == pytest.approx(0.9)  # warmed up from n = 80 on
+
+
+def test_ema_follows_training_after_a_few_hundred_steps() -> None:
+    """With the DDPM paper's decay 0.9999, 300 training steps leave the EMA near the trained
+    weights (within a fifth of the distance they travelled; measured 0.10), where an EMA
+    without warm-up would still sit at the initial weights (0.97 of the way back)."""
+    model = tiny_model()
+    initial = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
+    ema = build_ema(model, decay=0.9999)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    for _ in range(300):
+        train_step(model, opt, x, ema=ema)
+    trained = torch.cat([p.detach().flatten() for p in model.parameters()])
+    averaged = torch.cat([p.detach().flatten() for p in ema.module.parameters()])
+    travelled = (trained - initial).norm()
+    assert (averaged - trained).norm() < 0.2 * travelled
+    no_warmup = 1 - 0.9999**299  # the share of the way an EMA without warm-up has moved
+    assert no_warmup < 0.03
 
 
 def test_gradient_clipping_bounds_the_update() -> None:
