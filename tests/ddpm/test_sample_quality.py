@@ -55,8 +55,8 @@ def test_a_trained_model_draws_images_like_its_training_images() -> None:
     """960 steps of the project's training path (hidden 16, the default warm-ups and EMA) on
     8 smooth colour images, then 100 samples with the default sampler (DDIM 100, eta 1, x0
     clipped): their Fréchet distance to the data on 8x8-cell colours is under 6 (measured
-    3.6; uniform noise 9.3) and half of them lie within 0.4 RMS of a training image
-    (measured median 0.27; noise 0.73). The unclipped deterministic DDIM of before scores
+    3.6; uniform noise 9.2) and half of them lie within 0.4 RMS of a training image
+    (measured median 0.27; noise 0.72). The unclipped deterministic DDIM of before scores
     far worse on the same weights (measured 23). About 5 minutes on one CPU thread."""
     data = colour_fields(copies=64)  # 512 images, 16 batches of 32
     real = data.float() / 127.5 - 1

@@ -124,21 +124,28 @@ def test_ema_is_torch_swa_utils_average_with_decay_warmup() -> None:
 
 def test_ema_follows_training_after_a_few_hundred_steps() -> None:
     """With the DDPM paper's decay 0.9999, 300 training steps leave the EMA near the trained
-    weights (within a fifth of the distance they travelled; measured 0.10), where an EMA
-    without warm-up would still sit at the initial weights (0.97 of the way back)."""
+    weights: within a fifth of the distance they travelled (measured 0.12), where torch's
+    EMA without warm-up is still most of the way back at the initial weights (0.95)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
     model = tiny_model()
     initial = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
     ema = build_ema(model, decay=0.9999)
+    plain = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=True)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     for _ in range(300):
         train_step(model, opt, x, ema=ema)
+        plain.update_parameters(model)
     trained = torch.cat([p.detach().flatten() for p in model.parameters()])
-    averaged = torch.cat([p.detach().flatten() for p in ema.module.parameters()])
     travelled = (trained - initial).norm()
-    assert (averaged - trained).norm() < 0.2 * travelled
-    no_warmup = 1 - 0.9999**299  # the share of the way an EMA without warm-up has moved
-    assert no_warmup < 0.03
+
+    def lag(average: AveragedModel) -> float:
+        flat = torch.cat([p.detach().flatten() for p in average.module.parameters()])
+        return ((flat - trained).norm() / travelled).item()
+
+    assert lag(ema) < 0.2
+    assert lag(plain) > 0.9
 
 
 def test_gradient_clipping_bounds_the_update() -> None:
