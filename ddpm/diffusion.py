@@ -236,7 +236,6 @@ class DiffusionModel(nn.Module):
             (B, C, H, W) x_{t_prev}.
         """
         eps = self.eps_model(x_t, self._net_time(t))
-        abar_t = extract(self.alphas_cumprod, t, x_t.ndim)
         abar_prev = torch.where(
             t_prev.reshape(-1, 1, 1, 1) >= 0,
             extract(self.alphas_cumprod, t_prev.clamp(min=0), x_t.ndim),
@@ -247,6 +246,7 @@ class DiffusionModel(nn.Module):
         if eta == 0 or z is None:
             return abar_prev.sqrt() * x0_hat + (1.0 - abar_prev).sqrt() * eps
         # eq. 16: sigma^2 = eta^2 (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)
+        abar_t = extract(self.alphas_cumprod, t, x_t.ndim)
         variance = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
         sigma = eta * variance.clamp(min=0).sqrt()
         direction = (1.0 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps

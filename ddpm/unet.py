@@ -1,4 +1,5 @@
-"""The small U-Net of the course assignment, with its timestep-embedding broadcast bug fixed.
+"""The small U-Net of the course assignment, with its timestep-embedding broadcast bug fixed and
+the embedding itself replaced by the DDPM paper's sinusoidal one (see TimestepEmbedding).
 
 Shapes below use B = batch, C = channels, h = hidden_size, H = W = image side.
 The network knows nothing of betas: it maps (x_t, t/T) to a noise estimate of the same shape.
