@@ -1,65 +1,43 @@
 """A DDPM (Ho et al. 2020) in plain PyTorch: network, diffusion, data, training, checkpoints.
 
-Nothing here imports prefect, wandb or the project's settings: functions take plain arguments.
+Nothing here imports prefect, wandb or the project's settings: functions take the plain
+config objects of ddpm.config. Names are imported on first use, so `import ddpm.config` (which
+the settings need) does not import torch.
 """
 
-from ddpm.checkpoint import (
-    load_checkpoint,
-    restore_training_state,
-    save_checkpoint,
-    training_state,
-)
-from ddpm.data import (
-    DatasetError,
-    EpochLoader,
-    ImageFolderDataset,
-    TensorImageDataset,
-    denormalize,
-    download_cifar10,
-    epoch_batches,
-    load_cifar10,
-    normalize,
-    shared_epoch_loader,
-    subset_indices,
-)
-from ddpm.diffusion import DiffusionModel, linear_beta_schedule
-from ddpm.images import save_grid
-from ddpm.training import (
-    build_ema,
-    build_lr_scheduler,
-    build_optimizer,
-    resolve_device,
-    seed_everything,
-    train_epoch,
-    train_step,
-)
-from ddpm.unet import UNet
+from __future__ import annotations
 
-__all__ = [
-    "DatasetError",
-    "DiffusionModel",
-    "EpochLoader",
-    "ImageFolderDataset",
-    "TensorImageDataset",
-    "UNet",
-    "build_ema",
-    "build_lr_scheduler",
-    "build_optimizer",
-    "denormalize",
-    "download_cifar10",
-    "epoch_batches",
-    "linear_beta_schedule",
-    "load_checkpoint",
-    "load_cifar10",
-    "normalize",
-    "resolve_device",
-    "restore_training_state",
-    "save_checkpoint",
-    "save_grid",
-    "seed_everything",
-    "shared_epoch_loader",
-    "subset_indices",
-    "train_epoch",
-    "train_step",
-    "training_state",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ddpm.config": [
+        "Config", "DataConfig", "DiffusionConfig", "ModelConfig", "OptimConfig",
+        "SampleConfig", "TrainConfig",
+    ],
+    "ddpm.checkpoint": ["CheckpointError", "load_checkpoint", "save_checkpoint"],
+    "ddpm.checkpoint_files": ["load_newest_valid", "save_epoch_checkpoint"],
+    "ddpm.data": [
+        "DatasetError", "ImageFolderDataset", "TensorImageDataset", "TrainingData",
+        "EpochLoader", "denormalize", "download_cifar10", "load_cifar10", "load_dataset",
+        "locate_dataset", "normalize",
+    ],
+    "ddpm.diffusion": ["DiffusionModel", "linear_beta_schedule"],
+    "ddpm.images": ["save_grid"],
+    "ddpm.run": ["build_or_resume", "build_training", "draw_samples", "rewind", "run_epoch"],
+    "ddpm.run_dir": ["RunDir"],
+    "ddpm.training": [
+        "EpochResult", "StepMetrics", "TrainingState", "build_ema", "build_lr_scheduler",
+        "build_optimizer", "resolve_device", "seed_everything", "train_epoch", "train_step",
+    ],
+    "ddpm.unet": ["UNet"],
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ddpm' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -6,7 +6,7 @@
 (a) baseline, the course assignment's pipeline with its bugs fixed: a torchvision DataLoader
     decoding PIL images with RandomHorizontalFlip/ToTensor/Normalize in worker processes, fp32
     eager, plain Adam, a host-to-device copy and loss.item() every step;
-(b) project: the real training path (ddpm.pipeline.run_epoch) with device-resident data, step
+(b) project: the real training path (ddpm.run.run_epoch) with device-resident data, step
     metrics read every 100 steps (no host sync in between), and, on CUDA, bf16 autocast,
     fused Adam, channels-last and torch.compile.
 Sampling: the 1000-step ancestral sampler with compiled steps on CUDA (CUDA graphs), and the
@@ -28,9 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm.data import TensorImageDataset
+from ddpm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.pipeline import build_training, run_epoch
+from ddpm.run import build_training, run_epoch
 from ddpm.training import autocast, resolve_device, resolve_precision
 from ddpm.unet import UNet
 
@@ -118,22 +119,27 @@ def project_img_per_s(
     """Images/s of the project's training path; returns (img/s, precision, compiled)."""
     precision = resolve_precision("auto", device)
     compiled = device.type == "cuda"
-    state = build_training(
-        hidden_size=hidden, channels=3, num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-        optimizer="adam", lr=2e-4, momentum=0.9, weight_decay=0.0, warmup_steps=0,
-        schedule="constant", total_steps=10**9, ema_decay=0.9999, seed=0,
-        precision=precision, fused=device.type == "cuda", device_type=device.type,
-    )  # fmt: skip
-    dataset = TensorImageDataset(images[: steps * batch])
-    kwargs = dict(
-        batch_size=batch, seed=0, random_flip=True, num_workers=0, grad_clip=1.0,
-        device=device, loader="device", compile=compiled, read_every=READ_EVERY,
-    )  # fmt: skip
-    warm = TensorImageDataset(images[: max(2, steps // 4) * batch])
-    run_epoch(state, warm, 1, **kwargs)  # warm-up: compilation, autotuning, allocator
+    config = Config(
+        data=DataConfig(loader="device"),
+        model=ModelConfig(hidden_size=hidden),
+        optim=OptimConfig(warmup_steps=0),
+        train=TrainConfig(
+            batch_size=batch,
+            device=str(device),
+            log_every=READ_EVERY,
+            precision=precision,
+            compile=compiled,
+            fused=device.type == "cuda",
+        ),
+    )
+    state = build_training(config, total_steps=10**9)
+    warm = TrainingData(TensorImageDataset(images[: max(2, steps // 4) * batch]), config)
+    run_epoch(state, warm, config.train)  # warm-up: compilation, autotuning, allocator
     _sync(device)
     start = time.perf_counter()
-    run_epoch(state, dataset, 2, **kwargs)
+    run_epoch(
+        state, TrainingData(TensorImageDataset(images[: steps * batch]), config), config.train
+    )
     _sync(device)
     return steps * batch / (time.perf_counter() - start), precision, compiled
 

@@ -1,4 +1,8 @@
-"""The whole training state on disk: atomic writes, safe loads, exact resume."""
+"""Training state on disk: atomic writes, checksummed and safe loads, format and RNG checks.
+
+What a state holds (model, optimizer, schedule, EMA, counters, RNGs) is written by
+training.TrainingState.snapshot and read back by TrainingState.restore.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,6 @@ from typing import IO, Any
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel
 
 # Bump when the layout of the state dict changes. 2: the sinusoidal timestep embedding, the
 # posterior-mean buffers, and the lr schedule's settings saved with the scheduler.
@@ -199,77 +200,3 @@ def package_versions() -> dict[str, str]:
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         ours = "unknown"
     return {"format": str(FORMAT_VERSION), "ddpm-pipeline": ours, "torch": str(torch.__version__)}
-
-
-def training_state(
-    model: nn.Module,
-    optimizer: Optimizer,
-    scheduler: LRScheduler | None,
-    ema: AveragedModel | None,
-    *,
-    epoch: int,
-    global_step: int,
-    epoch_step: int = 0,
-    settings: Mapping[str, Any] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, Any]:
-    """A CPU snapshot of everything needed to resume exactly.
-
-    Args:
-        model: the trained module (a DiffusionModel).
-        optimizer, scheduler, ema: their states are included (scheduler, ema may be None).
-        epoch: epochs completed.
-        global_step: training steps taken (batches consumed).
-        epoch_step: batches of the next epoch already consumed (0 at an epoch boundary).
-        scaler: the fp16 gradient scaler, if any.
-        settings: the resolved settings, as plain JSON-like values.
-
-    Returns:
-        a dict of tensors and plain values, safe to hand to another thread and to save.
-    """
-    return to_cpu(
-        {
-            "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch,
-            "global_step": global_step,
-            "epoch_step": epoch_step,
-            "rng": capture_rng_state(),
-            "settings": dict(settings or {}),
-            "versions": package_versions(),
-        }
-    )
-
-
-def restore_training_state(
-    state: Mapping[str, Any],
-    model: nn.Module,
-    optimizer: Optimizer | None = None,
-    scheduler: LRScheduler | None = None,
-    ema: AveragedModel | None = None,
-    *,
-    restore_rng: bool = True,
-    scaler: torch.amp.GradScaler | None = None,
-) -> None:
-    """Load a training_state into freshly built objects (on any device) and the RNGs."""
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        # Which kernels step the optimizer (fused, foreach) is this machine's choice, not the
-        # checkpoint's: load_state_dict takes every group setting from what it loads, and
-        # places the state for it (a fused optimizer keeps its step counts beside the
-        # parameters, an unfused one on the CPU).
-        saved = state["optimizer"]
-        kernels = {k: optimizer.defaults.get(k) for k in ("fused", "foreach")}
-        groups = [{**group, **kernels} for group in saved["param_groups"]]
-        optimizer.load_state_dict({**saved, "param_groups": groups})
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if restore_rng:
-        restore_rng_state(state["rng"])

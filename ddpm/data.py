@@ -7,19 +7,19 @@ workers and however often the run was resumed.
 
 from __future__ import annotations
 
-import functools
 import logging
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from ddpm.config import CIFAR10_URL, Config, DataConfig
 
 log = logging.getLogger(__name__)
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # torchvision.datasets.CIFAR10.tgz_md5
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -380,52 +380,6 @@ class EpochLoader:
             yield _normalize_flipped(images, flip)
 
 
-@functools.lru_cache(maxsize=1)
-def shared_epoch_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    seed: int = 0,
-) -> EpochLoader:
-    """The EpochLoader for these arguments, kept between calls so its workers serve every epoch.
-
-    One loader is kept (the dataset is keyed by identity): a call with other arguments replaces
-    it, and its workers stop. `shared_epoch_loader.cache_clear()` stops them at once.
-    """
-    return EpochLoader(
-        dataset, batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed
-    )
-
-
-def epoch_batches(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    random_flip: bool = True,
-    num_workers: int = 0,
-    start_batch: int = 0,
-    pin_memory: bool = False,
-    device: torch.device | str = "cpu",
-) -> Iterator[torch.Tensor]:
-    """The normalised batches of one epoch, through a DataLoader used for this epoch only.
-
-    The workers start and stop with the epoch; to keep them across epochs, iterate
-    `shared_epoch_loader(...).epoch(epoch, ...)` (or an EpochLoader of your own) instead.
-    Arguments as for EpochLoader and EpochLoader.epoch.
-
-    Yields:
-        (B, C, H, W) float32 in [-1, 1], on device.
-    """
-    loader = EpochLoader(
-        dataset, batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed
-    )
-    yield from loader.epoch(epoch, random_flip=random_flip, start_batch=start_batch, device=device)
-
-
 def device_epoch_batches(
     images: torch.Tensor,
     batch_size: int,
@@ -435,7 +389,7 @@ def device_epoch_batches(
     random_flip: bool = True,
     start_batch: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """The same batches as epoch_batches, from uint8 images already on the training device.
+    """The same batches as EpochLoader.epoch, from uint8 images already on the training device.
 
     Each batch is gathered, flipped and normalised on the device: no DataLoader, no workers,
     no host-to-device copy per step. Order and flips come from the same (seed, epoch)
@@ -470,6 +424,107 @@ def steps_per_epoch(num_items: int, batch_size: int) -> int:
     return -(-num_items // batch_size)
 
 
-def image_shape(dataset: Sequence[torch.Tensor] | Dataset) -> tuple[int, int, int]:
-    """(C, H, W) of the dataset's first item."""
-    return tuple(dataset[0].shape)  # type: ignore[return-value]
+# ---------------------------------------------------------------------------------------------
+# A run's data
+
+
+def locate_dataset(data: DataConfig) -> Path:
+    """Where the dataset is: CIFAR-10 downloaded and verified under data.root, or data.folder.
+
+    Raises:
+        DatasetError: if it cannot be had; the message says where to put it.
+    """
+    if data.dataset == "cifar10":
+        return download_cifar10(Path(data.root), data.url)
+    if data.dataset == "folder":
+        if data.folder is None or not Path(data.folder).is_dir():
+            raise DatasetError(f"image folder {data.folder} does not exist; set data.folder")
+        return Path(data.folder)
+    raise ValueError(f"unknown dataset {data.dataset!r}; expected cifar10 or folder")
+
+
+def load_dataset(config: Config, path: Path) -> Dataset:
+    """The training images found at path (see locate_dataset): CIFAR-10 in memory, or an image
+    folder read lazily, each cut to data.subset images chosen from train.seed.
+
+    Items are uint8 (model.channels, data.image_size, data.image_size).
+    """
+    data, seed = config.data, config.train.seed
+    if data.dataset == "cifar10":
+        images = load_cifar10(Path(path))
+        return TensorImageDataset(images[subset_indices(len(images), data.subset, seed)])
+    images = ImageFolderDataset(Path(path), data.image_size, config.model.channels)
+    return (
+        images
+        if data.subset == 0
+        else Subset(images, subset_indices(len(images), data.subset, seed))
+    )
+
+
+class TrainingData:
+    """A run's training images and the batches of each of its epochs, on the training device.
+
+    data.loader auto keeps an in-memory dataset (CIFAR-10) on the training device when it takes
+    at most a quarter of its free memory, and reads anything else (image folders) with one
+    EpochLoader whose workers serve every epoch; device insists on the first, dataloader on
+    the second. Either way the batches are identical, normalised and flipped on the device.
+
+    Args:
+        dataset: items uint8 (C, H, W), from load_dataset.
+        config: data (random_flip, num_workers, loader) and train (batch_size, seed, device).
+
+    Raises:
+        ValueError: for data.loader="device" with a dataset that is not in memory.
+    """
+
+    def __init__(self, dataset: Dataset, config: Config) -> None:
+        self.dataset, self.data, self.train = dataset, config.data, config.train
+        self.device = torch.device(config.train.device)
+        in_memory = isinstance(dataset, TensorImageDataset)
+        if self.data.loader == "device" and not in_memory:
+            raise ValueError("data.loader=device needs an in-memory dataset (cifar10)")
+        self.on_device = in_memory and (
+            self.data.loader == "device"
+            or (self.data.loader == "auto" and fits_on(self.device, dataset.images.nbytes))
+        )
+        self._loader: EpochLoader | None = None  # started with the first epoch that needs it
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.dataset), self.train.batch_size)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """The batches of epoch `epoch` (from 1), from batch start_batch on.
+
+        Yields:
+            (B, C, H, W) float32 in [-1, 1] on the training device.
+        """
+        batch_size, seed, flip = self.train.batch_size, self.train.seed, self.data.random_flip
+        if self.on_device:
+            images = self.dataset.on(self.device)
+            return device_epoch_batches(
+                images,
+                batch_size,
+                seed=seed,
+                epoch=epoch,
+                random_flip=flip,
+                start_batch=start_batch,
+            )
+        if self._loader is None:
+            self._loader = EpochLoader(
+                self.dataset,
+                batch_size,
+                num_workers=self.data.num_workers,
+                pin_memory=self.device.type == "cuda",
+                seed=seed,
+            )
+        return self._loader.epoch(
+            epoch, random_flip=flip, start_batch=start_batch, device=self.device
+        )
+
+    def close(self) -> None:
+        """Stop the loader's workers, if any (they also stop when this is garbage-collected)."""
+        self._loader = None

@@ -278,29 +278,6 @@ class DiffusionModel(nn.Module):
         return run
 
     @torch.no_grad()
-    def p_sample(
-        self,
-        x_t: torch.Tensor,
-        t: int,
-        generator: torch.Generator | None = None,
-        clip_denoised: bool = True,
-    ) -> torch.Tensor:
-        """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2, line 4, with sigma_t^2 = beta_t).
-
-        Args:
-            x_t: (B, C, H, W) on the module's device.
-            t: the current timestep in [0, T); at t = 0 no noise is added.
-            generator: source of the step's noise.
-            clip_denoised: clip x0_hat to [-1, 1] (see predict_x0).
-
-        Returns:
-            (B, C, H, W) x_{t-1}.
-        """
-        t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        z = self._noise(x_t.shape, generator) if t > 0 else torch.zeros_like(x_t)
-        return self._ancestral_step(x_t, t_batch, z, clip_denoised)
-
-    @torch.no_grad()
     def sample(
         self,
         num_samples: int,
@@ -309,6 +286,7 @@ class DiffusionModel(nn.Module):
         generator: torch.Generator | None = None,
         compile: bool = False,
         clip_denoised: bool = True,
+        progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Draw samples with the ancestral sampler (DDPM Algorithm 2), on the module's device.
 
@@ -322,6 +300,7 @@ class DiffusionModel(nn.Module):
                 call compiles.
             clip_denoised: clip each step's x0_hat to [-1, 1], as the DDPM reference code
                 does (see predict_x0); off gives Algorithm 2 as printed.
+            progress: called after each step is queued (nothing is read from the device).
 
         Returns:
             (B, C, H, W) float samples clamped to [-1, 1].
@@ -333,6 +312,8 @@ class DiffusionModel(nn.Module):
             t_batch = torch.full((num_samples,), t, device=x.device, dtype=torch.long)
             z = self._noise(x.shape, step_generator) if t > 0 else torch.zeros_like(x)
             x = step(x, t_batch, z, clip_denoised)
+            if progress is not None:
+                progress()
         return x.clamp(-1.0, 1.0)
 
     def ddim_timesteps(self, steps: int) -> list[int]:
@@ -353,6 +334,7 @@ class DiffusionModel(nn.Module):
         compile: bool = False,
         clip_denoised: bool = True,
         eta: float = 0.0,
+        progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Draw samples with DDIM (Song et al. 2021, eq. 12) on `steps` of the T timesteps.
 
@@ -372,6 +354,7 @@ class DiffusionModel(nn.Module):
             clip_denoised: clip each step's x0_hat to [-1, 1] and continue with the eps
                 consistent with it (see predict_x0), as diffusers' DDIMScheduler does.
             eta: the share of fresh noise, in [0, 1] (eq. 16).
+            progress: as in sample.
 
         Returns:
             (B, C, H, W) float samples clamped to [-1, 1].
@@ -386,4 +369,6 @@ class DiffusionModel(nn.Module):
             t_batch = torch.full((num_samples,), t, device=x.device, dtype=torch.long)
             z = self._noise(x.shape, step_generator) if eta > 0 and t_prev >= 0 else None
             x = step(x, t_batch, torch.full_like(t_batch, t_prev), clip_denoised, eta, z)
+            if progress is not None:
+                progress()
         return x.clamp(-1.0, 1.0)

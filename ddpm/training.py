@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedules, EMA, and the training step and epoch."""
+"""Optimizers, learning-rate schedules, EMA, the training state, and its step and epoch."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -15,6 +16,14 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
+from ddpm.checkpoint import (
+    capture_rng_state,
+    check_compatible,
+    package_versions,
+    restore_rng_state,
+    to_cpu,
+)
+from ddpm.config import Precision
 from ddpm.diffusion import DiffusionModel
 
 
@@ -22,7 +31,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient was not finite for more steps in a row than allowed."""
 
 
-Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -228,6 +236,98 @@ def build_ema(model: nn.Module, decay: float = 0.9999) -> EMA:
     return EMA(model, decay)
 
 
+@dataclass
+class TrainingState:
+    """Everything a run trains, how it steps, and how far it got.
+
+    `dirty` is set while an epoch is being trained and cleared when it completes: a dirty state
+    holds weights from the middle of an epoch and must be restored before training again.
+    `epoch_step` counts the batches of epoch `epoch + 1` already trained (after a resume from a
+    mid-epoch checkpoint); training goes on from there.
+    """
+
+    diffusion: DiffusionModel
+    optimizer: Optimizer
+    scheduler: LambdaLR | None = None  # stepped after every batch
+    ema: EMA | None = None
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    precision: Precision = "fp32"  # autocast to bf16 / fp16 for those
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    epoch: int = 0  # epochs completed
+    global_step: int = 0  # training steps taken (batches consumed)
+    epoch_step: int = 0  # batches of the next epoch already taken
+    dirty: bool = False
+    compiled: bool = False
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)  # saved in snapshots
+    initial: dict[str, Any] = field(default_factory=dict, repr=False)  # restore point at build
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion.betas.device
+
+    def to(self, device: torch.device | str) -> TrainingState:
+        """Move model, EMA and optimizer state to device (a no-op where they already are)."""
+        device = torch.device(device)
+        if self.device != device:
+            self.diffusion.to(device)
+            if self.ema is not None:
+                self.ema.to(device)
+            # load_state_dict puts each state tensor where its parameter now lives, by torch's
+            # own rules (Adam's step stays on the CPU unless the optimizer is fused/capturable).
+            self.optimizer.load_state_dict(self.optimizer.state_dict())
+        return self
+
+    def snapshot(self) -> dict[str, Any]:
+        """A CPU copy of everything needed to resume exactly (and `settings`), safe to hand to
+        a writer while training goes on: plain values and tensors only, as checkpoints hold."""
+
+        def state_of(part: Any) -> dict[str, Any] | None:
+            return part.state_dict() if part is not None else None
+
+        return to_cpu(
+            {
+                "model": self.diffusion.state_dict(),
+                "ema": state_of(self.ema),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": state_of(self.scheduler),
+                "scaler": state_of(self.scaler),
+                "epoch": self.epoch,  # epochs completed
+                "global_step": self.global_step,
+                "epoch_step": self.epoch_step,  # batches of the next epoch taken
+                "rng": capture_rng_state(),
+                "settings": dict(self.settings),
+                "versions": package_versions(),
+            }
+        )
+
+    def restore(self, state: Mapping[str, Any], source: str = "the snapshot") -> None:
+        """Load a snapshot (or checkpoint) into this state, wherever it lives, RNGs included.
+
+        Raises:
+            CheckpointError: naming `source`, if it holds another format or model shape.
+        """
+        check_compatible(state, self.diffusion, source)
+        self.diffusion.load_state_dict(state["model"])
+        # Which kernels step the optimizer (fused, foreach) is this machine's choice, not the
+        # checkpoint's: load_state_dict takes every group setting from what it loads, and
+        # places the state for it (a fused optimizer keeps its step counts beside the
+        # parameters, an unfused one on the CPU), each tensor on its parameter's device.
+        saved = state["optimizer"]
+        kernels = {k: self.optimizer.defaults.get(k) for k in ("fused", "foreach")}
+        groups = [{**group, **kernels} for group in saved["param_groups"]]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
+        for part, key in (
+            (self.scheduler, "scheduler"),
+            (self.ema, "ema"),
+            (self.scaler, "scaler"),
+        ):
+            if part is not None and state.get(key):
+                part.load_state_dict(state[key])
+        restore_rng_state(state["rng"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.epoch_step, self.dirty = state.get("epoch_step", 0), False
+
+
 class StepResult(NamedTuple):
     """One training step, as tensors still on the device (reading them waits for it)."""
 
@@ -238,6 +338,30 @@ class StepResult(NamedTuple):
     lr: float  # the lr the step used
 
 
+class StepMetrics(NamedTuple):
+    """One training step, read from the device."""
+
+    loss: float  # the batch loss (NaN or inf for a skipped step)
+    lr: float  # the lr the step used
+    grad_norm: float  # before clipping
+    skipped: bool  # the update was not applied (non-finite loss or gradient)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What one epoch did."""
+
+    epoch: int  # the epoch trained, from 1
+    global_step: int  # steps taken by the run after it
+    loss: float  # mean loss of the steps with a finite loss
+    lr: float  # the lr the last step used
+    bad_steps: int  # steps skipped as non-finite
+    steps: int  # steps run in this call (fewer than an epoch's after a mid-epoch resume)
+    images: int  # images seen
+    images_per_s: float
+    seconds: float  # wall time
+
+
 def _masks_on_device(optimizer: Optimizer) -> bool:
     """Whether the optimizer can skip an update on a device-side flag (fused kernels read
     `found_inf`, the mechanism torch.amp.GradScaler uses)."""
@@ -246,35 +370,27 @@ def _masks_on_device(optimizer: Optimizer) -> bool:
     )
 
 
-def _optimize(
-    diffusion: DiffusionModel,
-    optimizer: Optimizer,
-    x0: torch.Tensor,
-    scheduler: LambdaLR | None,
-    ema: EMA | None,
-    grad_clip: float,
-    precision: Precision = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-) -> StepResult:
+def _optimize(state: TrainingState, x0: torch.Tensor) -> StepResult:
     """One optimizer step on a batch, skipped when the loss or the gradient is not finite.
 
-    The forward runs under autocast for bf16/fp16; fp16 needs `scaler`, which also skips (and
-    lowers its scale) when the scaled gradient overflows. A skipped step changes no weight,
-    optimizer moment or EMA; the lr schedule advances with every batch, taken or not.
+    The forward runs under autocast for bf16/fp16; fp16 needs the state's scaler, which also
+    skips (and lowers its scale) when the scaled gradient overflows. A skipped step changes no
+    weight, optimizer moment or EMA; the lr schedule advances with every batch, taken or not.
 
     With a fused optimizer nothing here waits for the device: the skip is a device-side flag
     (`found_inf`) the fused kernel and the EMA update read. Other optimizers (the CPU default,
     where waiting costs nothing) check finiteness on the host.
     """
+    diffusion, optimizer, scaler = state.diffusion, state.optimizer, state.scaler
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
-    with autocast(x0.device.type, precision):
+    with autocast(x0.device.type, state.precision):
         loss = diffusion(x0)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(
-        diffusion.parameters(), grad_clip if grad_clip > 0 else math.inf
+        diffusion.parameters(), state.grad_clip if state.grad_clip > 0 else math.inf
     )
     loss = loss.detach()
     loss_finite = torch.isfinite(loss)
@@ -295,142 +411,126 @@ def _optimize(
                 optimizer.found_inf = None
         elif taken:
             optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    if ema is not None:
-        ema.update_parameters(diffusion, taken)
+    if state.scheduler is not None:
+        state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update_parameters(diffusion, taken)
     return StepResult(loss, grad_norm, taken, bad, lr)
 
 
-def train_step(
-    diffusion: DiffusionModel,
-    optimizer: Optimizer,
-    x0: torch.Tensor,
-    *,
-    scheduler: LambdaLR | None = None,
-    ema: EMA | None = None,
-    grad_clip: float = 0.0,
-    precision: Precision = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-) -> float:
+def train_step(state: TrainingState, x0: torch.Tensor) -> float:
     """One training step: loss, backward, clip, optimizer, lr schedule and EMA updates.
 
     Args:
-        diffusion: the model, in train mode, on x0's device.
-        optimizer: over diffusion's parameters.
+        state: the model (in train mode, on x0's device), its optimizer and the optional
+            scheduler, EMA, gradient clipping, precision and fp16 scaler. Its step counters
+            are left alone (train_epoch keeps them).
         x0: (B, C, H, W) clean images in [-1, 1].
-        scheduler: per-step lr schedule, stepped after the optimizer.
-        ema: averaged copy, updated after the optimizer.
-        grad_clip: max gradient norm; 0 = no clipping.
-        precision: fp32, or autocast to bf16 / fp16 (fp16 needs scaler).
-        scaler: torch.amp.GradScaler for fp16.
 
     Returns:
         the batch loss as a Python float (NaN or inf when the step was skipped); reading it
         waits for the device.
     """
-    result = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip, precision, scaler)
-    return result.loss.item()
+    return _optimize(state, x0).loss.item()
 
 
-StepCallback = Callable[[int, dict[str, float]], None]
+StepCallback = Callable[[int, StepMetrics], None]
+
+
+class _Reader:
+    """Reads queued steps' results from the device in one go, checks for divergence, and
+    hands each step's metrics on; keeps the epoch's totals."""
+
+    def __init__(self, first_step: int, on_step: StepCallback | None, max_bad: int | None) -> None:
+        self.next_step, self.on_step, self.max_bad = first_step + 1, on_step, max_bad
+        self.pending: list[tuple[torch.Tensor, float]] = []  # (stats (4,), lr) per step
+        self.loss_sum, self.steps, self.bad, self.bad_in_a_row = 0.0, 0, 0, 0
+
+    def queue(self, step: StepResult) -> None:
+        stats = torch.stack([step.loss.float(), step.grad_norm.float(), step.taken, step.bad])
+        self.pending.append((stats, step.lr))
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([stats for stats, _ in self.pending]).tolist()  # waits
+        for (loss, grad_norm, taken, bad), (_, lr) in zip(values, self.pending, strict=True):
+            self.steps += 1
+            if bad:
+                self.bad += 1
+                self.bad_in_a_row += 1
+                if self.max_bad is not None and self.bad_in_a_row > self.max_bad:
+                    raise TrainingDiverged(
+                        f"loss or gradient not finite for {self.bad_in_a_row} steps in a row "
+                        f"(more than train.max_bad_steps = {self.max_bad}); last loss "
+                        f"{loss}, gradient norm {grad_norm}"
+                    )
+            else:
+                self.loss_sum += loss  # overflowed fp16 steps had a finite loss
+                self.bad_in_a_row = 0
+            if self.on_step is not None:
+                self.on_step(self.next_step, StepMetrics(loss, lr, grad_norm, not taken))
+            self.next_step += 1
+        self.pending.clear()
 
 
 def train_epoch(
-    diffusion: DiffusionModel,
-    optimizer: Optimizer,
+    state: TrainingState,
     batches: Iterable[torch.Tensor],
     *,
-    device: torch.device | str = "cpu",
-    scheduler: LambdaLR | None = None,
-    ema: EMA | None = None,
-    grad_clip: float = 0.0,
     on_step: StepCallback | None = None,
     after_step: Callable[[], None] | None = None,
     read_every: int = 1,
     max_bad_steps: int | None = None,
-    precision: Precision = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, float]:
-    """Train on every batch of one epoch.
+) -> EpochResult:
+    """Train on every batch of the state's next epoch, counting its steps.
 
     Steps do not wait for the device: each step's loss, gradient norm and outcome stay there
-    and are read together every `read_every` steps and at the end of the epoch (one sync per
-    read); `on_step` and the divergence check run then, once per step, in order.
+    and are read together every `read_every` steps and at the end (one sync per read);
+    `on_step` and the divergence check run then, once per step, in order.
 
     Args:
-        diffusion: the model, already on `device`.
-        optimizer, scheduler, ema, grad_clip: as in train_step.
-        batches: (B, C, H, W) float batches in [-1, 1] on any device.
-        device: where the model lives; batches are moved there.
-        on_step: called at each read, for every step since the last, with (step index in this
-            epoch, {"loss", "lr" used by the step, "grad_norm" before clipping, "skipped" 1.0
-            if it was}) as Python floats.
-        after_step: called right after each step is queued, with nothing read (bookkeeping
-            that must not wait for the device).
+        state: as for train_step; global_step and epoch_step count each batch. epoch and
+            dirty are the caller's (see run.run_epoch).
+        batches: (B, C, H, W) float batches in [-1, 1] on any device; moved to the state's.
+        on_step: called at each read, for every step since the last, with (the run's step
+            number after it, its StepMetrics).
+        after_step: called right after each step is queued, its counters updated, with
+            nothing read (bookkeeping that must not wait for the device).
         read_every: steps between reads; 1 reads (and waits) after every step.
         max_bad_steps: raise TrainingDiverged when more steps than this in a row have a
             non-finite loss or gradient (skipped steps); None never raises. Found at the next
             read, so up to read_every - 1 further steps may have run. Steps the fp16 scaler
             skips on overflow (it then lowers its scale) do not count.
-        precision, scaler: as in train_step.
-
-    Returns:
-        {"loss": mean loss of the steps with a finite loss, "lr": lr the last step used,
-         "bad_steps": steps skipped as non-finite, "steps": steps run,
-         "images": images seen, "images_per_s": throughput, "seconds": wall time}.
     """
     if read_every < 1:
         raise ValueError(f"read_every must be at least 1, got {read_every}")
-    diffusion.train()
-    device = torch.device(device)
-    pending: list[tuple[torch.Tensor, float]] = []  # (stats (4,) on the device, lr) per step
-    total = {"loss": 0.0, "steps": 0, "bad": 0, "bad_in_a_row": 0}
-    images, lr = 0, optimizer.param_groups[0]["lr"]
-
-    def read() -> None:
-        values = torch.stack([stats for stats, _ in pending]).tolist()  # waits for the device
-        for (loss, grad_norm, taken, bad), (_, step_lr) in zip(values, pending, strict=True):
-            index = total["steps"]
-            total["steps"] += 1
-            if bad:
-                total["bad"] += 1
-                total["bad_in_a_row"] += 1
-                if max_bad_steps is not None and total["bad_in_a_row"] > max_bad_steps:
-                    raise TrainingDiverged(
-                        f"loss or gradient not finite for {total['bad_in_a_row']} steps in a "
-                        f"row (more than train.max_bad_steps = {max_bad_steps}); last loss "
-                        f"{loss}, gradient norm {grad_norm}"
-                    )
-            else:
-                total["loss"] += loss  # overflowed fp16 steps had a finite loss
-                total["bad_in_a_row"] = 0
-            if on_step is not None:
-                metrics = {"loss": loss, "lr": step_lr, "grad_norm": grad_norm}
-                on_step(index, {**metrics, "skipped": 0.0 if taken else 1.0})
-        pending.clear()
-
+    state.diffusion.train()
+    device = state.device
+    reader = _Reader(state.global_step, on_step, max_bad_steps)
+    images, lr = 0, state.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     for x0 in batches:
         x0 = x0.to(device, non_blocking=True)
-        step = _optimize(diffusion, optimizer, x0, scheduler, ema, grad_clip, precision, scaler)
-        stats = torch.stack([step.loss.float(), step.grad_norm.float(), step.taken, step.bad])
-        pending.append((stats, step.lr))
+        step = _optimize(state, x0)
+        reader.queue(step)
         images, lr = images + x0.shape[0], step.lr
+        state.global_step += 1
+        state.epoch_step += 1
         if after_step is not None:
             after_step()
-        if len(pending) >= read_every:
-            read()
-    if pending:
-        read()
+        if len(reader.pending) >= read_every:
+            reader.read()
+    reader.read()
     seconds = time.perf_counter() - start
-    steps, bad = total["steps"], total["bad"]
-    return {
-        "loss": total["loss"] / max(steps - bad, 1),
-        "lr": lr,
-        "bad_steps": bad,
-        "steps": steps,
-        "images": images,
-        "images_per_s": images / seconds if seconds > 0 else 0.0,
-        "seconds": seconds,
-    }
+    return EpochResult(
+        epoch=state.epoch + 1,
+        global_step=state.global_step,
+        loss=reader.loss_sum / max(reader.steps - reader.bad, 1),
+        lr=lr,
+        bad_steps=reader.bad,
+        steps=reader.steps,
+        images=images,
+        images_per_s=images / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+    )

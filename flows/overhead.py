@@ -24,18 +24,13 @@ from typing import Any
 
 import torch
 
-from ddpm.data import steps_per_epoch
+from ddpm.checkpoint_files import save_epoch_checkpoint
+from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.images import save_grid
-from ddpm.pipeline import (
-    build_or_resume,
-    draw_samples,
-    load_dataset,
-    locate_dataset,
-    run_epoch,
-    save_epoch_checkpoint,
-)
-from flows.train_flow import task_arguments, train_flow
-from settings import load_settings, parse_flags
+from ddpm.run import build_or_resume, draw_samples, run_epoch
+from ddpm.run_dir import RunDir
+from flows.train_flow import train_flow
+from settings import core_config, load_settings, parse_flags
 
 # A run whose epochs take seconds on a CPU: 512 images, batch 64, hidden 32, T = 100.
 SMALL_RUN = {
@@ -65,30 +60,18 @@ def write_random_images(folder: Path, count: int = 512) -> Path:
 def plain_run(overrides: dict[str, Any]) -> float:
     """Seconds for the run's epochs as a plain loop of the calls train_flow's tasks make."""
     cfg = load_settings(overrides)
-    folder = Path(cfg.data.folder) if cfg.data.folder else None
-    data_path = str(locate_dataset(cfg.data.dataset, cfg.data.root, cfg.data.url, folder))
-    data, model, train, sample = task_arguments(cfg, data_path)
-    run_dir = Path(cfg.run.dir) / "plain"
+    config, run = core_config(cfg), RunDir(Path(cfg.run.dir) / "plain")
+    data_path = locate_dataset(config.data)
     resolved = cfg.model_dump(mode="json")
     start = time.perf_counter()
-    dataset = load_dataset(**data)
-    total_steps = steps_per_epoch(len(dataset), cfg.train.batch_size) * cfg.train.epochs
-    state = build_or_resume(run_dir / "checkpoints", total_steps=total_steps, **model)
-    while state.epoch < cfg.train.epochs:
-        epoch = state.epoch + 1
-        run_epoch(
-            state,
-            dataset,
-            epoch,
-            read_every=cfg.train.log_every,
-            checkpoint_dir=run_dir / "checkpoints",
-            settings=resolved,
-            **train,
-        )
-        save_epoch_checkpoint(
-            state.snapshot(resolved), run_dir / "checkpoints", epoch, cfg.run.keep
-        )
-        save_grid(draw_samples(state, **sample), run_dir / "samples" / f"epoch_{epoch:03d}.png")
+    data = TrainingData(load_dataset(config, data_path), config)
+    total_steps = data.steps_per_epoch * config.train.epochs
+    state = build_or_resume(config, total_steps, run, resolved)
+    while state.epoch < config.train.epochs:
+        result = run_epoch(state, data, config.train, run=run)
+        save_epoch_checkpoint(state.snapshot(), run, config.train.keep)
+        samples = draw_samples(state, config.sample, config.image_shape, config.train.seed)
+        save_grid(samples, run.grid(result.epoch))
     return time.perf_counter() - start
 
 

@@ -26,9 +26,10 @@ from prefect.artifacts import (
 )
 
 from ddpm.images import sample_grid
+from ddpm.run_dir import RunDir
+from ddpm.training import EpochResult, StepMetrics
 from settings import Settings
 
-WANDB_ID_FILE = "wandb_id.txt"
 PROGRESS_KEY, METRICS_KEY, SUMMARY_KEY, LINK_KEY = (
     "training-progress",
     "epoch-metrics",
@@ -52,27 +53,28 @@ class Tracker:
         self._loss_sum, self._loss_steps = 0.0, 0
 
     @classmethod
-    def start(cls, cfg: Settings, run_dir: Path, name: str, settings_file: Path) -> Tracker:
-        """Start (or resume) the run's W&B run; files go to WANDB_DIR or the run folder.
+    def start(cls, cfg: Settings, run: RunDir) -> Tracker:
+        """Start (or resume) the run's W&B run, named after the run folder; files go to
+        WANDB_DIR or the run folder.
 
-        The W&B id is kept in run_dir/wandb_id.txt, so a resumed training continues the same
-        W&B run (resume="allow").
+        The W&B id is kept in the run folder (RunDir.wandb_id_file), so a resumed training
+        continues the same W&B run (resume="allow").
         """
         mode = resolve_wandb_mode(cfg.wandb.mode)
         if mode == "disabled":
             return cls(None)
         import wandb
 
-        id_file = run_dir / WANDB_ID_FILE
+        id_file, name = run.wandb_id_file, run.name
         if not id_file.is_file():
             id_file.write_text(secrets.token_hex(8) + "\n")
-        run = wandb.init(
+        wandb_run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             name=name,
             id=id_file.read_text().strip(),
             resume="allow",
-            dir=os.environ.get("WANDB_DIR") or str(run_dir),
+            dir=os.environ.get("WANDB_DIR") or str(run.path),
             mode=mode,
             config=cfg.model_dump(mode="json"),
             settings=wandb.Settings(
@@ -85,12 +87,12 @@ class Tracker:
                 silent=True,
             ),
         )
-        run.define_metric("global_step")
-        run.define_metric("*", step_metric="global_step")
+        wandb_run.define_metric("global_step")
+        wandb_run.define_metric("*", step_metric="global_step")
         artifact = wandb.Artifact(f"settings-{name}", type="config")
-        artifact.add_file(str(settings_file), name="settings.json")
-        run.log_artifact(artifact)
-        return cls(run, online=mode == "online")
+        artifact.add_file(str(run.settings_file), name=run.settings_file.name)
+        wandb_run.log_artifact(artifact)
+        return cls(wandb_run, online=mode == "online")
 
     @property
     def enabled(self) -> bool:
@@ -101,18 +103,18 @@ class Tracker:
         """The W&B run's page when online, else None."""
         return self.run.url if self.run is not None and self.online else None
 
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+    def log_step(self, step: int, metrics: StepMetrics) -> None:
         """Loss, its running mean over the epoch so far, lr and gradient norm at a step."""
-        self._loss_sum += metrics["loss"]
+        self._loss_sum += metrics.loss
         self._loss_steps += 1
         if self.run is not None:
             self.run.log(
                 {
                     "global_step": step,
-                    "train/loss": metrics["loss"],
+                    "train/loss": metrics.loss,
                     "train/loss_avg": self._loss_sum / self._loss_steps,
-                    "train/lr": metrics["lr"],
-                    "train/grad_norm": metrics["grad_norm"],
+                    "train/lr": metrics.lr,
+                    "train/grad_norm": metrics.grad_norm,
                 }
             )
 
@@ -124,21 +126,21 @@ class Tracker:
             grid = sample_grid(images).permute(1, 2, 0).mul(255).round().byte().numpy()
             self.run.log({"global_step": step, "inputs": wandb.Image(grid, caption="inputs")})
 
-    def log_epoch(self, metrics: dict[str, float], grid: Path | None) -> None:
+    def log_epoch(self, result: EpochResult, grid: Path | None) -> None:
         """An epoch's mean loss, images/s, time and (when drawn) its sample grid."""
         self._loss_sum, self._loss_steps = 0.0, 0
         if self.run is not None:
             import wandb
 
             row: dict[str, Any] = {
-                "global_step": int(metrics["global_step"]),
-                "epoch": int(metrics["epoch"]),
-                "epoch/loss": metrics["loss"],
-                "epoch/images_per_s": metrics["images_per_s"],
-                "epoch/seconds": metrics["seconds"],
+                "global_step": result.global_step,
+                "epoch": result.epoch,
+                "epoch/loss": result.loss,
+                "epoch/images_per_s": result.images_per_s,
+                "epoch/seconds": result.seconds,
             }
             if grid is not None:
-                row["samples"] = wandb.Image(str(grid), caption=f"epoch {int(metrics['epoch'])}")
+                row["samples"] = wandb.Image(str(grid), caption=f"epoch {result.epoch}")
             self.run.log(row)
 
     def finish(self, failed: bool = False) -> None:
@@ -161,36 +163,35 @@ class RunArtifacts:
             description=f"epochs done of {epochs}",
         )
 
-    def epoch_done(self, metrics: dict[str, float]) -> None:
+    def epoch_done(self, result: EpochResult) -> None:
         """Advance the progress bar and re-publish the metrics table with this epoch's row."""
-        epoch = int(metrics["epoch"])
-        update_progress_artifact(self.progress_id, 100.0 * epoch / self.epochs)
+        update_progress_artifact(self.progress_id, 100.0 * result.epoch / self.epochs)
         self.rows.append(
             {
-                "epoch": epoch,
-                "global_step": int(metrics["global_step"]),
-                "loss": round(metrics["loss"], 6),
-                "lr": metrics["lr"],
-                "images_per_s": round(metrics["images_per_s"], 1),
-                "seconds": round(metrics["seconds"], 2),
+                "epoch": result.epoch,
+                "global_step": result.global_step,
+                "loss": round(result.loss, 6),
+                "lr": result.lr,
+                "images_per_s": round(result.images_per_s, 1),
+                "seconds": round(result.seconds, 2),
             }
         )
         create_table_artifact(self.rows, key=METRICS_KEY, description="per-epoch metrics")
 
 
 def publish_summary(
-    cfg: Settings, run_dir: Path, summary: dict[str, Any], wandb_url: str | None
+    cfg: Settings, run: RunDir, summary: dict[str, Any], wandb_url: str | None
 ) -> None:
     """A markdown summary (settings digest, where grids and checkpoints are, the W&B run) and,
     when online, a link artifact to the W&B run."""
     lines = [
-        f"# DDPM run `{run_dir.name}`",
+        f"# DDPM run `{run.name}`",
         "",
         f"- epochs: {summary['epochs']} of {cfg.train.epochs}, "
         f"global step {summary['global_step']}",
-        f"- settings: `{run_dir / 'settings.json'}`",
-        f"- checkpoints: `{run_dir / 'checkpoints'}` (last: `{summary['checkpoint']}`)",
-        f"- sample grids: `{run_dir / 'samples'}`",
+        f"- settings: `{run.settings_file}`",
+        f"- checkpoints: `{run.checkpoints}` (last: `{summary['checkpoint']}`)",
+        f"- sample grids: `{run.samples}`",
         f"- W&B: {wandb_url or 'offline/disabled (' + cfg.wandb.mode + ')'}",
         "",
         "| setting | value |",

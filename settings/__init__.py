@@ -15,10 +15,12 @@ from settings.config import (
     run_path,
     setting_name,
 )
+from settings.core import core_config
 
 __all__ = [
     "Settings",
     "SettingsError",
+    "core_config",
     "env_name",
     "flag_name",
     "flatten",

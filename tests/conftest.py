@@ -13,10 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_run import make_config
+
+from ddpm.config import Config
 
 # One intra-op thread: with another process on the same two cores, torch's default of one
 # thread per core made a small forward pass 50x slower (../shared/ENVIRONMENT.md).
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., Config]:
+    """tiny_config(changes=None) -> the Config of a tiny CPU run (see TINY), changed."""
+    return make_config
 
 
 def write_cifar10(root: Path, images_per_batch: int = 8, seed: int = 0) -> Path:

@@ -11,14 +11,13 @@ from ddpm.checkpoint import (
     FORMAT_VERSION,
     atomic_write,
     load_checkpoint,
-    restore_training_state,
     save_checkpoint,
-    training_state,
 )
-from ddpm.data import TensorImageDataset, epoch_batches
+from ddpm.data import EpochLoader, TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.images import save_grid
 from ddpm.training import (
+    TrainingState,
     build_ema,
     build_lr_scheduler,
     build_optimizer,
@@ -34,36 +33,34 @@ DATA = TensorImageDataset(
 )
 
 
-def build(seed: int):
-    """A full training setup: model, AdamW, warm-up + cosine, EMA, seeded by `seed`."""
+def build(seed: int) -> TrainingState:
+    """A full training setup: model, AdamW, warm-up + cosine, EMA, clipping, seeded by `seed`."""
     seed_everything(seed)
     model = DiffusionModel(UNet(3, 3, hidden_size=8), num_timesteps=50)
     opt = build_optimizer(model.parameters(), "adamw", lr=1e-3, weight_decay=0.01)
     sched = build_lr_scheduler(opt, warmup_steps=3, total_steps=12, schedule="cosine")
-    return model, opt, sched, build_ema(model, decay=0.9)
+    return TrainingState(model, opt, sched, build_ema(model, decay=0.9), grad_clip=1.0)
 
 
 def batches(epochs: range):
     for epoch in epochs:
-        yield from epoch_batches(DATA, 4, seed=0, epoch=epoch)
+        yield from EpochLoader(DATA, 4, seed=0).epoch(epoch)
 
 
-def train(setup, epochs: range) -> None:
-    model, opt, sched, ema = setup
+def train(setup: TrainingState, epochs: range) -> None:
     for x0 in batches(epochs):
-        train_step(model, opt, x0, scheduler=sched, ema=ema, grad_clip=1.0)
+        train_step(setup, x0)
 
 
-def flat(setup) -> dict[str, torch.Tensor]:
-    model, opt, sched, ema = setup
-    state = training_state(model, opt, sched, ema, epoch=0, global_step=0)
+def flat(setup: TrainingState) -> dict[str, torch.Tensor]:
+    state = setup.snapshot()
     return {
         "model": torch.cat([v.flatten().float() for v in state["model"].values()]),
         "ema": torch.cat([v.flatten().float() for v in state["ema"].values()]),
         "adam": torch.cat(
             [s["exp_avg_sq"].flatten() for s in state["optimizer"]["state"].values()]
         ),
-        "lr": torch.tensor(opt.param_groups[0]["lr"]),
+        "lr": torch.tensor(setup.optimizer.param_groups[0]["lr"]),
     }
 
 
@@ -75,14 +72,14 @@ def test_resume_is_exact(tmp_path: Path) -> None:
 
     first = build(0)
     train(first, range(0, 2))
-    path = save_checkpoint(
-        tmp_path / "epoch_002.pt", training_state(*first, epoch=2, global_step=6, settings={"a": 1})
-    )
+    first.epoch, first.global_step, first.settings = 2, 6, {"a": 1}
+    path = save_checkpoint(tmp_path / "epoch_002.pt", first.snapshot())
     torch.rand(100)  # disturb the global RNG; the checkpoint must restore it
     resumed = build(99)
     state = load_checkpoint(path)
-    restore_training_state(state, *resumed)
+    resumed.restore(state, str(path))
     assert (state["epoch"], state["global_step"], state["settings"]) == (2, 6, {"a": 1})
+    assert (resumed.epoch, resumed.global_step) == (2, 6)
     train(resumed, range(2, 4))
 
     a, b = flat(straight), flat(resumed)
@@ -92,7 +89,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
 
 def test_checkpoint_records_versions_and_is_cpu_only(tmp_path: Path) -> None:
     """A checkpoint holds the format, package and torch versions and only CPU tensors."""
-    state = training_state(*build(0), epoch=1, global_step=3)
+    state = build(0).snapshot()
     assert state["versions"]["format"] == str(FORMAT_VERSION)
     assert state["versions"]["torch"] == torch.__version__
     tensors = [v for v in state["model"].values()] + [state["rng"]["torch"]]
@@ -104,7 +101,7 @@ def test_checkpoint_records_versions_and_is_cpu_only(tmp_path: Path) -> None:
 def test_snapshot_is_a_copy() -> None:
     """Training after taking a snapshot does not change the snapshot (it is handed to a writer)."""
     setup = build(0)
-    state = training_state(*setup, epoch=0, global_step=0)
+    state = setup.snapshot()
     before = {k: v.clone() for k, v in state["model"].items()}
     train(setup, range(0, 1))
     assert all(torch.equal(before[k], state["model"][k]) for k in before)

@@ -17,14 +17,13 @@ from ddpm.data import (
     EpochLoader,
     ImageFolderDataset,
     TensorImageDataset,
+    TrainingData,
     denormalize,
     device_epoch_batches,
     download_cifar10,
-    epoch_batches,
     load_cifar10,
     normalize,
     read_cifar10_batch,
-    shared_epoch_loader,
     steps_per_epoch,
     subset_indices,
 )
@@ -217,12 +216,12 @@ def numbered_images(n: int) -> TensorImageDataset:
     return TensorImageDataset(images)
 
 
-def test_epoch_batches_cover_the_dataset_once_per_epoch() -> None:
+def test_epoch_loader_batches_cover_the_dataset_once_per_epoch() -> None:
     """Every image appears once per epoch; order depends on (seed, epoch) only; flips happen."""
     dataset = numbered_images(50)
 
     def epoch(seed: int, e: int, flip: bool = True) -> torch.Tensor:
-        return torch.cat(list(epoch_batches(dataset, 8, seed=seed, epoch=e, random_flip=flip)))
+        return torch.cat(list(EpochLoader(dataset, 8, seed=seed).epoch(e, random_flip=flip)))
 
     first = epoch(0, 0)
     assert first.shape == (50, 1, 1, 2)
@@ -236,21 +235,21 @@ def test_epoch_batches_cover_the_dataset_once_per_epoch() -> None:
     assert torch.all(unflipped[:, 0, 0, 1] == 1.0)
 
 
-def test_epoch_batches_resume_mid_epoch() -> None:
+def test_epoch_loader_resumes_mid_epoch() -> None:
     """Starting at batch k yields exactly the batches k.. of the uninterrupted epoch."""
     dataset = numbered_images(50)
-    full = list(epoch_batches(dataset, 8, seed=3, epoch=2))
-    resumed = list(epoch_batches(dataset, 8, seed=3, epoch=2, start_batch=4))
+    full = list(EpochLoader(dataset, 8, seed=3).epoch(2))
+    resumed = list(EpochLoader(dataset, 8, seed=3).epoch(2, start_batch=4))
     assert len(full) == steps_per_epoch(50, 8) == 7
     assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
 
 
 @pytest.mark.slow
-def test_epoch_batches_do_not_depend_on_workers(tmp_path: Path, cifar_writer) -> None:
+def test_epoch_loader_batches_do_not_depend_on_workers(tmp_path: Path, cifar_writer) -> None:
     """Two forkserver workers give the same batches as loading in-process."""
     dataset = TensorImageDataset(load_cifar10(cifar_writer(tmp_path, images_per_batch=6)))
-    inline = list(epoch_batches(dataset, 7, seed=0, epoch=1))
-    workers = list(epoch_batches(dataset, 7, seed=0, epoch=1, num_workers=2))
+    inline = list(EpochLoader(dataset, 7, seed=0).epoch(1))
+    workers = list(EpochLoader(dataset, 7, seed=0, num_workers=2).epoch(1))
     assert all(torch.equal(a, b) for a, b in zip(inline, workers, strict=True))
 
 
@@ -268,7 +267,7 @@ def test_device_resident_batches_equal_the_dataloader_path() -> None:
     )
     for start in (0, 2):
         loaded = list(
-            epoch_batches(TensorImageDataset(images), 8, seed=4, epoch=3, start_batch=start)
+            EpochLoader(TensorImageDataset(images), 8, seed=4).epoch(3, start_batch=start)
         )
         resident = list(device_epoch_batches(images, 8, seed=4, epoch=3, start_batch=start))
         assert len(loaded) == len(resident) == 5 - start
@@ -347,17 +346,18 @@ def test_stale_epoch_cannot_read_the_next_epochs_batches() -> None:
         next(stale)
 
 
-def test_shared_loader_is_reused_for_the_same_arguments() -> None:
-    """shared_epoch_loader returns one loader per (dataset, batch size, workers, pinning, seed)
-    and builds a new one when any of them changes."""
-    dataset = numbered_images(10)
-    try:
-        loader = shared_epoch_loader(dataset, 4, seed=1)
-        assert shared_epoch_loader(dataset, 4, seed=1) is loader
-        assert shared_epoch_loader(dataset, 4, seed=2) is not loader
-        assert shared_epoch_loader(numbered_images(10), 4, seed=2) is not loader
-    finally:
-        shared_epoch_loader.cache_clear()
+def test_training_data_keeps_one_loader_for_all_epochs(tiny_config) -> None:
+    """A run's TrainingData reads every epoch through one EpochLoader (its workers persist),
+    starts it only when an epoch needs it, and drops it on close."""
+    config = tiny_config({"data.loader": "dataloader", "data.image_size": 32})
+    data = TrainingData(numbered_images(10), config)
+    assert data._loader is None
+    first = list(data.epoch(1))
+    loader = data._loader
+    assert len(first) == 3 and loader is not None
+    assert len(list(data.epoch(2, start_batch=1))) == 2 and data._loader is loader
+    data.close()
+    assert data._loader is None
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda])])
@@ -367,8 +367,8 @@ def test_batches_land_on_the_device_bit_identical(device: str) -> None:
     images = random_images(10)
     dataset = TensorImageDataset(images)
     pinned = device == "cuda"
-    got = list(epoch_batches(dataset, 4, seed=1, epoch=2, pin_memory=pinned, device=device))
+    got = list(EpochLoader(dataset, 4, seed=1, pin_memory=pinned).epoch(2, device=device))
     assert all(x.device.type == device and x.dtype == torch.float32 for x in got)
     assert_same_batches(got, list(device_epoch_batches(images.to(device), 4, seed=1, epoch=2)))
-    on_cpu = list(epoch_batches(dataset, 4, seed=1, epoch=2))
+    on_cpu = list(EpochLoader(dataset, 4, seed=1).epoch(2))
     assert_same_batches([x.cpu() for x in got], on_cpu)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ddpm.diffusion import _COMPILED_STEPS, DiffusionModel, linear_beta_schedule
-from ddpm.training import train_step
+from ddpm.training import TrainingState, train_step
 from ddpm.unet import UNet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -155,7 +155,7 @@ def test_fifty_adam_steps_bring_loss_under_half(device: str) -> None:
     x = smooth_batch(0).to(device)
     first = model(x).item()
     for _ in range(50):
-        loss = train_step(model, optimizer, x)
+        loss = train_step(TrainingState(model, optimizer), x)
     assert isinstance(loss, float)  # regression: train_step returned a tensor
     with torch.no_grad():
         final = statistics.mean(model(x).item() for _ in range(16))

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ddpm.data import TensorImageDataset
+from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.pipeline import build_training, run_epoch
+from ddpm.run import build_training, run_epoch
 from ddpm.training import (
+    TrainingState,
     build_ema,
     build_optimizer,
     resolve_precision,
@@ -22,12 +23,10 @@ from ddpm.training import (
 )
 from ddpm.unet import UNet
 
-# build_training's arguments for a tiny run: an 8-wide U-Net, T = 20.
-TINY = dict(
-    hidden_size=8, channels=3, num_timesteps=20, beta_start=1e-4, beta_end=0.02,
-    optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, warmup_steps=0,
-    schedule="constant", total_steps=10, ema_decay=0.9, seed=0,
-)  # fmt: skip
+
+def random_data(config, n: int = 8) -> TrainingData:
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    return TrainingData(TensorImageDataset(images), config)
 
 
 def smooth_batch(seed: int) -> torch.Tensor:
@@ -44,7 +43,7 @@ def test_bf16_training_on_cpu_still_converges() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
     x = smooth_batch(0)
     for _ in range(50):
-        train_step(model, optimizer, x, precision="bf16")
+        train_step(TrainingState(model, optimizer, precision="bf16"), x)
     with torch.no_grad():
         assert statistics.mean(model(x).item() for _ in range(16)) < 0.5
 
@@ -68,40 +67,26 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_counted_as_divergence() -> N
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
     before = [p.detach().clone() for p in model.parameters()]
     seen = []
-    metrics = train_epoch(
-        model,
-        optimizer,
+    result = train_epoch(
+        TrainingState(model, optimizer, precision="fp16", scaler=scaler),
         [smooth_batch(i) for i in range(12)],
-        precision="fp16",
-        scaler=scaler,
         max_bad_steps=0,
-        on_step=lambda i, m: seen.append(m["skipped"]),
+        on_step=lambda i, m: seen.append(m.skipped),
     )
-    assert metrics["bad_steps"] == 0 and seen[0] == 1.0 and seen[-1] == 0.0
+    assert result.bad_steps == 0 and seen[0] and not seen[-1]
     assert scaler.get_scale() < 2.0**24
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_fp16_scaler_state_is_checkpointed() -> None:
+def test_fp16_scaler_state_is_checkpointed(tiny_config) -> None:
     """An fp16 run's snapshot carries its scaler, and restoring puts the scale back."""
-    kwargs = {**TINY, "precision": "fp16"}
-    state = build_training(**kwargs)
-    data = TensorImageDataset(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
-    run_epoch(
-        state,
-        data,
-        1,
-        batch_size=4,
-        seed=0,
-        random_flip=False,
-        num_workers=0,
-        grad_clip=1.0,
-        device="cpu",
-    )
+    config = tiny_config({"train.precision": "fp16", "data.random_flip": False})
+    state = build_training(config, 10)
+    run_epoch(state, random_data(config), config.train)
     state.scaler.update(new_scale=123.0)  # as if overflows had lowered it
     snapshot = state.snapshot()
     assert snapshot["scaler"]["scale"] == 123.0
-    other = build_training(**kwargs)
+    other = build_training(config, 10)
     assert other.scaler.get_scale() != 123.0
     other.restore(snapshot)
     assert other.scaler.get_scale() == 123.0
@@ -141,7 +126,7 @@ def test_compiled_and_eager_steps_agree() -> None:
             model.eps_model.compile()
         optimizer = build_optimizer(model.parameters(), "sgd", lr=0.1, momentum=0.0)
         x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-        loss = train_step(model, optimizer, x)
+        loss = train_step(TrainingState(model, optimizer), x)
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         return loss, before, after, list(model.state_dict())
 
@@ -155,19 +140,16 @@ def test_compiled_and_eager_steps_agree() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fused_run_resumed_from_a_cpu_checkpoint_trains_on_cuda() -> None:
+def test_fused_run_resumed_from_a_cpu_checkpoint_trains_on_cuda(tiny_config) -> None:
     """A fused-Adam state restored on the CPU (as build-model does) and moved to CUDA carries
     all its optimizer state there, step counts included, and trains on."""
-    kwargs = {**TINY, "precision": "bf16", "fused": True, "device_type": "cuda"}
-    train = dict(
-        batch_size=4, seed=0, random_flip=False, num_workers=0, grad_clip=1.0, device="cuda"
-    )
-    data = TensorImageDataset(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
-    first = build_training(**kwargs)
-    run_epoch(first, data, 1, **train)
-    resumed = build_training(**kwargs)
+    config = tiny_config({"train.precision": "bf16", "train.fused": True, "train.device": "cuda"})
+    data = random_data(config)
+    first = build_training(config, 10)
+    run_epoch(first, data, config.train)
+    resumed = build_training(config, 10)
     resumed.restore(first.snapshot())
-    run_epoch(resumed, data, 2, **train)
+    run_epoch(resumed, data, config.train)
     assert all(
         t.device.type == "cuda" for s in resumed.optimizer.state.values() for t in s.values()
     )
@@ -190,20 +172,29 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_training_steps_read_nothing_from_the_device_between_reads() -> None:
+def test_training_steps_read_nothing_from_the_device_between_reads(tiny_config) -> None:
     """The project's step path (fused Adam, device-resident data, lr schedule, clipping, EMA)
     reads no tensor value on the host: 10 steps with read_every=4 make exactly 3 reads (after
     steps 4, 8 and 10), and on_step sees every step, in order, at those reads."""
-    state = build_training(**{**TINY, "fused": True, "warmup_steps": 3})
-    data = TensorImageDataset(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8))
+    config = tiny_config(
+        {
+            "train.fused": True,
+            "optim.warmup_steps": 3,
+            "data.loader": "device",
+            "train.log_every": 4,
+        }
+    )
+    state = build_training(config, 10)
+    data = random_data(config, 40)
     calls = []
     reads = HostReads()
     with reads:
         run_epoch(
-            state, data, 1, batch_size=4, seed=0, random_flip=True, num_workers=0,
-            grad_clip=1.0, device="cpu", loader="device", read_every=4,
+            state,
+            data,
+            config.train,
             on_step=lambda step, m: calls.append((step, state.global_step)),
-        )  # fmt: skip
+        )
     assert reads.seen == ["tolist"] * 3
     assert [step for step, _ in calls] == list(range(1, 11))
     assert [at for _, at in calls] == [4] * 4 + [8] * 4 + [10] * 2
@@ -235,38 +226,39 @@ def test_ema_matches_torch_averaged_model() -> None:
 
 
 @pytest.mark.parametrize(("saved_fused", "built_fused"), [(False, True), (True, False)])
-def test_restore_keeps_this_machines_optimizer_kernels(saved_fused, built_fused) -> None:
+def test_restore_keeps_this_machines_optimizer_kernels(
+    tiny_config, saved_fused, built_fused
+) -> None:
     """A checkpoint from an unfused optimizer restored into a fused build (a CPU run resumed
     on a GPU), or the reverse, steps with the kernels of the build, and trains on."""
-    data = TensorImageDataset(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
-    train = dict(batch_size=4, seed=0, random_flip=False, num_workers=0, grad_clip=1.0)
-    saved = build_training(**{**TINY, "fused": saved_fused})
-    run_epoch(saved, data, 1, device="cpu", **train)
-    resumed = build_training(**{**TINY, "fused": built_fused})
+    saved_config = tiny_config({"train.fused": saved_fused, "data.random_flip": False})
+    built_config = tiny_config({"train.fused": built_fused, "data.random_flip": False})
+    data = random_data(saved_config)
+    saved = build_training(saved_config, 10)
+    run_epoch(saved, data, saved_config.train)
+    resumed = build_training(built_config, 10)
     resumed.restore(saved.snapshot())
     assert all(bool(g["fused"]) == built_fused for g in resumed.optimizer.param_groups)
     before = torch.cat([p.detach().flatten().clone() for p in resumed.diffusion.parameters()])
-    metrics = run_epoch(resumed, data, 2, device="cpu", **train)
-    assert metrics["bad_steps"] == 0 and resumed.global_step == 4
+    result = run_epoch(resumed, data, built_config.train)
+    assert result.bad_steps == 0 and resumed.global_step == 4
     assert not torch.equal(before, torch.cat([p.flatten() for p in resumed.diffusion.parameters()]))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_training_steps_synchronise_only_at_reads() -> None:
+def test_cuda_training_steps_synchronise_only_at_reads(tiny_config) -> None:
     """On CUDA, with bf16, fused Adam, clipping and the EMA, 8 steps with read_every=4
     synchronise with the host exactly twice (torch's sync debug mode counts each one)."""
     import warnings
 
-    state = build_training(**{**TINY, "fused": True, "precision": "bf16", "device_type": "cuda"})
+    config = tiny_config({"train.fused": True, "train.precision": "bf16", "train.device": "cuda"})
+    state = build_training(config, 10)
     state.to("cuda")
     batches = [smooth_batch(i).cuda() for i in range(8)]
 
     def epoch() -> None:
-        train_epoch(
-            state.diffusion, state.optimizer, batches, device="cuda", scheduler=state.scheduler,
-            ema=state.ema, grad_clip=1.0, read_every=4, precision="bf16",
-        )  # fmt: skip
+        train_epoch(state, batches, read_every=4)
 
     epoch()  # warm-up: optimizer state, kernels chosen
     torch.cuda.synchronize()

@@ -3,6 +3,7 @@ non-finite losses, and exact resume from a mid-epoch checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import resource
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import make_config
 from torch import nn
 
 from ddpm.checkpoint import (
@@ -20,41 +22,30 @@ from ddpm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from ddpm.data import TensorImageDataset
+from ddpm.checkpoint_files import load_newest_valid, save_epoch_checkpoint
+from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.pipeline import (
-    build_or_resume,
-    build_training,
-    epoch_checkpoint,
-    list_step_checkpoints,
-    load_newest_valid,
-    run_epoch,
-    save_epoch_checkpoint,
+from ddpm.run import build_or_resume, build_training, run_epoch
+from ddpm.run_dir import RunDir
+from ddpm.training import (
+    TrainingDiverged,
+    TrainingState,
+    build_ema,
+    build_optimizer,
+    train_epoch,
 )
-from ddpm.training import TrainingDiverged, build_ema, build_optimizer, train_epoch
 from ddpm.unet import UNet
 
-BUILD = dict(
-    hidden_size=8,
-    channels=3,
-    num_timesteps=20,
-    beta_start=1e-4,
-    beta_end=0.02,
-    optimizer="adam",
-    lr=1e-3,
-    momentum=0.9,
-    weight_decay=0.0,
-    warmup_steps=2,
-    schedule="cosine",
-    total_steps=40,
-    ema_decay=0.9,
-    seed=0,
-)
-TRAIN = dict(batch_size=4, seed=0, random_flip=True, num_workers=0, grad_clip=1.0, device="cpu")
-DATA = TensorImageDataset(
-    torch.randint(
-        0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+CONFIG_CHANGES = {"optim.warmup_steps": 2, "optim.schedule": "cosine"}
+CONFIG = make_config(CONFIG_CHANGES)
+TOTAL_STEPS = 40
+DATA = TrainingData(
+    TensorImageDataset(
+        torch.randint(
+            0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
+    ),
+    CONFIG,
 )
 
 
@@ -65,28 +56,29 @@ def weights(state) -> torch.Tensor:
     )
 
 
-def two_epochs(folder: Path):
+def two_epochs(run: RunDir):
     """Train and checkpoint epochs 1 and 2; returns the state."""
-    state = build_training(**BUILD)
-    for epoch in (1, 2):
-        run_epoch(state, DATA, epoch, **TRAIN)
-        save_epoch_checkpoint(state.snapshot(), folder, epoch, keep=5)
+    state = build_training(CONFIG, TOTAL_STEPS)
+    for _ in (1, 2):
+        run_epoch(state, DATA, CONFIG.train)
+        save_epoch_checkpoint(state.snapshot(), run, keep=5)
     return state
 
 
 def test_bit_flip_is_caught_by_the_checksum(tmp_path: Path, caplog) -> None:
     """One flipped byte inside the newest checkpoint's tensor data (which torch.load would
     accept) fails its SHA-256; one warning names it and the older checkpoint is used."""
-    two_epochs(tmp_path)
-    newest = epoch_checkpoint(tmp_path, 2)
+    run = RunDir(tmp_path)
+    two_epochs(run)
+    newest = run.epoch_checkpoint(2)
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0x01
     newest.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_checkpoint(newest)
     with caplog.at_level(logging.WARNING):
-        path, state = load_newest_valid(tmp_path)
-    assert path == epoch_checkpoint(tmp_path, 1) and state["epoch"] == 1
+        path, state = load_newest_valid(run)
+    assert path == run.epoch_checkpoint(1) and state["epoch"] == 1
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "epoch_002.pt" in warning and "SHA-256" in warning
 
@@ -96,50 +88,56 @@ def test_planted_pickle_is_refused_and_the_previous_checkpoint_used(
 ) -> None:
     """A newest 'checkpoint' holding a pickled payload that would create a file is refused by
     weights_only loading: the file never appears and resume uses the previous checkpoint."""
-    two_epochs(tmp_path)
+    run = RunDir(tmp_path)
+    two_epochs(run)
     marker = tmp_path / "pwned"
-    plant_pickle(tmp_path / "epoch_003.pt", marker)
-    resumed = build_or_resume(tmp_path, **BUILD)
+    plant_pickle(run.epoch_checkpoint(3), marker)
+    resumed = build_or_resume(CONFIG, TOTAL_STEPS, run)
     assert resumed.epoch == 2 and not marker.exists()
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path: Path) -> None:
     """Resuming with another hidden_size names the checkpoint and both shapes instead of a
     load_state_dict traceback; another state format names both versions."""
-    two_epochs(tmp_path)
+    run = RunDir(tmp_path)
+    two_epochs(run)
+    wider = make_config({**CONFIG_CHANGES, "model.hidden_size": 16})
     with pytest.raises(CheckpointError, match=r"epoch_002\.pt holds a different model") as err:
-        build_or_resume(tmp_path, **{**BUILD, "hidden_size": 16})
+        build_or_resume(wider, TOTAL_STEPS, run)
     assert "model.hidden_size" in str(err.value) and "(8," in str(err.value)
-    state = load_checkpoint(epoch_checkpoint(tmp_path, 2))
+    state = load_checkpoint(run.epoch_checkpoint(2))
     state["versions"]["format"] = "0"
-    save_checkpoint(epoch_checkpoint(tmp_path, 3), {**state, "global_step": 99})
+    save_checkpoint(run.epoch_checkpoint(3), {**state, "global_step": 99})
     with pytest.raises(CheckpointError, match=r"epoch_003\.pt was written by checkpoint format"):
-        build_or_resume(tmp_path, **BUILD)
+        build_or_resume(CONFIG, TOTAL_STEPS, run)
 
 
 def test_disk_full_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """A write that hits a full disk (a 64 KiB file-size limit) raises, leaves the previous
     checkpoint and its checksum intact, and leaves no partial file."""
-    state = two_epochs(tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    run = RunDir(tmp_path)
+    state = two_epochs(run)
+    folder = run.checkpoints
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
     try:
         with pytest.raises(CheckpointError, match=r"could not write checkpoint .*epoch_003\.pt"):
-            save_epoch_checkpoint(state.snapshot(), tmp_path, 3, keep=5)
+            state.epoch = 3
+            save_epoch_checkpoint(state.snapshot(), run, keep=5)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     after = {
         p.name: p.read_bytes()
-        for p in tmp_path.iterdir()
+        for p in folder.iterdir()
         if p.suffix != ".sha256" or p.name != "epoch_003.pt.sha256"
     }
     assert {k: v for k, v in after.items() if k in before} == before
-    assert not (tmp_path / "epoch_003.pt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert load_newest_valid(tmp_path)[1]["epoch"] == 2
+    assert not run.epoch_checkpoint(3).exists()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert load_newest_valid(run)[1]["epoch"] == 2
 
 
 def test_background_writer_reraises_a_failed_write(tmp_path: Path) -> None:
@@ -176,16 +174,16 @@ def test_nan_steps_are_skipped_and_counted() -> None:
     seen = []
     snapshots = []
 
-    def on_step(i: int, m: dict[str, float]) -> None:
-        seen.append(m["skipped"])
+    def on_step(i: int, m) -> None:
+        seen.append(m.skipped)
         snapshots.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
 
     batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(5)]
-    metrics = train_epoch(model, opt, batches, on_step=on_step, max_bad_steps=2)
-    assert seen == [0.0, 1.0, 1.0, 0.0, 0.0] and metrics["bad_steps"] == 2
+    result = train_epoch(TrainingState(model, opt), batches, on_step=on_step, max_bad_steps=2)
+    assert seen == [False, True, True, False, False] and result.bad_steps == 2
     assert torch.equal(snapshots[0], snapshots[1]) and torch.equal(snapshots[1], snapshots[2])
     assert not torch.equal(snapshots[2], snapshots[3])
-    assert math.isfinite(metrics["loss"])
+    assert math.isfinite(result.loss)
 
 
 def test_a_skipped_step_changes_nothing_without_reading_the_device() -> None:
@@ -216,14 +214,17 @@ def test_a_skipped_step_changes_nothing_without_reading_the_device() -> None:
         skipped = []
         batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(4)]
         train_epoch(
-            model, optimizer, batches, ema=ema, grad_clip=1.0, after_step=keep, read_every=4,
-            on_step=lambda i, m: skipped.append(m["skipped"]),
-        )  # fmt: skip
+            TrainingState(model, optimizer, ema=ema, grad_clip=1.0),
+            batches,
+            after_step=keep,
+            read_every=4,
+            on_step=lambda i, m: skipped.append(m.skipped),
+        )
         return after, skipped
 
     for fused in (True, False):
         after, skipped = run(fused)
-        assert skipped == [0.0, 1.0, 0.0, 0.0]
+        assert skipped == [False, True, False, False]
         assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
         assert [s["steps"].max().item() for s in after] == [1, 1, 2, 3]
         assert [s["n_averaged"].item() for s in after] == [1, 1, 2, 3]
@@ -238,37 +239,37 @@ def test_too_many_nan_steps_in_a_row_fail_clearly() -> None:
     opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
     batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(8)]
     with pytest.raises(TrainingDiverged, match=r"4 steps in a row .*train.max_bad_steps = 3"):
-        train_epoch(model, opt, batches, max_bad_steps=3)
+        train_epoch(TrainingState(model, opt), batches, max_bad_steps=3)
 
 
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path: Path) -> None:
     """Mid-epoch checkpoints every 2 steps; resuming from one (fresh process state, other RNG
     state) and finishing gives bit-identical weights to the uninterrupted epochs."""
-    straight = build_training(**BUILD)
-    for epoch in (1, 2):
-        run_epoch(straight, DATA, epoch, **TRAIN)
+    straight = build_training(CONFIG, TOTAL_STEPS)
+    for _ in (1, 2):
+        run_epoch(straight, DATA, CONFIG.train)
 
-    first = build_training(**BUILD)
-    folder = tmp_path / "checkpoints"
-    run_epoch(first, DATA, 1, checkpoint_every=2, checkpoint_dir=folder, **TRAIN)
-    save_epoch_checkpoint(first.snapshot(), folder, 1, keep=3)
-    assert list_step_checkpoints(folder) == []  # superseded by the epoch checkpoint
+    train = dataclasses.replace(CONFIG.train, checkpoint_every=2)
+    run = RunDir(tmp_path)
+    first = build_training(CONFIG, TOTAL_STEPS)
+    run_epoch(first, DATA, train, run=run)
+    save_epoch_checkpoint(first.snapshot(), run, keep=3)
+    assert run.step_checkpoints() == []  # superseded by the epoch checkpoint
     # epoch 2, interrupted after its 3rd step (global step 8): checkpoints at 6 and 8 exist
-    partial = build_or_resume(folder, **BUILD)
+    partial = build_or_resume(CONFIG, TOTAL_STEPS, run)
 
-    def stop(step: int, _: dict[str, float]) -> None:
+    def stop(step: int, _) -> None:
         if step == 8:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_epoch(
-            partial, DATA, 2, checkpoint_every=2, checkpoint_dir=folder, on_step=stop, **TRAIN
-        )
-    assert [p.name for p in list_step_checkpoints(folder)] == ["step_0000006.pt", "step_0000008.pt"]
-    assert all(checksum_path(p).is_file() for p in list_step_checkpoints(folder))
+        run_epoch(partial, DATA, train, on_step=stop, run=run)
+    assert [p.name for p in run.step_checkpoints()] == ["step_0000006.pt", "step_0000008.pt"]
+    assert all(checksum_path(p).is_file() for p in run.step_checkpoints())
     torch.rand(1000)  # disturb the RNG: the checkpoint must restore it
-    resumed = build_or_resume(folder, **{**BUILD, "seed": 5})
+    other_seed = make_config({**CONFIG_CHANGES, "train.seed": 5})
+    resumed = build_or_resume(other_seed, TOTAL_STEPS, run)
     assert (resumed.epoch, resumed.epoch_step, resumed.global_step) == (1, 3, 8)
-    run_epoch(resumed, DATA, 2, **TRAIN)
+    run_epoch(resumed, DATA, CONFIG.train)
     assert resumed.global_step == straight.global_step == 10
     assert torch.equal(weights(resumed), weights(straight))

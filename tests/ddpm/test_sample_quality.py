@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm.data import TensorImageDataset
-from ddpm.pipeline import build_training, draw_samples, run_epoch
+from ddpm.config import Config, DataConfig, ModelConfig, OptimConfig, SampleConfig, TrainConfig
+from ddpm.data import TensorImageDataset, TrainingData
+from ddpm.run import build_training, draw_samples, run_epoch
 
 
 def colour_fields(copies: int, kinds: int = 8, seed: int = 0) -> torch.Tensor:
@@ -60,23 +61,20 @@ def test_a_trained_model_draws_images_like_its_training_images() -> None:
     far worse on the same weights (measured 23). About 5 minutes on one CPU thread."""
     data = colour_fields(copies=64)  # 512 images, 16 batches of 32
     real = data.float() / 127.5 - 1
-    state = build_training(
-        hidden_size=16, channels=3, num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-        optimizer="adam", lr=2e-3, momentum=0.9, weight_decay=0.0, warmup_steps=5000,
-        schedule="constant", total_steps=960, ema_decay=0.9999, seed=0,
-    )  # fmt: skip
-    dataset = TensorImageDataset(data)
-    for epoch in range(1, 61):
-        run_epoch(
-            state, dataset, epoch, batch_size=32, seed=0, random_flip=False, num_workers=0,
-            grad_clip=1.0, device="cpu", read_every=16,
-        )  # fmt: skip
+    config = Config(
+        data=DataConfig(random_flip=False),
+        model=ModelConfig(hidden_size=16),
+        optim=OptimConfig(lr=2e-3),
+        train=TrainConfig(batch_size=32, log_every=16),
+    )  # the defaults otherwise: T = 1000, warm-up 5000 (cut to 96), EMA 0.9999
+    state = build_training(config, total_steps=960)
+    dataset = TrainingData(TensorImageDataset(data), config)
+    for _ in range(60):
+        run_epoch(state, dataset, config.train)
     assert state.global_step == 960
 
     def draw(**sampler) -> torch.Tensor:
-        return draw_samples(
-            state, num=100, image_shape=(3, 32, 32), seed=1, use_ema=True, device="cpu", **sampler
-        )
+        return draw_samples(state, SampleConfig(num=100, **sampler), (3, 32, 32), seed=1)
 
     samples = draw(sampler="ddim", steps=100, eta=1.0)  # the settings' defaults
     noise = torch.rand(100, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.data import TensorImageDataset, epoch_batches
+from ddpm.data import EpochLoader, TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.training import (
+    TrainingState,
     build_ema,
     build_lr_scheduler,
     build_optimizer,
@@ -135,7 +136,7 @@ def test_ema_follows_training_after_a_few_hundred_steps() -> None:
     plain = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=True)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     for _ in range(300):
-        train_step(model, opt, x, ema=ema)
+        train_step(TrainingState(model, opt, ema=ema), x)
         plain.update_parameters(model)
     trained = torch.cat([p.detach().flatten() for p in model.parameters()])
     travelled = (trained - initial).norm()
@@ -153,36 +154,31 @@ def test_gradient_clipping_bounds_the_update() -> None:
     model = tiny_model()
     opt = build_optimizer(model.parameters(), "sgd", lr=1.0, momentum=0.0)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    train_step(model, opt, torch.rand(2, 3, 32, 32) * 2 - 1, grad_clip=1e-3)
+    train_step(TrainingState(model, opt, grad_clip=1e-3), torch.rand(2, 3, 32, 32) * 2 - 1)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_train_epoch_reports_metrics_and_steps_everything() -> None:
-    """train_epoch steps the optimizer, scheduler and EMA per batch and reports plain numbers."""
+    """train_epoch steps the optimizer, scheduler and EMA per batch, counts the state's steps,
+    and reports typed numbers."""
     model = tiny_model()
     opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
     sched = build_lr_scheduler(opt, warmup_steps=10, total_steps=100)
     ema = build_ema(model, decay=0.5)
+    state = TrainingState(model, opt, sched, ema, grad_clip=1.0, epoch=4, global_step=40)
     dataset = TensorImageDataset(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8))
     seen = []
-    metrics = train_epoch(
-        model,
-        opt,
-        epoch_batches(dataset, 4, seed=0, epoch=0),
-        scheduler=sched,
-        ema=ema,
-        grad_clip=1.0,
-        on_step=lambda i, m: seen.append((i, m)),
+    result = train_epoch(
+        state, EpochLoader(dataset, 4, seed=0).epoch(0), on_step=lambda i, m: seen.append((i, m))
     )
-    assert metrics["steps"] == 3 and metrics["images"] == 10
-    assert metrics["lr"] == pytest.approx(1e-3 * 3 / 10)  # three warm-up steps taken
-    assert all(isinstance(v, (int, float)) for v in metrics.values())
-    assert metrics["images_per_s"] > 0 and metrics["seconds"] > 0
-    assert metrics["loss"] == pytest.approx(sum(m["loss"] for _, m in seen) / 3)
-    assert [i for i, _ in seen] == [0, 1, 2]
-    assert all(set(m) == {"loss", "lr", "grad_norm", "skipped"} for _, m in seen)
-    assert [m["skipped"] for _, m in seen] == [0.0, 0.0, 0.0] and metrics["bad_steps"] == 0
+    assert (result.epoch, result.global_step, result.steps, result.images) == (5, 43, 3, 10)
+    assert (state.global_step, state.epoch_step, state.epoch) == (43, 3, 4)  # epoch: run_epoch's
+    assert result.lr == pytest.approx(1e-3 * 3 / 10)  # three warm-up steps taken
+    assert result.images_per_s > 0 and result.seconds > 0
+    assert result.loss == pytest.approx(sum(m.loss for _, m in seen) / 3)
+    assert [i for i, _ in seen] == [41, 42, 43]
+    assert [m.skipped for _, m in seen] == [False] * 3 and result.bad_steps == 0
     assert ema.n_averaged.item() == 3
 
 
@@ -194,7 +190,7 @@ def test_seed_everything_makes_training_repeatable() -> None:
         model = DiffusionModel(UNet(3, 3, hidden_size=8), num_timesteps=50)
         opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
         for _ in range(3):
-            train_step(model, opt, torch.rand(2, 3, 32, 32) * 2 - 1)
+            train_step(TrainingState(model, opt), torch.rand(2, 3, 32, 32) * 2 - 1)
         return torch.cat([p.flatten() for p in model.parameters()])
 
     assert torch.equal(run(), run())
@@ -212,5 +208,6 @@ def test_resolve_device() -> None:
 def test_train_step_loss_is_finite_float() -> None:
     """Regression: train_step returns a Python float (it returned a tensor)."""
     model = tiny_model()
-    loss = train_step(model, torch.optim.Adam(model.parameters()), torch.zeros(2, 3, 32, 32))
+    state = TrainingState(model, torch.optim.Adam(model.parameters()))
+    loss = train_step(state, torch.zeros(2, 3, 32, 32))
     assert type(loss) is float and math.isfinite(loss)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ddpm.pipeline import list_checkpoints
+from ddpm.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -130,7 +130,7 @@ def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cif
     assert flow_run.state.type.value == "COMPLETED", flow_run.state.message
     assert flow_run.parameters["overrides"]["train.epochs"] == 1
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["epoch_001.pt"]
+    assert [p.name for p in RunDir(run_dir).epoch_checkpoints()] == ["epoch_001.pt"]
     assert (run_dir / "checkpoints" / "epoch_001.pt.sha256").is_file()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_001.png"]
     assert {"training-progress", "epoch-metrics", "run-summary"} <= artifacts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from prefect import flow, get_client
 
 import flows.tasks
 from ddpm.checkpoint import load_checkpoint
-from ddpm.pipeline import list_checkpoints
+from ddpm.run_dir import RunDir
 from flows.tasks import (
     checkpoint_task,
     sample_and_log_task,
@@ -48,6 +49,7 @@ def test_whole_flow_on_tiny_cifar(tiny: dict[str, Any], task_runs) -> None:
     runs = task_runs(state.state_details.flow_run_id)
     assert {name: [r.state.type.value for r in rs] for name, rs in runs.items()} == {
         "download": ["COMPLETED"],
+        "load-data": ["COMPLETED"],
         "build-model": ["COMPLETED"],
         "train-epoch": ["COMPLETED"] * 2,
         "checkpoint": ["COMPLETED"] * 2,
@@ -55,7 +57,7 @@ def test_whole_flow_on_tiny_cifar(tiny: dict[str, Any], task_runs) -> None:
     }
     run_dir = Path(summary["run_dir"])
     assert run_dir.parent == Path(tiny["run.dir"]) and run_dir.name.startswith("run-")
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    checkpoints = RunDir(run_dir).epoch_checkpoints()
     assert [p.name for p in checkpoints] == ["epoch_001.pt", "epoch_002.pt"]
     last = load_checkpoint(checkpoints[-1])
     assert (last["epoch"], last["global_step"]) == (2, 4)  # 64 images / batch 32
@@ -81,6 +83,7 @@ def test_second_identical_run_does_nothing(tiny: dict[str, Any], task_runs) -> N
     assert "train-epoch" not in runs and "sample-and-log" not in runs
     assert files(Path(tiny["run.dir"])) == before
     assert again["epochs"] == 2 and again["run_dir"] == summary["run_dir"]
+    assert again["checkpoint"] == summary["checkpoint"]  # the summary names the last one
 
 
 def test_more_epochs_resume_and_other_hyperparameters_start_a_new_run(tiny: dict[str, Any]) -> None:
@@ -105,14 +108,16 @@ def test_transient_failure_in_train_epoch_is_retried_from_the_checkpoint(
     _, clean = run({**tiny, "run.dir": tiny["run.dir"] + "-clean"})
     real_run_epoch, failed = flows.tasks.run_epoch, []
 
-    def flaky(state, dataset, epoch, *, on_step, **kwargs):
-        def step(global_step: int, metrics: dict[str, float]) -> None:
+    def flaky(state, data, train, *, on_step, **kwargs):
+        epoch = state.epoch + 1
+
+        def step(global_step: int, metrics) -> None:
             on_step(global_step, metrics)
             if epoch == 2 and not failed:
                 failed.append(global_step)
                 raise RuntimeError("injected transient failure")
 
-        return real_run_epoch(state, dataset, epoch, on_step=step, **kwargs)
+        return real_run_epoch(state, data, train, on_step=step, **kwargs)
 
     monkeypatch.setattr(flows.tasks, "run_epoch", flaky)
     state, summary = run(tiny)
@@ -253,7 +258,8 @@ def test_command_line_help_and_bad_settings(tmp_path: Path, cli_env) -> None:
 def test_interactive_terminal_gets_a_progress_bar(
     tiny: dict[str, Any], tmp_path: Path, cli_env
 ) -> None:
-    """With stderr on a terminal, each epoch draws a progress bar that reaches all its steps."""
+    """With stderr on a terminal, each epoch and each sample grid draws a progress bar that
+    reaches all its steps."""
     import pty
 
     env = cli_env(tiny)  # the harness's server: no startup wait
@@ -281,5 +287,5 @@ def test_interactive_terminal_gets_a_progress_bar(
     screen = b"".join(chunks)
     assert result.returncode == 0
     text = screen.decode(errors="replace")
-    assert "epoch 1/2 [" + "#" * 30 + "] 2/2" in text
-    assert "epoch 2/2 [" + "#" * 30 + "] 2/2" in text
+    for label, steps in (("epoch 1/2", 2), ("epoch 2/2", 2), ("samples after epoch 2", 5)):
+        assert re.search(rf"{label} .*{steps}/{steps}", text), (label, text[-2000:])

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from settings import (
     Settings,
     SettingsError,
+    core_config,
     env_name,
     flag_name,
     flatten,
@@ -643,3 +644,57 @@ def test_json_round_trip(overrides: dict[str, Any]) -> None:
     text = json.dumps(dumped)
     assert load_settings(flatten(json.loads(text)), env_file=None) == s
     assert Settings(_env_file=None, **json.loads(text)) == s
+
+
+def test_core_config_defaults_are_the_settings_defaults() -> None:
+    """The core's Config() and the converted default settings agree field by field (on a CPU),
+    so a notebook using ddpm.config gets the same run as the command line."""
+    from ddpm.config import Config, DataConfig
+
+    converted = core_config(load_settings({"train.device": "cpu"}, env_file=None))
+    assert converted == Config(data=DataConfig(root=Path("data").resolve()))
+
+
+def test_core_config_resolves_choices_for_this_machine(tmp_path: Path) -> None:
+    """Settings become one typed Config: each setting lands in its concern's object, the
+    seed in one place, paths absolute, auto choices resolved (CPU: fp32, no compile, no fused
+    kernels)."""
+    cfg = load_settings(
+        {
+            "optim.lr": 1e-3,
+            "optim.grad_clip": 0.5,
+            "train.batch_size": 16,
+            "train.seed": 7,
+            "train.device": "cpu",
+            "run.checkpoint_every": 50,
+            "run.keep": 2,
+            "sample.sampler": "ddpm",
+            "data.dataset": "folder",
+            "data.folder": "images",
+        },
+        env_file=None,
+    )
+    config = core_config(cfg)
+    assert (config.optim.lr, config.optim.grad_clip, config.train.batch_size) == (1e-3, 0.5, 16)
+    assert config.train.seed == 7 and not hasattr(config.data, "seed")
+    assert (config.train.checkpoint_every, config.train.keep) == (50, 2)
+    assert config.data.folder == tmp_path / "images" and config.data.root.is_absolute()
+    assert (config.train.device, config.train.precision) == ("cpu", "fp32")
+    assert not (config.train.compile or config.train.fused or config.sample.compile)
+    assert config.image_shape == (3, 32, 32)
+
+
+def test_settings_and_the_core_config_import_without_torch() -> None:
+    """`import settings` (what --help needs) and `import ddpm.config` load no torch, and the
+    core loads no prefect, wandb, settings or measuring tool."""
+    import subprocess
+    import sys
+
+    light = "import sys, settings, ddpm.config; assert 'torch' not in sys.modules"
+    core = (
+        "import sys, ddpm.run, ddpm.data, ddpm.checkpoint_files, ddpm.images; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'wandb', 'settings') "
+        "or m in ('ddpm.bench', 'flows.overhead')]; assert not bad, bad"
+    )
+    for probe in (light, core):
+        subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)

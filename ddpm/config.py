@@ -1,0 +1,112 @@
+"""The core's configuration: one frozen dataclass per concern, holding resolved plain values.
+
+`settings.core_config` builds a `Config` from validated settings (device, precision and compile
+resolved for this machine); a notebook builds one directly, e.g.
+`Config(model=ModelConfig(hidden_size=32), train=TrainConfig(epochs=2))`. The defaults are the
+settings' defaults on a CPU (a test keeps them equal). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on, and how batches reach the device."""
+
+    dataset: Literal["cifar10", "folder"] = "cifar10"
+    root: Path = Path("data")  # where CIFAR-10 is downloaded and extracted
+    folder: Path | None = None  # the image folder, for dataset="folder"
+    url: str = CIFAR10_URL
+    image_size: int = 32  # px; a multiple of 32 (the U-Net halves it 5 times)
+    subset: int = 0  # train on this many images chosen from the seed; 0 = all
+    random_flip: bool = True  # horizontal flips, as in the DDPM paper's CIFAR-10 runs
+    num_workers: int = 0  # DataLoader worker processes (image folders)
+    loader: Literal["auto", "device", "dataloader"] = "auto"  # see data.TrainingData
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net."""
+
+    hidden_size: int = 128  # base width, a multiple of 8 (GroupNorm's 8 groups)
+    channels: int = 3  # image channels
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The linear noise schedule (DDPM paper: T = 1000, betas 1e-4 to 0.02)."""
+
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer, its lr schedule and gradient clipping."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 2e-4  # the peak lr
+    momentum: float = 0.9  # SGD momentum or Adam/AdamW beta1
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000  # at most a tenth of the run (training.run_warmup_steps)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop, on one resolved device."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    seed: int = 0  # weights, data order and flips, noise, the sample grid's noise
+    device: str = "cpu"  # resolved: cpu, cuda or cuda:N
+    ema_decay: float = 0.9999
+    log_every: int = 100  # steps between reads of the step metrics (each read waits)
+    max_bad_steps: int = 10  # non-finite steps in a row before the run fails
+    deterministic: bool = False
+    precision: Precision = "fp32"  # resolved: fp32, bf16 or fp16
+    compile: bool = False  # torch.compile the network
+    fused: bool = False  # fused optimizer kernels: one launch per step (CUDA)
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = off
+    keep: int = 3  # epoch checkpoints kept
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """The sample grid drawn during training."""
+
+    every: int = 1  # epochs between grids; 0 = never
+    num: int = 64
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 100  # DDIM steps (ddpm always takes all T)
+    eta: float = 1.0  # DDIM's fresh noise per step: 0 = deterministic, 1 = ancestral
+    use_ema: bool = True
+    clip_denoised: bool = True  # clip each step's x0 estimate to [-1, 1]
+    compile: bool = False  # torch.compile the sampler's steps
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the core needs to train and sample one run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one training image."""
+        return (self.model.channels, self.data.image_size, self.data.image_size)

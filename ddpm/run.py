@@ -1,0 +1,217 @@
+"""One training run, as a workflow composes it from its config:
+
+    build_or_resume -> (run_epoch -> save_epoch_checkpoint -> draw_samples)*
+
+A notebook, a script or an orchestrator drives it alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ddpm.checkpoint import CheckpointWriter, to_cpu
+from ddpm.checkpoint_files import load_newest_valid, save_step_checkpoint
+from ddpm.config import Config, SampleConfig, TrainConfig
+from ddpm.data import TrainingData
+from ddpm.diffusion import DiffusionModel
+from ddpm.run_dir import RunDir
+from ddpm.training import (
+    EpochResult,
+    StepCallback,
+    TrainingState,
+    autocast,
+    build_ema,
+    build_lr_scheduler,
+    build_optimizer,
+    run_warmup_steps,
+    seed_everything,
+    train_epoch,
+)
+from ddpm.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+def build_training(
+    config: Config, total_steps: int, settings: Mapping[str, Any] | None = None
+) -> TrainingState:
+    """Build a fresh run's U-Net, DiffusionModel, optimizer, lr schedule and EMA on the CPU.
+
+    The weights come from config.train.seed, so two builds of one config are identical.
+
+    Args:
+        config: model, diffusion, optim and train (seed, EMA decay, precision, device for
+            fused kernels and the fp16 scaler) are read.
+        total_steps: the run's steps; the lr warm-up is cut to a tenth of them where longer
+            (see run_warmup_steps) and a cosine schedule ends there.
+        settings: stored in every snapshot of the state (the resolved settings, for people).
+    """
+    model, optim, train = config.model, config.optim, config.train
+    seed_everything(train.seed, train.deterministic)
+    diffusion = DiffusionModel(
+        UNet(model.channels, model.channels, model.hidden_size),
+        (config.diffusion.beta_start, config.diffusion.beta_end),
+        config.diffusion.num_timesteps,
+    )
+    opt = build_optimizer(
+        diffusion.parameters(), optim.name, optim.lr, optim.momentum, optim.weight_decay,
+        train.fused,
+    )  # fmt: skip
+    # Decided once, when the run starts: a resumed run restores the schedule from its
+    # checkpoint (see LRSchedule), so raising the epochs later keeps its warm-up.
+    warmup = run_warmup_steps(optim.warmup_steps, total_steps)
+    state = TrainingState(
+        diffusion,
+        opt,
+        scheduler=build_lr_scheduler(opt, warmup, total_steps, optim.schedule),
+        ema=build_ema(diffusion, train.ema_decay),
+        grad_clip=optim.grad_clip,
+        precision=train.precision,
+        settings=dict(settings or {}),
+    )
+    if train.precision == "fp16":
+        state.scaler = torch.amp.GradScaler(torch.device(train.device).type)
+    state.initial = state.snapshot()
+    return state
+
+
+def build_or_resume(
+    config: Config, total_steps: int, run: RunDir, settings: Mapping[str, Any] | None = None
+) -> TrainingState:
+    """build_training, then restore the run's newest valid checkpoint if any.
+
+    Raises:
+        CheckpointError: if that checkpoint is of another format or model shape.
+    """
+    state = build_training(config, total_steps, settings)
+    found = load_newest_valid(run)
+    if found is not None:
+        path, checkpoint = found
+        state.restore(checkpoint, str(path))
+        log.info("resuming from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
+    return state
+
+
+def rewind(state: TrainingState, run: RunDir) -> str:
+    """Put a dirty state back to the run's newest valid checkpoint (or its initial weights).
+
+    Returns:
+        what it was restored from, for the log.
+    """
+    found = load_newest_valid(run)
+    if found is not None:
+        state.restore(found[1], str(found[0]))
+        return str(found[0])
+    state.restore(state.initial)
+    return "the initial weights"
+
+
+def run_epoch(
+    state: TrainingState,
+    data: TrainingData,
+    train: TrainConfig,
+    *,
+    on_step: StepCallback | None = None,
+    after_step: Callable[[], None] | None = None,
+    run: RunDir | None = None,
+) -> EpochResult:
+    """Train the state's next epoch on train.device, from batch state.epoch_step on.
+
+    Every train.checkpoint_every steps (with a run folder) a CPU snapshot goes to a mid-epoch
+    checkpoint on a background thread; each write must finish by the end of the next step, so
+    a crash loses at most checkpoint_every steps. The step metrics are read from the device
+    every train.log_every steps; train.compile compiles the network (in place, once; state
+    dicts are unchanged). On CUDA the model and batches use the channels-last memory format.
+
+    Args:
+        on_step: called with (the run's step number, its metrics) for every step, at the
+            reads (see train_epoch).
+        after_step: called after each step is queued, with nothing read (a progress bar).
+        run: where mid-epoch checkpoints go.
+    """
+    state.to(train.device)
+    channels_last = state.device.type == "cuda"
+    if channels_last:
+        state.diffusion.to(memory_format=torch.channels_last)
+    if train.compile and not state.compiled:
+        state.diffusion.eps_model.compile()
+        state.compiled = True
+    state.dirty = True
+    writer = CheckpointWriter() if train.checkpoint_every and run is not None else None
+
+    def bookkeeping() -> None:
+        if writer is not None:
+            writer.wait()  # the previous write overlapped this step; it must be done now
+            if state.global_step % train.checkpoint_every == 0:
+                snapshot = state.snapshot()
+                writer.submit(lambda: save_step_checkpoint(snapshot, run))
+        if after_step is not None:
+            after_step()
+
+    batches = data.epoch(state.epoch + 1, start_batch=state.epoch_step)
+    if channels_last:
+        batches = (x.contiguous(memory_format=torch.channels_last) for x in batches)
+    try:
+        result = train_epoch(
+            state,
+            batches,
+            on_step=on_step,
+            after_step=bookkeeping,
+            read_every=train.log_every,
+            max_bad_steps=train.max_bad_steps,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+    state.epoch, state.epoch_step, state.dirty = result.epoch, 0, False
+    return result
+
+
+def draw_samples(
+    state: TrainingState,
+    sample: SampleConfig,
+    image_shape: tuple[int, int, int],
+    seed: int,
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Sample a batch from fixed noise, on the state's device: the same seed gives the same
+    noise every epoch.
+
+    x_T comes from a CPU generator, so it is the same on any device, and the global RNG (which
+    training draws from) is left untouched; the per-step noise comes from a generator on the
+    device seeded from it. The network runs in the run's precision.
+
+    Args:
+        sample: num, sampler (ddim with steps and eta, or ddpm), use_ema, clip_denoised and
+            compile (the sampler's steps through torch.compile; CUDA graphs on CUDA).
+        image_shape: (C, H, W).
+        progress: called after each sampler step (nothing is read from the device).
+
+    Returns:
+        (sample.num, C, H, W) samples in [-1, 1], on the CPU.
+    """
+    model = state.ema.module if sample.use_ema and state.ema is not None else state.diffusion
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    options = {
+        "generator": generator,
+        "compile": sample.compile,
+        "clip_denoised": sample.clip_denoised,
+        "progress": progress,
+    }
+    try:
+        with autocast(state.device.type, state.precision):
+            if sample.sampler == "ddim":
+                x = model.sample_ddim(
+                    sample.num, image_shape, sample.steps, eta=sample.eta, **options
+                )
+            else:
+                x = model.sample(sample.num, image_shape, **options)
+    finally:
+        model.train(was_training)
+    return to_cpu(x.float())

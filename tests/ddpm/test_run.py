@@ -1,0 +1,204 @@
+"""Run-level operations: build and resume, checkpoint files, rewinding, datasets, samples."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.checkpoint_files import load_newest_valid, prune_checkpoints, save_epoch_checkpoint
+from ddpm.config import DataConfig
+from ddpm.data import (
+    DatasetError,
+    ImageFolderDataset,
+    TensorImageDataset,
+    TrainingData,
+    load_dataset,
+    locate_dataset,
+)
+from ddpm.run import build_or_resume, build_training, draw_samples, rewind, run_epoch
+from ddpm.run_dir import RunDir
+
+
+@pytest.fixture
+def config(tiny_config):
+    return tiny_config()
+
+
+@pytest.fixture
+def data(tmp_path: Path, cifar_writer, config) -> TrainingData:
+    """10 official-format CIFAR images (batches of 2), read as a run reads them."""
+    path = cifar_writer(tmp_path / "cifar", 2)
+    return TrainingData(load_dataset(config, path), config)
+
+
+def weights(state) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in state.diffusion.parameters()])
+
+
+def test_build_is_deterministic_from_the_seed(tiny_config) -> None:
+    """Two builds with the same seed have identical weights; another seed differs."""
+    config = tiny_config()
+    assert torch.equal(weights(build_training(config, 100)), weights(build_training(config, 100)))
+    other = build_training(tiny_config({"train.seed": 1}), 100)
+    assert not torch.equal(weights(build_training(config, 100)), weights(other))
+
+
+def test_run_epoch_counts_steps_and_calls_back_with_global_steps(data, config) -> None:
+    """An epoch of 10 images at batch 4 is 3 steps; callbacks see global steps 1..3, then 4..6;
+    the results are typed, their counts integers."""
+    state, seen = build_training(config, 100), []
+    r1 = run_epoch(state, data, config.train, on_step=lambda s, m: seen.append(s))
+    r2 = run_epoch(state, data, config.train, on_step=lambda s, m: seen.append(s))
+    assert seen == [1, 2, 3, 4, 5, 6] and data.steps_per_epoch == 3
+    assert (r1.epoch, r1.global_step, r1.steps, r2.epoch, r2.global_step) == (1, 3, 3, 2, 6)
+    assert all(type(v) is int for v in (r2.epoch, r2.global_step, r2.steps, r2.images))
+    assert (state.epoch, state.global_step, state.dirty) == (2, 6, False)
+
+
+def test_after_step_runs_every_step_between_reads(data, tiny_config) -> None:
+    """after_step (a progress bar's advance) runs once per step as it is queued, before the
+    step metrics are read: with reads every 100 steps, all 3 come before the first read."""
+    config = tiny_config({"train.log_every": 100})
+    state, events = build_training(config, 100), []
+    run_epoch(
+        state,
+        data,
+        config.train,
+        on_step=lambda s, m: events.append(("read", s)),
+        after_step=lambda: events.append(("queued", state.epoch_step)),
+    )
+    assert events == [("queued", 1), ("queued", 2), ("queued", 3)] + [
+        ("read", s) for s in (1, 2, 3)
+    ]
+
+
+def test_checkpoints_are_listed_by_epoch_and_pruned(tmp_path: Path, config) -> None:
+    """epoch_XXX.pt files sort by epoch (epoch 10 after 9), only the newest `keep` stay."""
+    state, run = build_training(config, 100), RunDir(tmp_path)
+    for epoch in (1, 2, 9, 10):
+        state.epoch = epoch
+        save_epoch_checkpoint(state.snapshot(), run, keep=10)
+    (run.checkpoints / "notes.txt").write_text("not a checkpoint")
+    assert [p.name for p in run.epoch_checkpoints()] == [
+        "epoch_001.pt",
+        "epoch_002.pt",
+        "epoch_009.pt",
+        "epoch_010.pt",
+    ]
+    removed = prune_checkpoints(run, keep=2)
+    assert [p.name for p in removed] == ["epoch_001.pt", "epoch_002.pt"]
+    assert [p.name for p in run.epoch_checkpoints()] == ["epoch_009.pt", "epoch_010.pt"]
+    assert RunDir(tmp_path / "missing").epoch_checkpoints() == []
+
+
+def test_run_dir_names_every_file_of_a_run(tmp_path: Path) -> None:
+    """The run folder's layout, as users and tools find it."""
+    run = RunDir(tmp_path / "run-1")
+    assert run.settings_file == tmp_path / "run-1" / "settings.json"
+    assert run.epoch_checkpoint(3) == tmp_path / "run-1" / "checkpoints" / "epoch_003.pt"
+    assert run.step_checkpoint(400) == tmp_path / "run-1" / "checkpoints" / "step_0000400.pt"
+    assert run.grid(12) == tmp_path / "run-1" / "samples" / "epoch_012.png"
+    assert run.wandb_id_file.name == "wandb_id.txt" and run.name == "run-1"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_newest_checkpoint_falls_back_with_one_warning(
+    tmp_path: Path, data, config, caplog, damage: str
+) -> None:
+    """A truncated or garbage newest checkpoint is skipped with one warning; the older is used."""
+    state, run = build_training(config, 100), RunDir(tmp_path)
+    run_epoch(state, data, config.train)
+    save_epoch_checkpoint(state.snapshot(), run, keep=3)
+    run_epoch(state, data, config.train)
+    newest = save_epoch_checkpoint(state.snapshot(), run, keep=3)
+    raw = newest.read_bytes()
+    newest.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"\x00" * 64)
+    with caplog.at_level(logging.WARNING):
+        path, checkpoint = load_newest_valid(run)
+    assert path == run.epoch_checkpoint(1) and checkpoint["epoch"] == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "epoch_002.pt" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+
+
+def test_resume_and_rewind(tmp_path: Path, data, config) -> None:
+    """build_or_resume restores the newest checkpoint; rewind puts a mid-epoch state back to
+    it, or to the initial weights when no checkpoint exists yet."""
+    run = RunDir(tmp_path)
+    fresh = build_or_resume(config, 100, run)
+    assert (fresh.epoch, fresh.global_step) == (0, 0)
+    initial = weights(fresh)
+    run_epoch(fresh, data, config.train)
+    fresh.dirty = True  # as if epoch 2 had failed midway
+    assert rewind(fresh, run) == "the initial weights"
+    assert torch.equal(weights(fresh), initial) and fresh.epoch == 0 and not fresh.dirty
+
+    run_epoch(fresh, data, config.train)
+    after_one = weights(fresh)
+    save_epoch_checkpoint(fresh.snapshot(), run, keep=3)
+    resumed = build_or_resume(config, 100, run)
+    assert (resumed.epoch, resumed.global_step) == (1, 3)
+    assert torch.equal(weights(resumed), after_one)
+    run_epoch(resumed, data, config.train)
+    assert rewind(resumed, run) == str(run.epoch_checkpoint(1))
+    assert torch.equal(weights(resumed), after_one) and resumed.global_step == 3
+
+
+def test_locate_dataset(tmp_path: Path, cifar_writer) -> None:
+    """cifar10 finds the extracted folder; folder must exist; unknown kinds are refused."""
+    cifar_writer(tmp_path)
+    cifar = DataConfig(root=tmp_path, url="http://127.0.0.1:9/x")
+    assert locate_dataset(cifar) == tmp_path / "cifar-10-batches-py"
+    assert locate_dataset(DataConfig(dataset="folder", folder=tmp_path)) == tmp_path
+    with pytest.raises(DatasetError, match=r"set data\.folder"):
+        locate_dataset(DataConfig(dataset="folder", folder=tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        locate_dataset(DataConfig(dataset="imagenet"))  # type: ignore[arg-type]
+
+
+def test_load_dataset_subsets_and_folders(tmp_path: Path, cifar_writer, tiny_config) -> None:
+    """A subset keeps N images; image folders load lazily with their own subset."""
+    cifar = load_dataset(tiny_config({"data.subset": 7}), cifar_writer(tmp_path, 4))
+    assert len(cifar) == 7
+    for i in range(5):
+        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    folder = load_dataset(tiny_config({"data.dataset": "folder", "data.subset": 3}), tmp_path)
+    assert len(folder) == 3 and folder[0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samples_come_from_fixed_noise_and_leave_training_rng_alone(
+    tiny_config, sampler: str
+) -> None:
+    """Two draws give identical grids, and the global RNG that training draws from is
+    unchanged by sampling; the progress callback runs once per sampler step."""
+    config = tiny_config({"sample.sampler": sampler})
+    state, ticks = build_training(config, 100), []
+    rng = torch.get_rng_state()
+    a = draw_samples(state, config.sample, config.image_shape, 3, lambda: ticks.append(1))
+    b = draw_samples(state, config.sample, config.image_shape, 3)
+    assert torch.equal(a, b) and a.shape == (2, 3, 32, 32) and a.device.type == "cpu"
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert state.diffusion.training  # the model is back in train mode
+    assert len(ticks) == (5 if sampler == "ddim" else 20)
+
+
+def test_training_data_picks_device_resident_batches_for_in_memory_datasets(
+    tmp_path: Path, tiny_config
+) -> None:
+    """auto keeps in-memory images on the device (no DataLoader) and reads image folders with
+    a DataLoader; device with a folder is refused; both paths give the same batches."""
+    images = TensorImageDataset(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8))
+    auto = TrainingData(images, tiny_config())
+    via_loader = TrainingData(images, tiny_config({"data.loader": "dataloader"}))
+    assert auto.on_device and not via_loader.on_device
+    pairs = zip(auto.epoch(1), via_loader.epoch(1), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    folder = ImageFolderDataset(tmp_path, 32)
+    assert not TrainingData(folder, tiny_config()).on_device
+    with pytest.raises(ValueError, match=r"data\.loader=device needs an in-memory dataset"):
+        TrainingData(folder, tiny_config({"data.loader": "device"}))
