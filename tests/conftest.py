@@ -18,8 +18,10 @@ from tiny_run import make_config
 from ddpm.config import Config
 
 # One intra-op thread: with another process on the same two cores, torch's default of one
-# thread per core made a small forward pass 50x slower (../shared/ENVIRONMENT.md).
+# thread per core made a small forward pass 50x slower (../shared/ENVIRONMENT.md). The
+# variable carries the choice to the runs the tests start as child processes.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
