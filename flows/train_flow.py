@@ -165,6 +165,7 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
                 )
         failed = False
     finally:
+        data.close()  # DataLoader workers, if any, stop with the run
         publish_summary(cfg, run, summary, tracker.url)
         tracker.finish(failed)
     return summary
