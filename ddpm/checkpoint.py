@@ -19,13 +19,15 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from ddpm.errors import UserError
+
 # Bump when the layout of the state dict changes. 2: the sinusoidal timestep embedding, the
 # posterior-mean buffers, and the lr schedule's settings saved with the scheduler.
 FORMAT_VERSION = 2
 CHECKSUM_SUFFIX = ".sha256"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: corrupt, or from an incompatible version or model."""
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ddpm.config import CIFAR10_URL, Config, DataConfig
+from ddpm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,27 @@ CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset is missing, malformed or failed verification; the message names the file."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def _transient_download_error(err: BaseException) -> bool:
+    """Whether a failed download may succeed when tried again: a timeout, a reset or refused
+    connection, an HTTP 5xx or 429. A name that does not resolve, a 404 or a bad URL fail the
+    same way every time."""
+    import socket
+    import urllib.error
+
+    if isinstance(err, urllib.error.HTTPError):
+        return err.code >= 500 or err.code == 429
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, socket.gaierror):
+        return False
+    return isinstance(reason, (TimeoutError, ConnectionError))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +133,8 @@ def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5)
 
     Raises:
         DatasetError: if the download fails or the archive fails its checksum twice; the message
-            says where to put the archive or the extracted folder by hand.
+            says where to put the archive or the extracted folder by hand. Its `transient`
+            says whether trying again may help (a timeout, not a DNS failure).
     """
     from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
@@ -132,7 +153,10 @@ def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5)
             try:
                 download_url(url, str(root), archive.name)
             except Exception as err:
-                raise DatasetError(f"could not download {url} ({err}); {by_hand}") from err
+                raise DatasetError(
+                    f"could not download {url} ({err}); {by_hand}",
+                    transient=_transient_download_error(err),
+                ) from err
         if check_integrity(str(archive), md5):
             extract_archive(str(archive), str(root))
             if not cifar10_is_extracted(root):
@@ -448,17 +472,26 @@ def load_dataset(config: Config, path: Path) -> Dataset:
     folder read lazily, each cut to data.subset images chosen from train.seed.
 
     Items are uint8 (model.channels, data.image_size, data.image_size).
+
+    Raises:
+        DatasetError: if data.subset asks for more images than path holds.
     """
     data, seed = config.data, config.train.seed
     if data.dataset == "cifar10":
-        images = load_cifar10(Path(path))
-        return TensorImageDataset(images[subset_indices(len(images), data.subset, seed)])
-    images = ImageFolderDataset(Path(path), data.image_size, config.model.channels)
-    return (
-        images
-        if data.subset == 0
-        else Subset(images, subset_indices(len(images), data.subset, seed))
-    )
+        images: Dataset = TensorImageDataset(load_cifar10(Path(path)))
+    else:
+        images = ImageFolderDataset(Path(path), data.image_size, config.model.channels)
+    if data.subset > len(images):
+        raise DatasetError(
+            f"data.subset is {data.subset} but {path} holds {len(images)} images; "
+            "lower data.subset (0 = all)"
+        )
+    if data.subset == 0:
+        return images
+    indices = subset_indices(len(images), data.subset, seed)
+    if isinstance(images, TensorImageDataset):
+        return TensorImageDataset(images.images[indices])
+    return Subset(images, indices)
 
 
 class TrainingData:

@@ -118,6 +118,7 @@ def run_epoch(
     on_step: StepCallback | None = None,
     after_step: Callable[[], None] | None = None,
     run: RunDir | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> EpochResult:
     """Train the state's next epoch on train.device, from batch state.epoch_step on.
 
@@ -132,6 +133,10 @@ def run_epoch(
             reads (see train_epoch).
         after_step: called after each step is queued, with nothing read (a progress bar).
         run: where mid-epoch checkpoints go.
+        stop: asked before each step (see train_epoch). When it ends the epoch early, the
+            state after the last step taken goes to a mid-epoch checkpoint (with a run
+            folder) before this returns, so a re-run resumes with no step lost or repeated;
+            the result's `stopped` is set and the state stays mid-epoch.
     """
     state.to(train.device)
     channels_last = state.device.type == "cuda"
@@ -163,11 +168,16 @@ def run_epoch(
             after_step=bookkeeping,
             read_every=train.log_every,
             max_bad_steps=train.max_bad_steps,
+            stop=stop,
         )
     finally:
         if writer is not None:
             writer.close()
-    state.epoch, state.epoch_step, state.dirty = result.epoch, 0, False
+    if not result.stopped:
+        state.epoch, state.epoch_step, state.dirty = result.epoch, 0, False
+    elif run is not None:
+        save_step_checkpoint(state.snapshot(), run)
+        state.dirty = False  # the state is the checkpoint's
     return result
 
 

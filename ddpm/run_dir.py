@@ -2,6 +2,7 @@
 
 runs/<run name>/
     settings.json            the resolved settings
+    lock                     held (flock) by the process training the run, which it names
     wandb_id.txt             the W&B run id, so a resumed run continues it
     checkpoints/epoch_001.pt (+ .sha256), step_0000400.pt (mid-epoch), ...
     samples/epoch_001.png    the sample grid after epoch 1, ...
@@ -9,12 +10,22 @@ runs/<run name>/
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddpm.errors import UserError
+
 _EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
 _STEP_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
+
+
+class RunInUse(UserError):
+    """Another process holds the run folder's lock."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,38 @@ class RunDir:
     @property
     def wandb_id_file(self) -> Path:
         return self.path / "wandb_id.txt"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "lock"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run folder for this process: an exclusive lock (flock) on its lock file,
+        which the OS releases when the process ends however it ends, so a crash never leaves
+        a stale lock. The file holds the holder's PID, for the message of the next one.
+
+        Raises:
+            RunInUse: at once, naming the folder and the holder's PID, if another process
+                holds it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise RunInUse(
+                    f"{self.path} is in use by process {holder}, which is training this run; "
+                    "wait for it to end or stop it (a second process would interleave its "
+                    "checkpoints)"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         """checkpoints/epoch_XXX.pt, epochs numbered from 1."""

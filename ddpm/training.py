@@ -360,6 +360,7 @@ class EpochResult:
     images: int  # images seen
     images_per_s: float
     seconds: float  # wall time
+    stopped: bool = False  # ended early at a stop request; the epoch's other batches are to do
 
 
 def _masks_on_device(optimizer: Optimizer) -> bool:
@@ -482,6 +483,7 @@ def train_epoch(
     after_step: Callable[[], None] | None = None,
     read_every: int = 1,
     max_bad_steps: int | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> EpochResult:
     """Train on every batch of the state's next epoch, counting its steps.
 
@@ -502,6 +504,8 @@ def train_epoch(
             non-finite loss or gradient (skipped steps); None never raises. Found at the next
             read, so up to read_every - 1 further steps may have run. Steps the fp16 scaler
             skips on overflow (it then lowers its scale) do not count.
+        stop: asked before each step; when it answers True the epoch ends there, with
+            `stopped` set and every step taken so far read (a step is never cut short).
     """
     if read_every < 1:
         raise ValueError(f"read_every must be at least 1, got {read_every}")
@@ -509,8 +513,11 @@ def train_epoch(
     device = state.device
     reader = _Reader(state.global_step, on_step, max_bad_steps)
     images, lr = 0, state.optimizer.param_groups[0]["lr"]
-    start = time.perf_counter()
+    start, stopped = time.perf_counter(), False
     for x0 in batches:
+        if stop is not None and stop():
+            stopped = True
+            break
         x0 = x0.to(device, non_blocking=True)
         step = _optimize(state, x0)
         reader.queue(step)
@@ -533,4 +540,5 @@ def train_epoch(
         images=images,
         images_per_s=images / seconds if seconds > 0 else 0.0,
         seconds=seconds,
+        stopped=stopped,
     )

@@ -15,28 +15,41 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from ddpm.checkpoint import CheckpointError
 from ddpm.checkpoint_files import save_epoch_checkpoint
 from ddpm.config import Config, DataConfig
 from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.errors import UserError
 from ddpm.images import save_grid
 from ddpm.run import build_or_resume, draw_samples, rewind, run_epoch
 from ddpm.run_dir import RunDir
 from ddpm.training import EpochResult, StepMetrics, TrainingDiverged, TrainingState
 from flows.progress import ProgressBar
+from flows.shutdown import StopRequest
 from flows.tracking import Tracker
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry train-epoch unless it failed for a reason a retry cannot change: divergence
-    (train.max_bad_steps) or an incompatible checkpoint."""
-    return not isinstance(state.data, (TrainingDiverged, CheckpointError))
+    (train.max_bad_steps) or one the user must fix (an incompatible checkpoint, an
+    unwritable folder)."""
+    return not isinstance(state.data, (TrainingDiverged, UserError))
+
+
+def _download_may_recover(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a download only after a failure that may pass (a timeout, an HTTP 5xx); a name
+    that does not resolve, a missing folder or a checksum failed twice fail every time."""
+    return bool(getattr(state.data, "transient", False))
+
+
+class _SamplingStopped(Exception):
+    """A stop request arrived while sampling: the grid is dropped."""
 
 
 @task(
     name="download",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=1),  # 1 s, 2 s, 4 s
+    retry_condition_fn=_download_may_recover,
     cache_policy=INPUTS + TASK_SOURCE,
     persist_result=True,
 )
@@ -74,8 +87,13 @@ def build_model_task(
     logger = get_run_logger()
     total_steps = steps_per_epoch * config.train.epochs
     state = build_or_resume(config, total_steps, run, settings)
-    if state.epoch:
-        logger.info("resumed at epoch %d, step %d", state.epoch, state.global_step)
+    if state.global_step:
+        logger.info(
+            "resumed after step %d (epoch %d done, %d batches of the next)",
+            state.global_step,
+            state.epoch,
+            state.epoch_step,
+        )
     warmup = state.scheduler.lr_lambdas[0].warmup_steps  # as the run started (LRSchedule)
     if warmup < config.optim.warmup_steps:
         logger.info(
@@ -95,14 +113,21 @@ def build_model_task(
     persist_result=False,
 )
 def train_epoch_task(
-    state: TrainingState, data: TrainingData, config: Config, run: RunDir, tracker: Tracker
-) -> tuple[EpochResult, dict[str, Any]]:
-    """Train the next epoch on the training device; return what it did and a CPU snapshot.
+    state: TrainingState,
+    data: TrainingData,
+    config: Config,
+    run: RunDir,
+    tracker: Tracker,
+    stop: StopRequest,
+) -> tuple[EpochResult, dict[str, Any] | None]:
+    """Train the next epoch on the training device; return what it did and a CPU snapshot
+    (None when a stop request ended it early: its state is then in a mid-epoch checkpoint).
 
-    A retry (or any call on a state left mid-epoch) first rewinds to the newest valid
-    checkpoint, so no step is counted twice. Every step goes to the tracker, in batches of
+    A retry (or any call on a state left dirty) first rewinds to the newest valid checkpoint,
+    so no step is counted twice. Every step goes to the tracker, in batches of
     train.log_every (steps never wait for the device in between); the first epoch's first
-    batch, as the model sees it, too.
+    batch, as the model sees it, too. When the Prefect API is gone, the newest state is saved
+    here and the process exits (nothing after this could be reported).
     """
     logger = get_run_logger()
     train = config.train
@@ -125,8 +150,27 @@ def train_epoch_task(
                 "step %d  loss %.4f  lr %.3g  grad_norm %.3f", step, m.loss, m.lr, m.grad_norm
             )
 
-    with bar:
-        result = run_epoch(state, data, train, on_step=on_step, after_step=bar.advance, run=run)
+    with bar, stop.training():
+        result = run_epoch(
+            state, data, train, on_step=on_step, after_step=bar.advance, run=run, stop=stop
+        )
+    snapshot = None if result.stopped else state.snapshot()
+    if result.stopped:
+        logger.warning(
+            "%s: stopped after step %d (epoch %d, batch %d of %d); saved %s",
+            stop.reason,
+            result.global_step,
+            result.epoch,
+            state.epoch_step,
+            data.steps_per_epoch,
+            run.step_checkpoint(result.global_step),
+        )
+    if result.stopped:
+        stop.checkpoint = str(run.step_checkpoint(result.global_step))
+        stop.unsaved(None)  # leaves now if the API is gone
+        return result, None
+    # Until the checkpoint task has written it, the epoch lives only here.
+    stop.unsaved(lambda: str(save_epoch_checkpoint(snapshot, run, train.keep)))
     logger.info(
         "epoch %d/%d  loss %.4f  lr %.3g  %.0f img/s  %.1f s",
         result.epoch,
@@ -136,7 +180,7 @@ def train_epoch_task(
         result.images_per_s,
         result.seconds,
     )
-    return result, state.snapshot()
+    return result, snapshot
 
 
 @task(name="checkpoint", cache_policy=NO_CACHE, persist_result=False)
@@ -147,14 +191,32 @@ def checkpoint_task(snapshot: dict[str, Any], run: RunDir, keep: int) -> str:
 
 @task(name="sample-and-log", cache_policy=NO_CACHE, persist_result=False)
 def sample_and_log_task(
-    state: TrainingState, config: Config, run: RunDir, result: EpochResult, tracker: Tracker
-) -> str:
+    state: TrainingState,
+    config: Config,
+    run: RunDir,
+    result: EpochResult,
+    tracker: Tracker,
+    stop: StopRequest,
+) -> str | None:
     """Draw a grid from fixed noise, save samples/epoch_XXX.png, and hand it with the epoch's
-    result to tracking."""
+    result to tracking; a stop request drops the grid (the epoch is already saved)."""
     sample = config.sample
     steps = sample.steps if sample.sampler == "ddim" else config.diffusion.num_timesteps
     with ProgressBar(f"samples after epoch {result.epoch}", steps) as bar:
-        x = draw_samples(state, sample, config.image_shape, config.train.seed, bar.advance)
+
+        def progress() -> None:
+            bar.advance()
+            if stop():
+                raise _SamplingStopped
+
+        try:
+            x = draw_samples(state, sample, config.image_shape, config.train.seed, progress)
+        except _SamplingStopped:
+            tracker.log_epoch(result, None)
+            get_run_logger().warning(
+                "%s: sample grid of epoch %d dropped", stop.reason, result.epoch
+            )
+            return None
     path = save_grid(x, run.grid(result.epoch))
     tracker.log_epoch(result, path)
     get_run_logger().info("epoch %d samples: %s", result.epoch, path)

@@ -143,9 +143,10 @@ class Tracker:
                 row["samples"] = wandb.Image(str(grid), caption=f"epoch {result.epoch}")
             self.run.log(row)
 
-    def finish(self, failed: bool = False) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """End the W&B run with the process's exit status (0 = finished)."""
         if self.run is not None:
-            self.run.finish(exit_code=1 if failed else 0)
+            self.run.finish(exit_code=exit_code)
             self.run = None
 
 

@@ -1,17 +1,24 @@
-"""train_flow: download -> build-model -> (train-epoch -> checkpoint -> sample-and-log) x epochs.
+"""train_flow: download -> load-data -> build-model -> (train-epoch -> checkpoint ->
+sample-and-log) x epochs.
 
 Run it with `python flows/train_flow.py [--group.field value ...]`; settings come from flags,
 the environment (DDPM_*) and `.env`. Re-running the same command resumes the run; re-running a
-finished run does nothing and says so.
+finished run does nothing and says so. SIGTERM or Ctrl-C saves a checkpoint and exits (see
+flows.shutdown).
 """
 
-from __future__ import annotations
+if __name__ == "__main__":
+    import sys
 
+    from flows.cli import main
+
+    sys.exit(main())
+
+import contextlib
 import dataclasses
 import json
-import sys
+import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,15 @@ import torch
 from prefect import flow, get_client, get_run_logger
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelled, State
 from prefect.utilities.annotations import quote
 
+from ddpm.config import Config
+from ddpm.data import TrainingData
 from ddpm.run_dir import RunDir
+from flows.cli import main
+from flows.shutdown import StopRequest, active_stop_request
 from flows.tasks import (
     build_model_task,
     checkpoint_task,
@@ -31,15 +44,9 @@ from flows.tasks import (
     train_epoch_task,
 )
 from flows.tracking import RunArtifacts, Tracker, publish_summary
-from settings import (
-    Settings,
-    SettingsError,
-    core_config,
-    load_settings,
-    parse_flags,
-    result_changes,
-    run_path,
-)
+from settings import Settings, SettingsError, core_config, load_settings, result_changes, run_path
+
+__all__ = ["GPU_SLOT", "gpu_slot", "main", "open_run_dir", "train_flow"]
 
 GPU_SLOT = "gpu"  # the global concurrency limit CUDA runs take a slot of
 
@@ -54,7 +61,7 @@ def _limit_exists(name: str) -> bool:
     return True
 
 
-@contextmanager
+@contextlib.contextmanager
 def gpu_slot(device: str, timeout_seconds: float | None = None) -> Iterator[None]:
     """Hold a slot of the global concurrency limit `gpu` while a CUDA run trains.
 
@@ -74,14 +81,13 @@ def gpu_slot(device: str, timeout_seconds: float | None = None) -> Iterator[None
         yield
 
 
-def prepare_run_dir(cfg: Settings) -> RunDir:
-    """Create the run folder and write its settings file (only when it changed).
+def _write_settings(run: RunDir, cfg: Settings) -> None:
+    """Write the run's settings file (only when it changed).
 
     Raises:
         SettingsError: if the folder holds a run made with other result-changing settings
             (possible only with an explicit run.name).
     """
-    run = RunDir(run_path(cfg))
     resolved = json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
     if run.settings_file.is_file():
         saved = run.settings_file.read_text()
@@ -97,41 +103,102 @@ def prepare_run_dir(cfg: Settings) -> RunDir:
                 ]
             )
         if saved == resolved:
-            return run
-    run.path.mkdir(parents=True, exist_ok=True)
+            return
     run.settings_file.write_text(resolved)
-    return run
+
+
+@contextlib.contextmanager
+def open_run_dir(cfg: Settings) -> Iterator[RunDir]:
+    """The run folder, locked for this process, with its settings file written.
+
+    A start that fails before the run wrote anything but its settings removes the folder it
+    created, so a mistyped setting leaves no empty run behind.
+
+    Raises:
+        RunInUse: if another process is training this run.
+        SettingsError: if the folder holds a run made with other result-changing settings.
+    """
+    run = RunDir(run_path(cfg))
+    created = [p for p in (run.path.parent, run.path) if not p.exists()]
+    try:
+        with run.locked():
+            _write_settings(run, cfg)
+            yield run
+    except BaseException:
+        untouched = {run.settings_file, run.lock_file}
+        if created and run.path.is_dir() and set(run.path.iterdir()) <= untouched:
+            shutil.rmtree(run.path, ignore_errors=True)
+            if run.path.parent in created:
+                with contextlib.suppress(OSError):  # not empty: another run is there now
+                    run.path.parent.rmdir()
+        raise
 
 
 @flow(name="train-flow", description="Train an unconditional DDPM, resumably.")
-def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | State:
     """Train (or resume, or confirm finished) the run that the settings name.
+
+    SIGTERM and SIGINT stop it after the current step with a checkpoint (flows.shutdown); so
+    does the Prefect API going away, after which the process exits.
 
     Args:
         overrides: dotted setting names to values, e.g. {"train.epochs": 3, "optim.lr": 2e-4},
             applied on top of the environment and `.env`.
 
     Returns:
-        the run folder, epochs and steps done, the last checkpoint and the last epoch's result.
+        the run folder, epochs and steps done, the last checkpoint and the last epoch's
+        result; a Cancelled state naming the checkpoint when a stop request ended it early.
     """
-    logger = get_run_logger()
     cfg = load_settings(overrides)
-    config, run, resolved = core_config(cfg), prepare_run_dir(cfg), cfg.model_dump(mode="json")
-    logger.info("run %s; settings %s", run.path, json.dumps(resolved))
+    stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
+    with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
+        summary = _train(cfg, stop)
+    if stop():
+        return Cancelled(
+            message=f"{stop.reason}: stopped at step {summary['global_step']}; "
+            f"newest checkpoint {summary['checkpoint']}; re-run to resume"
+        )
+    return summary
 
-    where = config.data
-    download_args = (where.dataset, str(where.root), where.url, where.folder and str(where.folder))
-    data_path = download_task(*download_args)
-    if not Path(data_path).exists():  # cached, but deleted since: fetch again
-        data_path = download_task.with_options(refresh_cache=True)(*download_args)
-    data = load_data_task(config, data_path)
+
+def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
+    logger = get_run_logger()
+    config, resolved = core_config(cfg), cfg.model_dump(mode="json")
+    with open_run_dir(cfg) as run:
+        logger.info("run %s; settings %s", run.path, json.dumps(resolved))
+        where = config.data
+        download_args = (
+            where.dataset,
+            str(where.root),
+            where.url,
+            where.folder and str(where.folder),
+        )
+        data_path = download_task(*download_args)
+        if not Path(data_path).exists():  # cached, but deleted since: fetch again
+            data_path = download_task.with_options(refresh_cache=True)(*download_args)
+        data = load_data_task(config, data_path)
+        try:
+            return _train_epochs(cfg, config, run, data, stop, resolved)
+        finally:
+            data.close()  # DataLoader workers, if any, stop with the run
+
+
+def _train_epochs(
+    cfg: Settings,
+    config: Config,
+    run: RunDir,
+    data: TrainingData,
+    stop: StopRequest,
+    resolved: dict[str, Any],
+) -> dict[str, Any]:
+    logger = get_run_logger()
     state = build_model_task(config, run, data.steps_per_epoch, resolved)
-    checkpoints = run.epoch_checkpoints()
+    newest = run.step_checkpoints() or run.epoch_checkpoints()  # an epoch's removes steps'
     summary = {
         "run_dir": str(run.path),
         "epochs": state.epoch,
         "global_step": state.global_step,
-        "checkpoint": str(checkpoints[-1]) if checkpoints else None,
+        "checkpoint": str(newest[-1]) if newest else None,
         "metrics": {},
     }
     epochs = config.train.epochs
@@ -144,45 +211,33 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
     artifacts = RunArtifacts(state.epoch, epochs)
     tracker = Tracker.start(cfg, run)
-    failed = True
+    stop.checkpoint = summary["checkpoint"]
+    stop.on_leave(lambda: tracker.finish(stop.exit_code))
+    exit_code = 1
     try:
         # quote(): Prefect would otherwise walk every tensor of the state, the data and the
         # snapshot on each task call, to track dependencies (about 0.16 s per epoch, measured).
         with gpu_slot(config.train.device):  # a CUDA run holds its GPU slot for all its epochs
-            while state.epoch < epochs:
-                result, snapshot = train_epoch_task(quote(state), quote(data), config, run, tracker)
+            while state.epoch < epochs and not stop():
+                result, snapshot = train_epoch_task(
+                    quote(state), quote(data), config, run, tracker, quote(stop)
+                )
+                summary["global_step"] = result.global_step
+                if snapshot is None:  # stopped mid-epoch, saved in a mid-epoch checkpoint
+                    summary["checkpoint"] = str(run.step_checkpoint(result.global_step))
+                    break
                 summary["checkpoint"] = checkpoint_task(quote(snapshot), run, config.train.keep)
+                stop.checkpoint = summary["checkpoint"]
+                stop.unsaved(None)
                 every = config.sample.every
-                if every and (result.epoch % every == 0 or result.epoch == epochs):
-                    sample_and_log_task(quote(state), config, run, result, tracker)
+                if every and (result.epoch % every == 0 or result.epoch == epochs) and not stop():
+                    sample_and_log_task(quote(state), config, run, result, tracker, quote(stop))
                 else:
                     tracker.log_epoch(result, None)
                 artifacts.epoch_done(result)
-                summary.update(
-                    epochs=result.epoch,
-                    global_step=result.global_step,
-                    metrics=dataclasses.asdict(result),
-                )
-        failed = False
+                summary.update(epochs=result.epoch, metrics=dataclasses.asdict(result))
+        exit_code = stop.exit_code
     finally:
-        data.close()  # DataLoader workers, if any, stop with the run
+        tracker.finish(exit_code)
         publish_summary(cfg, run, summary, tracker.url)
-        tracker.finish(failed)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse flags, validate settings (exit 2 on bad ones, before Prefect starts), run."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        overrides = parse_flags(argv, prog="python flows/train_flow.py")
-        load_settings(overrides)
-    except SettingsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    state = train_flow(overrides=overrides or None, return_state=True)
-    return 0 if state.is_completed() else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDic
 from pydantic_settings import SettingsError as _PydanticSettingsError
 
 from ddpm.config import CIFAR10_URL
+from ddpm.errors import UserError
 
 ENV_PREFIX = "DDPM_"
 ENV_DELIMITER = "__"
@@ -203,6 +204,16 @@ class RunSettings(_Group):
     checkpoint_every: int = Field(
         0, ge=0, description="steps between mid-epoch checkpoints; 0 = off"
     )
+    # Schedulers send SIGTERM and SIGKILL after a grace period: SLURM's KillWait and Docker's
+    # stop wait 10 s; Kubernetes waits 30 s. A run saves within one training step.
+    stop_timeout: float = Field(
+        30.0, gt=0, le=3600, description="seconds from SIGTERM/SIGINT to exit, at most"
+    )
+    # Prefect waits 20 s for its temporary server; a loaded 2-core machine took longer.
+    server_timeout: float = Field(
+        120.0, gt=0, le=3600, description="seconds the temporary Prefect server may take to start"
+    )
+    debug: bool = Field(False, description="print tracebacks for errors the user can fix")
 
 
 class WandbSettings(_Group):
@@ -271,7 +282,7 @@ def flag_name(field: str) -> str:
     return f"--{field}"
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """Invalid settings; the message names each bad field's env variable and flag."""
 
     def __init__(self, problems: Sequence[tuple[str, str]]) -> None:

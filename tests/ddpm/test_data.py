@@ -131,6 +131,21 @@ def test_unreachable_server_fails_with_where_to_put_data(tmp_path: Path, http_se
         download_cifar10(tmp_path / "data", f"{url}/missing.tar.gz", "0" * 32)
 
 
+def test_download_errors_say_whether_trying_again_can_help(tmp_path: Path, http_server) -> None:
+    """A refused connection may pass (transient, retried); a 404 and a host name that does not
+    resolve (.invalid, RFC 2606) fail the same way every time (not retried)."""
+    url, _ = http_server
+    refused = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # discard port: nothing listens
+    for source, transient in (
+        (refused, True),
+        (f"{url}/missing.tar.gz", False),
+        ("http://cifar.invalid/cifar-10-python.tar.gz", False),
+    ):
+        with pytest.raises(DatasetError, match="could not download") as err:
+            download_cifar10(tmp_path / "data", source, "0" * 32)
+        assert err.value.transient is transient, (source, err.value)
+
+
 def test_extracted_folder_needs_no_network(tmp_path: Path, cifar_writer) -> None:
     """With the folder extracted, download_cifar10 returns it without touching the URL."""
     cifar_writer(tmp_path)

@@ -1,6 +1,10 @@
 """Run-level operations: build and resume, checkpoint files, rewinding, datasets, samples."""
 
 import logging
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from ddpm.data import (
     locate_dataset,
 )
 from ddpm.run import build_or_resume, build_training, draw_samples, rewind, run_epoch
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, RunInUse
 
 
 @pytest.fixture
@@ -144,6 +148,73 @@ def test_resume_and_rewind(tmp_path: Path, data, config) -> None:
     run_epoch(resumed, data, config.train)
     assert rewind(resumed, run) == str(run.epoch_checkpoint(1))
     assert torch.equal(weights(resumed), after_one) and resumed.global_step == 3
+
+
+def test_stop_request_ends_the_epoch_between_steps_and_the_resume_is_exact(
+    tmp_path: Path, data, config
+) -> None:
+    """A stop asked for after step 2 of a 3-step epoch: the epoch ends there, its state goes to
+    step_0000002.pt, and resuming from that file ends epoch 2 bit for bit like a run that was
+    never stopped (no step lost, none repeated)."""
+    straight = build_training(config, 100)
+    run_epoch(straight, data, config.train)
+    run_epoch(straight, data, config.train)
+
+    run = RunDir(tmp_path / "run")
+    state, steps = build_or_resume(config, 100, run), []
+    result = run_epoch(
+        state, data, config.train, on_step=lambda s, m: steps.append(s), run=run,
+        stop=lambda: len(steps) == 2,
+    )  # fmt: skip
+    assert result.stopped and (result.epoch, result.steps, result.global_step) == (1, 2, 2)
+    assert (state.epoch, state.epoch_step, state.dirty) == (0, 2, False)
+    assert run.step_checkpoints() == [run.step_checkpoint(2)]
+
+    resumed = build_or_resume(config, 100, run)
+    assert (resumed.epoch, resumed.global_step, resumed.epoch_step) == (0, 2, 2)
+    first = run_epoch(resumed, data, config.train)
+    assert (first.epoch, first.steps, first.stopped) == (1, 1, False)
+    run_epoch(resumed, data, config.train)
+    assert torch.equal(weights(resumed), weights(straight))
+    for ours, theirs in zip(resumed.ema.parameters(), straight.ema.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_run_folder_lock_refuses_a_second_holder_and_dies_with_its_process(
+    tmp_path: Path,
+) -> None:
+    """While a child process holds a run folder, locking it here fails at once naming the
+    folder and the child's PID; once the child is SIGKILLed the lock is free (nothing stale)."""
+    run = RunDir(tmp_path / "run")
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys, time; from ddpm.run_dir import RunDir\n"
+            f"with RunDir({str(run.path)!r}).locked():\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        folder = re.escape(str(run.path))
+        with pytest.raises(RunInUse, match=rf"{folder} is in use by process {holder.pid},"):
+            run.locked().__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with run.locked():
+        assert run.lock_file.read_text().strip() == str(os.getpid())
+
+
+def test_subset_larger_than_the_data_names_the_setting(
+    tmp_path: Path, cifar_writer, tiny_config
+) -> None:
+    """data.subset above the number of images is a DatasetError naming data.subset and the
+    count found, not a ValueError from inside the sampler."""
+    path = cifar_writer(tmp_path, 2)  # 10 images
+    with pytest.raises(DatasetError, match=r"data\.subset is 512 but .* holds 10 images"):
+        load_dataset(tiny_config({"data.subset": 512}), path)
 
 
 def test_locate_dataset(tmp_path: Path, cifar_writer) -> None:

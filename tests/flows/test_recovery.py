@@ -6,17 +6,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cli_run import Cli
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -29,43 +27,17 @@ from ddpm.unet import UNet
 from flows.train_flow import main, train_flow
 from settings import Settings, SettingsError, env_name, flag_name, flatten, load_settings
 
-REPO = Path(__file__).resolve().parents[2]
-STEP_LINE = re.compile(r"step (\d+)  loss")
-
 
 def train_cli(env: dict[str, str], cwd: Path, kill_at: int | None = None) -> tuple[int, int]:
-    """Run the CLI; with kill_at, SIGKILL it once it has logged that step. Returns (exit code,
-    last step it logged)."""
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "flows" / "train_flow.py")],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    last, output = 0, []
-
-    def read() -> None:
-        nonlocal last
-        for line in process.stdout:
-            output.append(line)
-            if m := STEP_LINE.search(line):
-                last = int(m[1])
-                if kill_at is not None and last >= kill_at:
-                    os.killpg(process.pid, signal.SIGKILL)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        code = process.wait(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        reader.join(timeout=10)
-    assert kill_at is not None or code == 0, "".join(output[-40:])
-    return code, last
+    """Run the CLI; with kill_at, SIGKILL its group once it has logged that step. Returns (exit
+    code, last step it logged)."""
+    cli = Cli(env, cwd)
+    if kill_at is not None:
+        cli.wait_for_step(kill_at)
+        os.killpg(cli.process.pid, signal.SIGKILL)
+    code = cli.finish()
+    assert kill_at is not None or code == 0, cli.output[-3000:]
+    return code, cli.last_step
 
 
 @pytest.mark.slow

@@ -36,9 +36,12 @@ def run(overrides: dict[str, Any]):
 
 
 def files(folder: Path) -> dict[str, int]:
-    """Every file under folder with its modification time (ns)."""
+    """Every file under folder with its modification time (ns), but the run folders' lock
+    files, which every launch rewrites with its PID."""
     return {
-        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
+        str(p.relative_to(folder)): p.stat().st_mtime_ns
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != "lock"
     }
 
 

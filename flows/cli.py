@@ -1,0 +1,119 @@
+"""`python flows/train_flow.py`: the command line around train_flow.
+
+Flags and settings are read and checked before torch and Prefect are imported, so `--help`
+and a bad setting answer at once. Without PREFECT_API_URL the run starts its own temporary
+Prefect server (flows.server). SIGTERM and SIGINT stop the run cleanly (flows.shutdown).
+
+Exit status: 0 done; 2 a failure the user fixes (settings, data, checkpoint, run folder in
+use, server start), told in one line, with the traceback only under run.debug; 1 anything
+else (the traceback, then one line); 128 + N stopped by signal N; 75 the Prefect API went
+away (the run is saved; re-run once it is back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from ddpm.errors import UserError
+from flows.shutdown import StopRequest
+from settings import Settings, SettingsError, load_settings, parse_flags
+
+PROG = "python flows/train_flow.py"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, validate settings, run train_flow; returns the exit status above."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides = parse_flags(argv, prog=PROG)
+        cfg = load_settings(overrides)
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    stop = StopRequest(cfg.run.stop_timeout)
+    with stop.signals_handled():
+        try:
+            with _prefect_api(cfg):
+                from flows.train_flow import train_flow  # torch, prefect, wandb: seconds
+
+                with _expected_errors_quiet(not cfg.run.debug):
+                    state = train_flow(overrides=overrides or None, return_state=True)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if stop():
+        print(f"stopped: {state.message}", file=sys.stderr)
+        return stop.exit_code
+    if state.is_completed():
+        return 0
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, BaseException):
+        print(f"error: the run ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    print(f"error: {error}", file=sys.stderr)
+    return 2 if isinstance(error, UserError) else 1
+
+
+@contextlib.contextmanager
+def _prefect_api(cfg: Settings) -> Iterator[None]:
+    """Use PREFECT_API_URL when set; otherwise a temporary server of the run's own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        try:
+            yield
+        finally:
+            _send_pending_logs_and_events()  # before the last line, not after it at exit
+        return
+    from flows.server import temporary_server
+
+    with temporary_server(cfg.run.server_timeout) as url:
+        print(
+            f"temporary Prefect server at {url} (set PREFECT_API_URL to use your own)",
+            file=sys.stderr,
+            flush=True,
+        )
+        with temporary_settings({PREFECT_API_URL: url}):
+            try:
+                yield
+            finally:
+                _send_pending_logs_and_events()  # while the server is still up
+
+
+def _send_pending_logs_and_events(timeout: float = 5.0) -> None:
+    """Let Prefect's log and event workers send what they hold while the server is still up
+    (they would otherwise retry against the stopped server at exit, for minutes)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
+
+
+class _DropExpectedTracebacks(logging.Filter):
+    """Drops the log lines that carry a traceback of an error the user fixes, or of a
+    diverged run: the command line ends with their message in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ddpm.training import TrainingDiverged
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (UserError, TrainingDiverged))
+
+
+@contextlib.contextmanager
+def _expected_errors_quiet(quiet: bool) -> Iterator[None]:
+    """While inside, the console handlers drop expected errors' tracebacks (when quiet)."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    dropper = _DropExpectedTracebacks()
+    if quiet:
+        for handler in handlers:
+            handler.addFilter(dropper)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(dropper)
