@@ -93,22 +93,26 @@ def _send_pending_logs_and_events(timeout: float = 5.0) -> None:
         worker.drain_all(timeout=timeout)
 
 
-class _DropExpectedTracebacks(logging.Filter):
-    """Drops the log lines that carry a traceback of an error the user fixes, or of a
-    diverged run: the command line ends with their message in one line."""
+class _DropTracebacksOf(logging.Filter):
+    """Drops the log lines that carry a traceback of one of `expected`: the command line ends
+    with their message in one line."""
+
+    def __init__(self, expected: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.expected = expected
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from ddpm.training import TrainingDiverged
-
-        error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, (UserError, TrainingDiverged))
+        return not (record.exc_info and isinstance(record.exc_info[1], self.expected))
 
 
 @contextlib.contextmanager
 def _expected_errors_quiet(quiet: bool) -> Iterator[None]:
-    """While inside, the console handlers drop expected errors' tracebacks (when quiet)."""
+    """While inside, the console handlers drop the tracebacks of errors the user fixes and of
+    a diverged run (when quiet)."""
+    from ddpm.training import TrainingDiverged
+
     handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
-    dropper = _DropExpectedTracebacks()
+    dropper = _DropTracebacksOf((UserError, TrainingDiverged))
     if quiet:
         for handler in handlers:
             handler.addFilter(dropper)

@@ -154,8 +154,8 @@ def train_epoch_task(
         result = run_epoch(
             state, data, train, on_step=on_step, after_step=bar.advance, run=run, stop=stop
         )
-    snapshot = None if result.stopped else state.snapshot()
-    if result.stopped:
+    if result.stopped:  # run_epoch saved the state in a mid-epoch checkpoint
+        stop.checkpoint = str(run.step_checkpoint(result.global_step))
         logger.warning(
             "%s: stopped after step %d (epoch %d, batch %d of %d); saved %s",
             stop.reason,
@@ -163,12 +163,11 @@ def train_epoch_task(
             result.epoch,
             state.epoch_step,
             data.steps_per_epoch,
-            run.step_checkpoint(result.global_step),
+            stop.checkpoint,
         )
-    if result.stopped:
-        stop.checkpoint = str(run.step_checkpoint(result.global_step))
         stop.unsaved(None)  # leaves now if the API is gone
         return result, None
+    snapshot = state.snapshot()
     # Until the checkpoint task has written it, the epoch lives only here.
     stop.unsaved(lambda: str(save_epoch_checkpoint(snapshot, run, train.keep)))
     logger.info(

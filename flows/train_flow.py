@@ -224,7 +224,7 @@ def _train_epochs(
                 )
                 summary["global_step"] = result.global_step
                 if snapshot is None:  # stopped mid-epoch, saved in a mid-epoch checkpoint
-                    summary["checkpoint"] = str(run.step_checkpoint(result.global_step))
+                    summary["checkpoint"] = stop.checkpoint
                     break
                 summary["checkpoint"] = checkpoint_task(quote(snapshot), run, config.train.keep)
                 stop.checkpoint = summary["checkpoint"]
