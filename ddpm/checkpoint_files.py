@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ddpm.checkpoint import checksum_path, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import atomic_write, checksum_path, load_checkpoint, save_checkpoint
 from ddpm.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -75,3 +77,30 @@ def save_step_checkpoint(snapshot: Mapping[str, Any], run: RunDir) -> Path:
     path = save_checkpoint(run.step_checkpoint(snapshot["global_step"]), snapshot)
     _remove(run.step_checkpoints()[:-STEP_CHECKPOINTS_KEPT])
     return path
+
+
+def keep_best(run: RunDir, checkpoint: Path, epoch: int, fid: float) -> bool:
+    """Make `checkpoint` the run's best.pt if its FID is the lowest so far (best.json holds the
+    best FID and epoch); returns whether it did.
+
+    best.pt is a hard link to the epoch checkpoint (no copy; it outlives the epoch file's
+    pruning, and checkpoints are never written in place), or a copy where links are not
+    possible; either way it replaces the old best.pt atomically, with its checksum beside it.
+    """
+    record = run.best_record
+    if record.is_file() and json.loads(record.read_text())["fid"] <= fid:
+        return False
+    best, tmp = run.best_checkpoint, run.checkpoints / f".best.pt.{os.getpid()}.link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, tmp)
+        os.replace(tmp, best)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        data = Path(checkpoint).read_bytes()
+        atomic_write(best, lambda f: f.write(data))
+    digest = checksum_path(checkpoint).read_text().split()[0]
+    atomic_write(checksum_path(best), lambda f: f.write(f"{digest}  {best.name}\n".encode()))
+    text = json.dumps({"fid": fid, "epoch": epoch, "checkpoint": Path(checkpoint).name}) + "\n"
+    atomic_write(record, lambda f: f.write(text.encode()))
+    return True

@@ -96,6 +96,18 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """FID and KID of samples against the training images, during training (ddpm.evaluation)."""
+
+    every: int = 0  # epochs between evaluations; 0 = never
+    num_samples: int = 50_000  # DDPM paper: FID of 50,000 samples
+    metrics: tuple[str, ...] = ("fid", "kid")
+    weights: Path | None = None  # a local Inception weights file; None = torch-fidelity's download
+    batch_size: int = 256  # images per sampling batch and per Inception batch
+    cache_dir: Path = Path("runs/fid-stats")  # the training images' statistics, per dataset
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the core needs to train and sample one run."""
 
@@ -105,6 +117,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

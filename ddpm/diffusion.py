@@ -58,6 +58,9 @@ def linear_beta_schedule(
 
 # model -> {step name: compiled step}; kept outside the module, so copies (the EMA is a
 # deepcopy) never share another model's compiled steps, and dropped with the model.
+# One generator for a batch, or one per image (see DiffusionModel._noise).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
 _COMPILED_STEPS: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., torch.Tensor]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -135,23 +138,35 @@ class DiffusionModel(nn.Module):
         x_t = self.q_sample(x0, t, eps)
         return F.mse_loss(self.eps_model(x_t, self._net_time(t)), eps)
 
-    def _noise(self, shape: Sequence[int], generator: torch.Generator | None) -> torch.Tensor:
+    def _noise(self, shape: Sequence[int], generator: Generators) -> torch.Tensor:
         """Standard Gaussian noise on the module's device, drawn from `generator` when given.
 
         A generator on another device (a CPU generator for a CUDA model, say) draws there and
-        the noise is moved, so one seed gives the same noise whatever the model's device.
+        the noise is moved, so one seed gives the same noise whatever the model's device. A
+        sequence of generators, one per image (shape[0] of them), draws each image's noise
+        from its own: image i's noise then depends on generator i alone, not on the batch.
         """
         device = self.betas.device
         if generator is None:
             return torch.randn(*shape, device=device)
-        return torch.randn(*shape, generator=generator, device=generator.device).to(device)
+        if isinstance(generator, torch.Generator):
+            return torch.randn(*shape, generator=generator, device=generator.device).to(device)
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
+        per_image = [torch.randn(*shape[1:], generator=g, device=g.device) for g in generator]
+        return torch.stack(per_image).to(device)
 
-    def _step_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
-        """The generator for per-step noise: `generator` itself when it is on the module's
+    def _step_generator(self, generator: Generators) -> Generators:
+        """The generator(s) for per-step noise: `generator` itself when it is on the module's
         device (or None); otherwise one there, seeded from it, so each step's noise is drawn
-        where it is used (a CPU draw copied to a GPU would make every step wait)."""
+        where it is used (a CPU draw copied to a GPU would make every step wait). A sequence
+        gives one per image, each seeded from its own."""
         device = self.betas.device
-        if generator is None or generator.device == device:
+        if generator is None:
+            return None
+        if not isinstance(generator, torch.Generator):
+            return [self._step_generator(g) for g in generator]  # type: ignore[misc]
+        if generator.device == device:
             return generator
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         return torch.Generator(device).manual_seed(seed)
@@ -283,7 +298,7 @@ class DiffusionModel(nn.Module):
         num_samples: int,
         size: Sequence[int],
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         compile: bool = False,
         clip_denoised: bool = True,
         progress: Callable[[], None] | None = None,
@@ -295,7 +310,8 @@ class DiffusionModel(nn.Module):
             size: (C, H, W) of one image.
             generator: source of all noise; the same seed gives the same samples on one kind
                 of device. x_T is drawn from it wherever it is; the per-step noise on the
-                module's device (see _step_generator).
+                module's device (see _step_generator). A sequence of B generators gives each
+                image noise of its own (see _noise).
             compile: run each step through torch.compile (a CUDA graph on CUDA); the first
                 call compiles.
             clip_denoised: clip each step's x0_hat to [-1, 1], as the DDPM reference code
@@ -330,7 +346,7 @@ class DiffusionModel(nn.Module):
         size: Sequence[int],
         steps: int = 50,
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         compile: bool = False,
         clip_denoised: bool = True,
         eta: float = 0.0,

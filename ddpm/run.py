@@ -7,6 +7,7 @@ A notebook, a script or an orchestrator drives it alike.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,9 +16,16 @@ import torch
 
 from ddpm.checkpoint import CheckpointWriter, to_cpu
 from ddpm.checkpoint_files import load_newest_valid, save_step_checkpoint
-from ddpm.config import Config, SampleConfig, TrainConfig
+from ddpm.config import (
+    Config,
+    DiffusionConfig,
+    ModelConfig,
+    Precision,
+    SampleConfig,
+    TrainConfig,
+)
 from ddpm.data import TrainingData
-from ddpm.diffusion import DiffusionModel
+from ddpm.diffusion import DiffusionModel, Generators
 from ddpm.run_dir import RunDir
 from ddpm.training import (
     EpochResult,
@@ -36,6 +44,15 @@ from ddpm.unet import UNet
 log = logging.getLogger(__name__)
 
 
+def build_diffusion(model: ModelConfig, diffusion: DiffusionConfig) -> DiffusionModel:
+    """The U-Net inside its DiffusionModel, on the CPU, with torch's current random weights."""
+    return DiffusionModel(
+        UNet(model.channels, model.channels, model.hidden_size),
+        (diffusion.beta_start, diffusion.beta_end),
+        diffusion.num_timesteps,
+    )
+
+
 def build_training(
     config: Config, total_steps: int, settings: Mapping[str, Any] | None = None
 ) -> TrainingState:
@@ -52,11 +69,7 @@ def build_training(
     """
     model, optim, train = config.model, config.optim, config.train
     seed_everything(train.seed, train.deterministic)
-    diffusion = DiffusionModel(
-        UNet(model.channels, model.channels, model.hidden_size),
-        (config.diffusion.beta_start, config.diffusion.beta_end),
-        config.diffusion.num_timesteps,
-    )
+    diffusion = build_diffusion(model, config.diffusion)
     opt = build_optimizer(
         diffusion.parameters(), optim.name, optim.lr, optim.momentum, optim.weight_decay,
         train.fused,
@@ -72,6 +85,11 @@ def build_training(
         grad_clip=optim.grad_clip,
         precision=train.precision,
         settings=dict(settings or {}),
+        architecture={
+            "model": dataclasses.asdict(model),
+            "diffusion": dataclasses.asdict(config.diffusion),
+            "image_shape": list(config.image_shape),
+        },
     )
     if train.precision == "fp16":
         state.scaler = torch.amp.GradScaler(torch.device(train.device).type)
@@ -206,6 +224,29 @@ def draw_samples(
     """
     model = state.ema.module if sample.use_ema and state.ema is not None else state.diffusion
     generator = torch.Generator().manual_seed(seed)
+    x = run_sampler(model, sample, sample.num, image_shape, generator, state.precision, progress)
+    return to_cpu(x.float())
+
+
+def run_sampler(
+    model: DiffusionModel,
+    sample: SampleConfig,
+    num: int,
+    image_shape: tuple[int, int, int],
+    generator: Generators,
+    precision: Precision = "fp32",
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Draw `num` images with sample's sampler (ddim with steps and eta, or ddpm), in eval
+    mode (the model's mode is put back after) and in `precision`, on the model's device.
+
+    Args:
+        generator: the noise's source, one for the batch or one per image (see
+            DiffusionModel._noise).
+
+    Returns:
+        (num, C, H, W) float samples in [-1, 1] on the model's device.
+    """
     was_training = model.training
     model.eval()
     options = {
@@ -215,13 +256,9 @@ def draw_samples(
         "progress": progress,
     }
     try:
-        with autocast(state.device.type, state.precision):
+        with autocast(model.betas.device.type, precision):
             if sample.sampler == "ddim":
-                x = model.sample_ddim(
-                    sample.num, image_shape, sample.steps, eta=sample.eta, **options
-                )
-            else:
-                x = model.sample(sample.num, image_shape, **options)
+                return model.sample_ddim(num, image_shape, sample.steps, eta=sample.eta, **options)
+            return model.sample(num, image_shape, **options)
     finally:
         model.train(was_training)
-    return to_cpu(x.float())

@@ -5,6 +5,7 @@ runs/<run name>/
     lock                     held (flock) by the process training the run, which it names
     wandb_id.txt             the W&B run id, so a resumed run continues it
     checkpoints/epoch_001.pt (+ .sha256), step_0000400.pt (mid-epoch), ...
+    checkpoints/best.pt (+ .sha256), best.json   the checkpoint with the lowest FID, and its FID
     samples/epoch_001.png    the sample grid after epoch 1, ...
 """
 
@@ -88,6 +89,16 @@ class RunDir:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    @property
+    def best_checkpoint(self) -> Path:
+        """checkpoints/best.pt: the evaluated checkpoint with the lowest FID."""
+        return self.checkpoints / "best.pt"
+
+    @property
+    def best_record(self) -> Path:
+        """checkpoints/best.json: best.pt's epoch and FID."""
+        return self.checkpoints / "best.json"
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         """checkpoints/epoch_XXX.pt, epochs numbered from 1."""

@@ -259,6 +259,9 @@ class TrainingState:
     dirty: bool = False
     compiled: bool = False
     settings: dict[str, Any] = field(default_factory=dict, repr=False)  # saved in snapshots
+    # What builds the network again without the settings (saved in snapshots; see
+    # ddpm.generate.architecture): {"model": ..., "diffusion": ..., "image_shape": ...}.
+    architecture: dict[str, Any] = field(default_factory=dict, repr=False)
     initial: dict[str, Any] = field(default_factory=dict, repr=False)  # restore point at build
 
     @property
@@ -296,6 +299,7 @@ class TrainingState:
                 "epoch_step": self.epoch_step,  # batches of the next epoch taken
                 "rng": capture_rng_state(),
                 "settings": dict(self.settings),
+                "architecture": dict(self.architecture),
                 "versions": package_versions(),
             }
         )

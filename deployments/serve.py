@@ -1,7 +1,10 @@
-"""Serve train-flow's deployments from this process, for users without a worker:
+"""Serve the deployments of train-flow and sample-flow from this process, for users without a
+worker:
 
     python deployments/serve.py
     prefect deployment run 'train-flow/ddpm-smoke'
+    prefect deployment run 'sample-flow/ddpm-sample' --param run=runs/NAME --param num=64 \
+        --param out=samples/NAME
 
 The deployments are the ones in deployments/prefect.yaml. Served runs execute in this process's
 environment, so each deployment's DDPM_* job variables become its default `overrides` here; as
@@ -13,10 +16,15 @@ from pathlib import Path
 import yaml
 from prefect import serve
 
+from flows.sample_flow import sample_flow
 from flows.train_flow import train_flow
 from settings import setting_name
 
 PREFECT_FILE = Path(__file__).with_name("prefect.yaml")
+FLOWS = {
+    "flows/train_flow.py:train_flow": train_flow,
+    "flows/sample_flow.py:sample_flow": sample_flow,
+}
 
 
 def served_deployments() -> list:
@@ -27,13 +35,16 @@ def served_deployments() -> list:
         overrides = {
             setting_name(name): value for name, value in env.items() if name.startswith("DDPM_")
         }
-        overrides.update(spec.get("parameters", {}).get("overrides", {}))
+        parameters = dict(spec.get("parameters") or {})
+        overrides.update(parameters.get("overrides", {}))
+        if overrides:
+            parameters["overrides"] = overrides
         deployments.append(
-            train_flow.to_deployment(
+            FLOWS[spec["entrypoint"]].to_deployment(
                 name=spec["name"],
                 description=spec.get("description"),
                 tags=spec.get("tags"),
-                parameters={"overrides": overrides},
+                parameters=parameters,
             )
         )
     return deployments

@@ -1,4 +1,5 @@
-"""`python flows/train_flow.py`: the command line around train_flow.
+"""`python flows/train_flow.py` and `python flows/sample_flow.py`: the command lines around
+train_flow and sample_flow.
 
 Flags and settings are read and checked before torch and Prefect are imported, so `--help`
 and a bad setting answer at once. Without PREFECT_API_URL the run starts its own temporary
@@ -12,20 +13,30 @@ away (the run is saved; re-run once it is back).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ddpm.errors import UserError
 from flows.shutdown import StopRequest
 from settings import Settings, SettingsError, load_settings, parse_flags
+from settings.generate import GenerateOptions, OptionsError, flag, generate_options
+
+if TYPE_CHECKING:
+    from prefect.states import State
 
 PROG = "python flows/train_flow.py"
+SAMPLE_PROG = "python flows/sample_flow.py"
+# The settings sample_flow takes besides its options: how to evaluate, and how the command runs.
+SAMPLE_SETTINGS = ("eval.", "run.stop_timeout", "run.server_timeout", "run.debug")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, validate settings, run train_flow; returns the exit status above."""
+    """`python flows/train_flow.py`: parse flags, validate settings, run train_flow; returns
+    the exit status above."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         overrides = parse_flags(argv, prog=PROG)
@@ -33,14 +44,97 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+    def load() -> Callable[[], State]:
+        from flows.train_flow import train_flow  # torch, prefect, wandb: seconds
+
+        return lambda: train_flow(overrides=overrides or None, return_state=True)
+
+    return run_flow(cfg, load)
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    """`python flows/sample_flow.py`: parse options and settings flags, run sample_flow;
+    returns the exit status above."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        options, overrides = parse_sample_args(argv)
+        cfg = load_settings(overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    def load() -> Callable[[], State]:
+        from flows.sample_flow import sample_flow  # torch, prefect: seconds
+
+        return lambda: sample_flow(**options, overrides=overrides or None, return_state=True)
+
+    return run_flow(cfg, load)
+
+
+def parse_sample_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """sample_flow's options (validated, as flow parameters) and its settings flags (eval.*,
+    run.debug, run.stop_timeout, run.server_timeout) as dotted overrides.
+
+    Raises:
+        OptionsError, SettingsError: naming the bad flag.
+    """
+    parser = argparse.ArgumentParser(
+        prog=SAMPLE_PROG,
+        allow_abbrev=False,
+        description="Draw images from a trained run; optionally score them (FID, KID).",
+        epilog="Settings flags: --eval.weights PATH, --eval.batch_size N, --eval.metrics "
+        "fid,kid, --eval.cache_dir DIR, --run.debug true (env: DDPM_EVAL__WEIGHTS, ...; see "
+        f"{PROG} --help). The run's data, model and sampler settings come from its checkpoint.",
+    )
+    for name, field in GenerateOptions.model_fields.items():
+        if field.annotation is bool:  # --no-ema stores False, --npz True
+            action = "store_false" if field.default else "store_true"
+            parser.add_argument(
+                flag(name),
+                dest=name,
+                action=action,
+                default=argparse.SUPPRESS,
+                help=field.description,
+            )
+        else:
+            parser.add_argument(
+                flag(name),
+                dest=name,
+                required=field.is_required(),
+                default=argparse.SUPPRESS,
+                metavar=name.upper(),
+                help=field.description,
+            )
+    try:
+        known, rest = parser.parse_known_args(argv)
+    except SystemExit as exit_:
+        if exit_.code == 0:  # --help
+            raise
+        raise OptionsError("see the usage above") from None
+    overrides = parse_flags(rest, prog=SAMPLE_PROG) if rest else {}
+    for key in overrides:
+        if not key.startswith(SAMPLE_SETTINGS):
+            raise SettingsError([(key, "not a setting of sample_flow (see --help)")])
+    options = generate_options(vars(known))
+    return options.model_dump(mode="json"), overrides
+
+
+def run_flow(cfg: Settings, load: Callable[[], Callable[[], State]]) -> int:
+    """Run a flow from the command line: stop requests on SIGTERM/SIGINT, the Prefect API (or
+    a temporary server), quiet expected errors; returns the exit status above.
+
+    Args:
+        load: imports the flow (which sets up Prefect's log handlers, so it comes before the
+            handlers are made quiet) and returns the call that runs it, returning its state.
+    """
     stop = StopRequest(cfg.run.stop_timeout)
     with stop.signals_handled():
         try:
             with _prefect_api(cfg):
-                from flows.train_flow import train_flow  # torch, prefect, wandb: seconds
-
+                call = load()
                 with _expected_errors_quiet(not cfg.run.debug):
-                    state = train_flow(overrides=overrides or None, return_state=True)
+                    state = call()
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

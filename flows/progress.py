@@ -55,10 +55,10 @@ class ProgressBar:
             return 0
         return int(self._progress.tasks[0].completed)
 
-    def advance(self) -> None:
-        """Count one more step."""
+    def advance(self, steps: int = 1) -> None:
+        """Count `steps` more steps."""
         if self._progress is not None:
-            self._progress.advance(self._task)
+            self._progress.advance(self._task, steps)
 
     def note(self, text: str) -> None:
         """Show text beside the bar (the latest loss)."""

@@ -1,13 +1,14 @@
 """The Prefect tasks of train_flow: each a thin wrapper over one call into the core.
 
-Only train-epoch and sample-and-log touch the accelerator. Turns on a shared GPU are taken per
-run, not per task (see train_flow.gpu_slot): a run keeps its model on the GPU between tasks.
-Tasks that carry a model or the data never hash or persist them (cache_policy=NO_CACHE, no
+Only train-epoch, sample-and-log and evaluate touch the accelerator. Turns on a shared GPU are
+taken per run, not per task (see train_flow.gpu_slot): a run keeps its model on the GPU between
+tasks. Tasks that carry a model or the data never hash or persist them (cache_policy=NO_CACHE, no
 result files).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from ddpm.checkpoint_files import save_epoch_checkpoint
+from ddpm.checkpoint_files import keep_best, save_epoch_checkpoint
 from ddpm.config import Config, DataConfig
 from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.errors import UserError
+from ddpm.evaluation import compute_metrics, reference_key
+from ddpm.generate import sample_set
 from ddpm.images import save_grid
 from ddpm.run import build_or_resume, draw_samples, rewind, run_epoch
 from ddpm.run_dir import RunDir
@@ -41,8 +44,42 @@ def _download_may_recover(task: Any, task_run: Any, state: Any) -> bool:
     return bool(getattr(state.data, "transient", False))
 
 
-class _SamplingStopped(Exception):
-    """A stop request arrived while sampling: the grid is dropped."""
+class SamplingStopped(Exception):
+    """A stop request arrived while sampling: what was being drawn is dropped."""
+
+
+def stop_check(stop: StopRequest, bar: ProgressBar | None = None) -> Callable[[], None]:
+    """A sampler's progress callback: advances the bar, and raises SamplingStopped once a stop
+    is requested (so a stop never waits for a whole batch of sampler steps)."""
+
+    def progress() -> None:
+        if bar is not None:
+            bar.advance()
+        if stop():
+            raise SamplingStopped
+
+    return progress
+
+
+def sampler_steps(config: Config) -> int:
+    """Network evaluations per sampled batch: DDIM's steps, or all T for ddpm."""
+    sample = config.sample
+    return sample.steps if sample.sampler == "ddim" else config.diffusion.num_timesteps
+
+
+def data_reference_key(config: Config, data_path: str) -> str:
+    """The cache key of the training images' FID/KID statistics: the dataset, where it is,
+    its subset (chosen by the seed), the image size and channels, and the Inception weights."""
+    data = config.data
+    return reference_key(
+        data.dataset,
+        str(Path(data_path).resolve()),
+        data.subset,
+        config.train.seed if data.subset else None,
+        data.image_size,
+        config.model.channels,
+        weights=config.eval.weights,
+    )
 
 
 @task(
@@ -200,17 +237,12 @@ def sample_and_log_task(
     """Draw a grid from fixed noise, save samples/epoch_XXX.png, and hand it with the epoch's
     result to tracking; a stop request drops the grid (the epoch is already saved)."""
     sample = config.sample
-    steps = sample.steps if sample.sampler == "ddim" else config.diffusion.num_timesteps
-    with ProgressBar(f"samples after epoch {result.epoch}", steps) as bar:
-
-        def progress() -> None:
-            bar.advance()
-            if stop():
-                raise _SamplingStopped
-
+    with ProgressBar(f"samples after epoch {result.epoch}", sampler_steps(config)) as bar:
         try:
-            x = draw_samples(state, sample, config.image_shape, config.train.seed, progress)
-        except _SamplingStopped:
+            x = draw_samples(
+                state, sample, config.image_shape, config.train.seed, stop_check(stop, bar)
+            )
+        except SamplingStopped:
             tracker.log_epoch(result, None)
             get_run_logger().warning(
                 "%s: sample grid of epoch %d dropped", stop.reason, result.epoch
@@ -220,3 +252,45 @@ def sample_and_log_task(
     tracker.log_epoch(result, path)
     get_run_logger().info("epoch %d samples: %s", result.epoch, path)
     return str(path)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_task(
+    state: TrainingState,
+    data: TrainingData,
+    config: Config,
+    run: RunDir,
+    result: EpochResult,
+    checkpoint: str,
+    data_path: str,
+    tracker: Tracker,
+    stop: StopRequest,
+) -> dict[str, float] | None:
+    """Draw eval.num_samples images (the sample grid's sampler and weights, images 0.. of the
+    run's seed, so every evaluation sees the same noise), score them against the training
+    images (statistics cached), log eval/* and keep checkpoints/best.pt at the lowest FID.
+    A stop request drops the evaluation (None)."""
+    logger = get_run_logger()
+    ev, sample = config.eval, config.sample
+    model = state.ema.module if sample.use_ema and state.ema is not None else state.diffusion
+    steps = -(-ev.num_samples // ev.batch_size) * sampler_steps(config)
+    with ProgressBar(f"evaluation after epoch {result.epoch}", steps) as bar:
+        try:
+            images = sample_set(
+                model, ev.num_samples, config.image_shape, sample, config.train.seed,
+                ev.batch_size, state.precision, stop_check(stop, bar),
+            )  # fmt: skip
+        except SamplingStopped:
+            logger.warning("%s: evaluation of epoch %d dropped", stop.reason, result.epoch)
+            return None
+    metrics = compute_metrics(
+        images, data.dataset, reference_key=data_reference_key(config, data_path),
+        cache_dir=ev.cache_dir, metrics=ev.metrics, weights=ev.weights,
+        batch_size=ev.batch_size, device=config.train.device,
+    )  # fmt: skip
+    tracker.log_eval(result.global_step, metrics)
+    line = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    logger.info("epoch %d, %d samples: %s", result.epoch, ev.num_samples, line)
+    if "fid" in metrics and keep_best(run, Path(checkpoint), result.epoch, metrics["fid"]):
+        logger.info("best FID so far: %s is now %s", checkpoint, run.best_checkpoint)
+    return metrics

@@ -143,6 +143,11 @@ class Tracker:
                 row["samples"] = wandb.Image(str(grid), caption=f"epoch {result.epoch}")
             self.run.log(row)
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation's metrics (eval/fid, eval/kid, eval/kid_std) at a step."""
+        if self.run is not None:
+            self.run.log({"global_step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+
     def finish(self, exit_code: int = 0) -> None:
         """End the W&B run with the process's exit status (0 = finished)."""
         if self.run is not None:
@@ -164,8 +169,9 @@ class RunArtifacts:
             description=f"epochs done of {epochs}",
         )
 
-    def epoch_done(self, result: EpochResult) -> None:
-        """Advance the progress bar and re-publish the metrics table with this epoch's row."""
+    def epoch_done(self, result: EpochResult, evaluation: dict[str, float] | None = None) -> None:
+        """Advance the progress bar and re-publish the metrics table with this epoch's row
+        (and its FID/KID when it was evaluated)."""
         update_progress_artifact(self.progress_id, 100.0 * result.epoch / self.epochs)
         self.rows.append(
             {
@@ -175,6 +181,7 @@ class RunArtifacts:
                 "lr": result.lr,
                 "images_per_s": round(result.images_per_s, 1),
                 "seconds": round(result.seconds, 2),
+                **{k: round(v, 6) for k, v in (evaluation or {}).items()},
             }
         )
         create_table_artifact(self.rows, key=METRICS_KEY, description="per-epoch metrics")

@@ -1,5 +1,5 @@
 """train_flow: download -> load-data -> build-model -> (train-epoch -> checkpoint ->
-sample-and-log) x epochs.
+[evaluate] -> sample-and-log) x epochs.
 
 Run it with `python flows/train_flow.py [--group.field value ...]`; settings come from flags,
 the environment (DDPM_*) and `.env`. Re-running the same command resumes the run; re-running a
@@ -32,6 +32,7 @@ from prefect.utilities.annotations import quote
 
 from ddpm.config import Config
 from ddpm.data import TrainingData
+from ddpm.evaluation import inception_weights
 from ddpm.run_dir import RunDir
 from flows.cli import main
 from flows.shutdown import StopRequest, active_stop_request
@@ -39,6 +40,7 @@ from flows.tasks import (
     build_model_task,
     checkpoint_task,
     download_task,
+    evaluate_task,
     load_data_task,
     sample_and_log_task,
     train_epoch_task,
@@ -164,6 +166,8 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
 def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
     logger = get_run_logger()
     config, resolved = core_config(cfg), cfg.model_dump(mode="json")
+    if config.eval.every:  # missing Inception weights fail now, not after the first epoch
+        inception_weights(config.eval.weights)
     with open_run_dir(cfg) as run:
         logger.info("run %s; settings %s", run.path, json.dumps(resolved))
         where = config.data
@@ -178,9 +182,15 @@ def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
             data_path = download_task.with_options(refresh_cache=True)(*download_args)
         data = load_data_task(config, data_path)
         try:
-            return _train_epochs(cfg, config, run, data, stop, resolved)
+            return _train_epochs(cfg, config, run, data, data_path, stop, resolved)
         finally:
             data.close()  # DataLoader workers, if any, stop with the run
+
+
+def _due(every: int, epoch: int, epochs: int) -> bool:
+    """Whether a thing done every `every` epochs (0 = never) is due after `epoch`: on its
+    multiples and after the last epoch."""
+    return bool(every) and (epoch % every == 0 or epoch == epochs)
 
 
 def _train_epochs(
@@ -188,6 +198,7 @@ def _train_epochs(
     config: Config,
     run: RunDir,
     data: TrainingData,
+    data_path: str,
     stop: StopRequest,
     resolved: dict[str, Any],
 ) -> dict[str, Any]:
@@ -229,12 +240,17 @@ def _train_epochs(
                 summary["checkpoint"] = checkpoint_task(quote(snapshot), run, config.train.keep)
                 stop.checkpoint = summary["checkpoint"]
                 stop.unsaved(None)
-                every = config.sample.every
-                if every and (result.epoch % every == 0 or result.epoch == epochs) and not stop():
+                evaluation = None
+                if _due(config.eval.every, result.epoch, epochs) and not stop():
+                    evaluation = evaluate_task(
+                        quote(state), quote(data), config, run, result, summary["checkpoint"],
+                        data_path, tracker, quote(stop),
+                    )  # fmt: skip
+                if _due(config.sample.every, result.epoch, epochs) and not stop():
                     sample_and_log_task(quote(state), config, run, result, tracker, quote(stop))
                 else:
                     tracker.log_epoch(result, None)
-                artifacts.epoch_done(result)
+                artifacts.epoch_done(result, evaluation)
                 summary.update(epochs=result.epoch, metrics=dataclasses.asdict(result))
         exit_code = stop.exit_code
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -191,6 +192,43 @@ class SampleSettings(_Group):
     )
 
 
+class EvalSettings(_Group):
+    """FID and KID of samples against the training images (torch-fidelity)."""
+
+    every: int = Field(0, ge=0, description="epochs between FID/KID evaluations; 0 = never")
+    # DDPM paper: FID of 50,000 samples (fewer samples give a higher, biased FID).
+    num_samples: int = Field(
+        50_000, ge=2, le=10_000_000, description="images drawn for one evaluation"
+    )
+    metrics: list[Literal["fid", "kid"]] = Field(
+        ["fid", "kid"], min_length=1, description="metrics to compute: fid, kid"
+    )
+    # No machine without internet can fetch torch-fidelity's Inception weights.
+    weights: Path | None = Field(
+        None,
+        description="local Inception weights (weights-inception-2015-12-05-6726825d.pth); "
+        "empty = torch-fidelity downloads them",
+    )
+    batch_size: int = Field(
+        256, ge=1, le=65_536, description="images per sampling batch and per Inception batch"
+    )
+    cache_dir: Path | None = Field(
+        None, description="cache of the training images' statistics; empty = run.dir/fid-stats"
+    )
+
+    @field_validator("weights", "cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"no such file: {v} (empty = torch-fidelity downloads the weights)")
+        return v
+
+
 class RunSettings(_Group):
     """Where a run lives."""
 
@@ -246,6 +284,7 @@ class Settings(BaseSettings):
     optim: OptimSettings = OptimSettings()
     train: TrainSettings = TrainSettings()
     sample: SampleSettings = SampleSettings()
+    eval: EvalSettings = EvalSettings()
     run: RunSettings = RunSettings()
     wandb: WandbSettings = WandbSettings()
 
@@ -384,6 +423,27 @@ def load_settings(
         return Settings(_env_file=env_file, **nest(overrides or {}))
     except ValidationError as err:
         raise SettingsError(_problems(err)) from None
+    except _PydanticSettingsError as err:
+        names = set(os.environ)
+        if env_file is not None and Path(env_file).is_file():
+            names |= set(dotenv_values(env_file))
+        given = [setting_name(n.upper()) for n in names if n.upper().startswith(ENV_PREFIX)]
+        raise _undecodable(err, given) from None
+
+
+def _undecodable(err: _PydanticSettingsError, given: Sequence[str]) -> SettingsError:
+    """pydantic-settings' error for a value it cannot decode (a list that is not JSON), which
+    names only a group: the error for the settings given in that group."""
+    match = re.search(r'field "(\w+)"', str(err))
+    group = match[1] if match else ""
+    fields = sorted({f for f in given if f.startswith(f"{group}.")}) or [group]
+    cause = " ".join(str(err.__cause__ or err).split())
+    return SettingsError(
+        [
+            (f, f'cannot be decoded ({cause}); give a list as JSON, e.g. ["fid", "kid"]')
+            for f in fields
+        ]
+    )
 
 
 def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
@@ -404,15 +464,18 @@ def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
             cli_avoid_json=True,
             cli_hide_none_type=True,
         )
+        return flatten(source())
     except _PydanticSettingsError as err:
-        raise SettingsError([("", str(err))]) from None
-    return flatten(source())
+        if "error parsing value" not in str(err):
+            raise SettingsError([("", str(err))]) from None
+        given = [arg[2:].partition("=")[0] for arg in argv if str(arg).startswith("--")]
+        raise _undecodable(err, given) from None
 
 
 # Settings that do not change what a run computes: where things live, how it is watched, how
 # fast it goes. Everything else names the run. train.epochs counts only with a cosine schedule
 # (whose decay depends on the run's length); otherwise raising it continues the same run.
-_NOT_RESULT_PREFIXES = ("sample.", "run.", "wandb.")
+_NOT_RESULT_PREFIXES = ("sample.", "eval.", "run.", "wandb.")
 _NOT_RESULT = {
     "data.root",
     "data.url",

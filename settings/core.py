@@ -12,6 +12,7 @@ from ddpm.config import (
     Config,
     DataConfig,
     DiffusionConfig,
+    EvalConfig,
     ModelConfig,
     OptimConfig,
     SampleConfig,
@@ -33,7 +34,7 @@ def core_config(settings: Settings) -> Config:
 
     device = resolve_device(settings.train.device)
     on_cuda = device.type == "cuda"
-    data, sample, train = settings.data, settings.sample, settings.train
+    data, sample, train, evaluation = settings.data, settings.sample, settings.train, settings.eval
     return Config(
         data=DataConfig(
             **data.model_dump(exclude={"root", "folder"}),
@@ -56,5 +57,11 @@ def core_config(settings: Settings) -> Config:
             **sample.model_dump(exclude={"compile"}),
             compile=sample.compile == "on"
             or (sample.compile == "auto" and on_cuda and sample.sampler == "ddpm"),
+        ),
+        eval=EvalConfig(
+            **evaluation.model_dump(exclude={"metrics", "weights", "cache_dir"}),
+            metrics=tuple(evaluation.metrics),
+            weights=evaluation.weights.resolve() if evaluation.weights else None,
+            cache_dir=(evaluation.cache_dir or settings.run.dir / "fid-stats").resolve(),
         ),
     )

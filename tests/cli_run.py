@@ -1,4 +1,5 @@
-"""`python flows/train_flow.py` as a real child process, for the tests that signal or kill it."""
+"""`python flows/train_flow.py` (or sample_flow.py) as a real child process, for the tests that
+signal or kill it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,11 +19,14 @@ STEP_LINE = re.compile(r"step (\d+)  loss")
 
 
 class Cli:
-    """`python flows/train_flow.py` in a session of its own, its output read as it comes."""
+    """`python flows/train_flow.py` (or `script`) in a session of its own, its output read as
+    it comes."""
 
-    def __init__(self, env: dict[str, str], cwd: Path, *args: str) -> None:
+    def __init__(
+        self, env: dict[str, str], cwd: Path, *args: str, script: str | None = None
+    ) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "flows" / "train_flow.py"), *args],
+            [sys.executable, script or str(REPO / "flows" / "train_flow.py"), *args],
             env=env,
             cwd=cwd,
             stdout=subprocess.PIPE,
@@ -41,7 +46,7 @@ class Cli:
                 self.lines.append(line)
                 if m := STEP_LINE.search(line):
                     self.last_step = int(m[1])
-                    self._step_seen.notify_all()
+                self._step_seen.notify_all()
 
     def wait_for_step(self, step: int, timeout: float = 240) -> None:
         with self._step_seen:
@@ -49,6 +54,14 @@ class Cli:
                 lambda: self.last_step >= step or self.process.poll() is not None, timeout
             ), self.output[-3000:]
         assert self.last_step >= step, self.output[-3000:]
+
+    def wait_for(self, seen: Callable[[str], bool], timeout: float = 240) -> None:
+        """Wait until an output line satisfies `seen` (fails if the process ends first)."""
+        with self._step_seen:
+            assert self._step_seen.wait_for(
+                lambda: any(map(seen, self.lines)) or self.process.poll() is not None, timeout
+            ), self.output[-3000:]
+        assert any(map(seen, self.lines)), self.output[-3000:]
 
     def finish(self, timeout: float = 300) -> int:
         try:

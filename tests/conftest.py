@@ -5,15 +5,13 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import pickle
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from tiny_run import make_config
+from tiny_run import make_config, write_cifar10
 
 from ddpm.config import Config
 
@@ -28,27 +26,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def tiny_config() -> Callable[..., Config]:
     """tiny_config(changes=None) -> the Config of a tiny CPU run (see TINY), changed."""
     return make_config
-
-
-def write_cifar10(root: Path, images_per_batch: int = 8, seed: int = 0) -> Path:
-    """Write data_batch_1..5 (+ test_batch, batches.meta) under root/cifar-10-batches-py in the
-    official python format: pickled dicts with bytes keys and a uint8 (N, 3072) `data` array."""
-    folder = Path(root) / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": rng.integers(0, 10, images_per_batch).tolist(),
-            b"data": rng.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
-            b"filenames": [f"img_{i}.png".encode() for i in range(images_per_batch)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}, f, protocol=2)
-    return folder
 
 
 class _Payload:

@@ -111,15 +111,15 @@ def read_run(env: dict[str, str], flow_run_id: str):
 
 
 def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cifar_writer) -> None:
-    """Deploy both deployments, run ddpm-smoke with train.epochs=1 through a process worker:
-    Completed, one epoch's checkpoint and grid, artifacts on the server; an invalid override
-    ends Failed with a validation message, not Crashed."""
+    """Deploy all deployments, run ddpm-smoke with train.epochs=1 through a process worker:
+    Completed, one epoch's checkpoint and grid, artifacts on the server; ddpm-sample then draws
+    3 images from it; an invalid override ends Failed with a validation message, not Crashed."""
     cifar_writer(tmp_path / "data", images_per_batch=52)  # 260 >= the smoke run's 256
     prefect(server, "work-pool", "create", "ddpm-local", "--type", "process")
     out = prefect(
         server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"
     )
-    assert "ddpm-cifar10" in out and "ddpm-smoke" in out
+    assert "ddpm-cifar10" in out and "ddpm-smoke" in out and "ddpm-sample" in out
 
     paths = {
         "data.root": str(tmp_path / "data"),
@@ -137,21 +137,37 @@ def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cif
     settings = (run_dir / "settings.json").read_text()
     assert '"hidden_size": 16' in settings and '"subset": 256' in settings  # smoke env
 
+    # The trained run's images through the ddpm-sample deployment and the same worker.
+    out = prefect(
+        server, "deployment", "run", "sample-flow/ddpm-sample", "--param", f"run={run_dir}",
+        "--param", "num=3", "--param", f"out={tmp_path / 'images'}",
+    )  # fmt: skip
+    sample_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out)[1]
+    prefect(server, "worker", "start", "--pool", "ddpm-local", "--run-once", timeout=300)
+    flow_run, artifacts = read_run(server, sample_run_id)
+    assert flow_run.state.type.value == "COMPLETED", flow_run.state.message
+    assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == [
+        "000000.png", "000001.png", "000002.png",
+    ]  # fmt: skip
+    assert {"generation-progress", "generation-summary"} <= artifacts
+
     flow_run, _ = read_run(server, run_deployment(server, {**paths, "optim.lr": -1}))
     assert flow_run.state.type.value == "FAILED"
     assert "optim.lr" in flow_run.state.message and "greater than 0" in flow_run.state.message
 
 
 def test_serve_builds_the_same_deployments() -> None:
-    """deployments/serve.py serves prefect.yaml's deployments, the smoke sizes as overrides."""
+    """deployments/serve.py serves prefect.yaml's deployments, the smoke sizes as overrides,
+    ddpm-sample with its parameters left to the run."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("serve", REPO / "deployments" / "serve.py")
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
     deployments = {d.name: d for d in serve.served_deployments()}
-    assert set(deployments) == {"ddpm-cifar10", "ddpm-smoke"}
+    assert set(deployments) == {"ddpm-cifar10", "ddpm-smoke", "ddpm-sample"}
     assert deployments["ddpm-cifar10"].parameters == {"overrides": {}}
+    assert deployments["ddpm-sample"].parameters == {}
     smoke = deployments["ddpm-smoke"].parameters["overrides"]
     assert smoke["model.hidden_size"] == "16" and smoke["train.epochs"] == "2"
     from settings import load_settings

@@ -16,6 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
+from tiny_run import tiny_overrides
 
 from settings import env_name
 
@@ -28,25 +29,9 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture
-def tiny(tmp_path: Path, cifar_writer) -> dict[str, Any]:
-    """Overrides for a tiny CPU run on 64 of 80 official-format CIFAR images: hidden 16,
-    T = 50, 2 epochs of 2 steps."""
-    cifar_writer(tmp_path / "data", images_per_batch=16)
-    return {
-        "data.root": str(tmp_path / "data"),
-        "data.subset": 64,
-        "run.dir": str(tmp_path / "runs"),
-        "model.hidden_size": 16,
-        "diffusion.num_timesteps": 50,
-        "train.epochs": 2,
-        "train.batch_size": 32,
-        "train.device": "cpu",
-        "train.log_every": 1,
-        "optim.warmup_steps": 2,
-        "sample.num": 4,
-        "sample.steps": 5,
-        "wandb.mode": "disabled",
-    }
+def tiny(tmp_path: Path) -> dict[str, Any]:
+    """The tiny run's overrides (tiny_overrides), its data in tmp_path."""
+    return tiny_overrides(tmp_path)
 
 
 @pytest.fixture

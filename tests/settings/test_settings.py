@@ -75,6 +75,12 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "sample.use_ema": (False, {}),
     "sample.clip_denoised": (False, {}),
     "sample.compile": ("on", {}),
+    "eval.every": (5, {}),
+    "eval.num_samples": (10_000, {}),
+    "eval.metrics": (["fid"], {}),
+    "eval.weights": (str(Path(__file__).resolve()), {}),  # any existing file
+    "eval.batch_size": (64, {}),
+    "eval.cache_dir": ("stats", {}),
     "run.name": ("cifar-run_1.b", {}),
     "run.dir": ("out/runs", {}),
     "run.keep": (5, {}),
@@ -89,7 +95,9 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
 
 
 def _as_text(value: Any) -> str:
-    """How a value is written in an env var, a `.env` line or a flag."""
+    """How a value is written in an env var, a `.env` line or a flag (lists as JSON)."""
+    if isinstance(value, list):
+        return json.dumps(value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -153,6 +161,12 @@ def test_documented_defaults() -> None:
         "run.dir": "runs",
         "run.keep": 3,
         "run.checkpoint_every": 0,
+        "eval.every": 0,
+        "eval.num_samples": 50_000,
+        "eval.metrics": ["fid", "kid"],
+        "eval.weights": None,
+        "eval.batch_size": 256,
+        "eval.cache_dir": None,
         "run.stop_timeout": 30.0,
         "run.server_timeout": 120.0,
         "run.debug": False,
@@ -655,10 +669,13 @@ def test_json_round_trip(overrides: dict[str, Any]) -> None:
 def test_core_config_defaults_are_the_settings_defaults() -> None:
     """The core's Config() and the converted default settings agree field by field (on a CPU),
     so a notebook using ddpm.config gets the same run as the command line."""
-    from ddpm.config import Config, DataConfig
+    from ddpm.config import Config, DataConfig, EvalConfig
 
     converted = core_config(load_settings({"train.device": "cpu"}, env_file=None))
-    assert converted == Config(data=DataConfig(root=Path("data").resolve()))
+    assert converted == Config(
+        data=DataConfig(root=Path("data").resolve()),
+        eval=EvalConfig(cache_dir=Path("runs/fid-stats").resolve()),
+    )
 
 
 def test_core_config_resolves_choices_for_this_machine(tmp_path: Path) -> None:

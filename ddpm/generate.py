@@ -1,0 +1,303 @@
+"""Images from a trained run: its network from a checkpoint, noise seeded per image, numbered PNG
+files that an interrupted generation resumes, and the .npz that FID tools read.
+
+Image i is drawn from noise seeded by (seed, i) alone (image_seed). Batches cover the indices
+[k B, (k + 1) B) and are always full, so image i is computed in the same batch, with the same
+neighbours, whatever number of images is asked for: 100 images are exactly the first 100 files
+of 200 (with the same batch size and device; another batch size changes only the rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ddpm.checkpoint import CheckpointError, atomic_write, check_compatible, load_checkpoint
+from ddpm.checkpoint_files import load_newest_valid
+from ddpm.config import DiffusionConfig, ModelConfig, Precision, SampleConfig
+from ddpm.data import denormalize
+from ddpm.diffusion import DiffusionModel
+from ddpm.errors import UserError
+from ddpm.run import build_diffusion, run_sampler
+from ddpm.run_dir import RunDir
+
+OPTIONS_FILE = "generation.json"  # what drew a folder's images; a re-run must match it
+
+
+class GenerationError(UserError):
+    """The output folder holds images drawn another way."""
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A run's network, ready to sample, and where it came from."""
+
+    diffusion: DiffusionModel  # the chosen weights, in eval mode, on the CPU
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    checkpoint: Path
+    epoch: int  # epochs completed
+    global_step: int
+    ema: bool  # whether these are the EMA weights
+    settings: dict[str, Any]  # the run's resolved settings, as the checkpoint recorded them
+
+
+def architecture(
+    state: Mapping[str, Any], source: str
+) -> tuple[ModelConfig, DiffusionConfig, tuple[int, int, int]]:
+    """What builds a checkpoint's network: its `architecture` record, or, in checkpoints
+    written before it was recorded, the model, diffusion and data settings saved with it.
+
+    Raises:
+        CheckpointError: naming source, if it records neither.
+    """
+    record = state.get("architecture")
+    if record:
+        shape = tuple(record["image_shape"])
+        return ModelConfig(**record["model"]), DiffusionConfig(**record["diffusion"]), shape
+    settings = state.get("settings") or {}
+    try:
+        model = ModelConfig(**settings["model"])
+        diffusion = DiffusionConfig(**settings["diffusion"])
+        size = int(settings["data"]["image_size"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{source} records neither its architecture nor the settings it was trained with"
+        ) from err
+    return model, diffusion, (model.channels, size, size)
+
+
+def find_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    """A run folder's newest valid checkpoint (see load_newest_valid), or a checkpoint file,
+    with its state.
+
+    Raises:
+        CheckpointError: naming path, if it holds no usable checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = load_newest_valid(RunDir(path))
+        if found is None:
+            raise CheckpointError(f"{path}: no usable checkpoint in {RunDir(path).checkpoints}")
+        return found
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such run folder or checkpoint file")
+    try:
+        return path, load_checkpoint(path)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from err
+
+
+def load_trained_model(path: Path, use_ema: bool = True) -> TrainedModel:
+    """The network of a run folder (its newest valid checkpoint) or of a checkpoint file.
+
+    Args:
+        path: a run folder or a checkpoint file.
+        use_ema: load the EMA weights (what the DDPM paper samples from); else the trained ones.
+
+    Raises:
+        CheckpointError: naming the file, if there is none, it is unreadable, of another
+            format or model, or holds no EMA weights when they are asked for.
+    """
+    source, state = find_checkpoint(path)
+    model, diffusion_config, image_shape = architecture(state, str(source))
+    diffusion = build_diffusion(model, diffusion_config)
+    check_compatible(state, diffusion, str(source))
+    weights = state["model"]
+    if use_ema:
+        if not state.get("ema"):
+            raise CheckpointError(f"{source} holds no EMA weights; sample without the EMA")
+        # AveragedModel's state dict: the averaged copy under `module.`, and n_averaged.
+        weights = {k[len("module.") :]: v for k, v in state["ema"].items() if k[:7] == "module."}
+    diffusion.load_state_dict(weights)
+    diffusion.eval().requires_grad_(False)
+    return TrainedModel(
+        diffusion=diffusion,
+        image_shape=image_shape,  # type: ignore[arg-type]
+        checkpoint=source,
+        epoch=int(state["epoch"]),
+        global_step=int(state["global_step"]),
+        ema=use_ema,
+        settings=dict(state.get("settings") or {}),
+    )
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index`'s noise: 63 bits of SHA-256 over (seed, index), so no two
+    images of any seeds share a generator stream."""
+    digest = hashlib.sha256(f"ddpm-image:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) float in [-1, 1] -> uint8 in [0, 255], rounded as torchvision's save_image
+    rounds, on the CPU."""
+    return denormalize(x.float()).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
+
+
+def aligned_batches(num: int, batch_size: int) -> Iterator[range]:
+    """The batches of indices covering [0, num): [0, B), [B, 2B), ...; the last one is full
+    too (past num), so each image's batch does not depend on num."""
+    for start in range(0, num, batch_size):
+        yield range(start, start + batch_size)
+
+
+@torch.no_grad()
+def generate(
+    diffusion: DiffusionModel,
+    indices: range,
+    image_shape: tuple[int, int, int],
+    sample: SampleConfig,
+    seed: int,
+    precision: Precision = "fp32",
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Draw the images `indices`, each from noise of its own (image_seed(seed, i)), in one
+    batch on the model's device.
+
+    Args:
+        diffusion: the network, on the device it should run on.
+        indices: which images, e.g. one of aligned_batches.
+        image_shape: (C, H, W).
+        sample: sampler (ddim with steps and eta, or ddpm), clip_denoised, compile.
+        precision: autocast for the network: fp32, bf16 or fp16.
+        progress: called after each sampler step.
+
+    Returns:
+        (len(indices), C, H, W) uint8 images on the CPU.
+    """
+    generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+    x = run_sampler(diffusion, sample, len(indices), image_shape, generators, precision, progress)
+    return to_uint8(x)
+
+
+def sample_set(
+    diffusion: DiffusionModel,
+    num: int,
+    image_shape: tuple[int, int, int],
+    sample: SampleConfig,
+    seed: int,
+    batch_size: int,
+    precision: Precision = "fp32",
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Images 0 .. num-1 in memory, in aligned batches of batch_size: the images that
+    ImageFiles would hold after drawing them with these options.
+
+    Args:
+        progress: called after each sampler step of each batch.
+
+    Returns:
+        (num, C, H, W) uint8 on the CPU.
+    """
+    batches = [
+        generate(diffusion, indices, image_shape, sample, seed, precision, progress)
+        for indices in aligned_batches(num, batch_size)
+    ]
+    return torch.cat(batches)[:num]
+
+
+class ImageFiles(Dataset):
+    """A folder of generated images, DIR/000000.png ...: items uint8 (C, H, W).
+
+    Args:
+        folder: where the images are.
+        num: how many (image i is folder/{i:06d}.png).
+    """
+
+    def __init__(self, folder: Path, num: int) -> None:
+        self.folder, self.num = Path(folder), num
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"{index:06d}.png"
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.path(index)) as img:
+            array = np.asarray(img)
+        array = array[:, :, None] if array.ndim == 2 else array
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+    def missing(self) -> int:
+        """How many of the num images have no file yet."""
+        return sum(not self.path(i).is_file() for i in range(self.num))
+
+    def pending_batches(self, batch_size: int) -> list[range]:
+        """The aligned batches with at least one image (below num) still to write."""
+        return [
+            indices
+            for indices in aligned_batches(self.num, batch_size)
+            if any(not self.path(i).is_file() for i in indices if i < self.num)
+        ]
+
+    def write(self, indices: range, images: torch.Tensor) -> int:
+        """Write the images of indices below num that have no file yet, each atomically (a
+        file is whole or absent); returns how many were written.
+
+        Args:
+            images: (len(indices), C, H, W) uint8.
+        """
+        from PIL import Image
+
+        written = 0
+        for index, image in zip(indices, images, strict=True):
+            path = self.path(index)
+            if index >= self.num or path.is_file():
+                continue
+            array = image.permute(1, 2, 0).numpy()
+            pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+            atomic_write(path, lambda f, pil=pil: pil.save(f, format="png"))
+            written += 1
+        return written
+
+    def write_npz(self) -> Path:
+        """All num images in one uint8 (N, H, W, C) array `arr_0`, the layout improved-diffusion's
+        and EDM's FID tools read: DIR/samples_NxHxWxC.npz, written atomically."""
+        images = torch.stack([self[i] for i in range(self.num)]).permute(0, 2, 3, 1).numpy()
+        path = self.folder / f"samples_{'x'.join(str(n) for n in images.shape)}.npz"
+        buffer = io.BytesIO()
+        np.savez(buffer, arr_0=images)
+        return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+    def claim(self, options: Mapping[str, Any]) -> None:
+        """Record what draws this folder's images (OPTIONS_FILE), or check that a folder
+        already holding images was drawn the same way, so a re-run resumes it and never mixes
+        images of two models or seeds.
+
+        Raises:
+            GenerationError: naming the folder and what differs.
+        """
+        record = self.folder / OPTIONS_FILE
+        if not record.is_file() and self.folder.is_dir() and any(self.folder.glob("*.png")):
+            raise GenerationError(
+                f"{self.folder} holds PNG files but no {OPTIONS_FILE}: they were not drawn "
+                "here; choose another output folder"
+            )
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            changed = [
+                f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v
+            ]
+            if changed:
+                raise GenerationError(
+                    f"{self.folder} holds images drawn with other options ({'; '.join(changed)}); "
+                    "choose another output folder or empty this one"
+                )
+            return
+        text = json.dumps(dict(options), indent=2, sort_keys=True) + "\n"
+        atomic_write(record, lambda f: f.write(text.encode()))

@@ -1,0 +1,146 @@
+"""sample_flow: load-model -> generate-images -> [write-npz] -> [download -> evaluate-images].
+
+    python flows/sample_flow.py --run runs/NAME --num 1000 --out samples/NAME [--evaluate]
+
+draws images 000000.png ... from a trained run (its newest valid checkpoint, EMA weights), each
+from noise seeded by (seed, index) alone; re-running the command resumes an interrupted
+generation. The run's data, model and sampler settings come from its checkpoint; eval.* from
+flags, the environment and .env. SIGTERM or Ctrl-C stops it between sampler steps.
+"""
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import sample_main
+
+    sys.exit(sample_main())
+
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelled, State
+from prefect.utilities.annotations import quote
+
+from ddpm.errors import UserError
+from ddpm.evaluation import inception_weights
+from ddpm.generate import ImageFiles
+from flows.sample_tasks import (
+    evaluate_images_task,
+    generate_images_task,
+    load_model_task,
+    write_npz_task,
+)
+from flows.shutdown import StopRequest, active_stop_request
+from flows.tasks import download_task, sampler_steps
+from flows.train_flow import gpu_slot
+from settings import core_config, load_settings
+from settings.generate import generate_options, sampling_settings
+
+__all__ = ["sample_flow"]
+
+SUMMARY_KEY = "generation-summary"
+
+
+@flow(name="sample-flow", description="Draw images from a trained DDPM run; score them.")
+def sample_flow(
+    run: str,
+    num: int,
+    out: str,
+    seed: int = 0,
+    sampler: Literal["ddim", "ddpm"] | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    batch_size: int = 128,
+    device: str = "auto",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    ema: bool = True,
+    npz: bool = False,
+    evaluate: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any] | State:
+    """Draw images 0 .. num-1 of a run into `out` (those already there are kept), then
+    optionally write the .npz and score them (see settings.generate.GenerateOptions).
+
+    Args:
+        overrides: dotted settings for the evaluation and the command (eval.*, run.debug...).
+
+    Returns:
+        the checkpoint, the folder, images written now and in all, the .npz and the metrics;
+        a Cancelled state when a stop request ended it early.
+    """
+    options = generate_options({k: v for k, v in locals().items() if k != "overrides"})
+    stop = active_stop_request() or StopRequest(load_settings(overrides).run.stop_timeout)
+    with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
+        trained = load_model_task(str(options.run), options.ema)
+        cfg = sampling_settings(trained.settings, options, overrides)
+        config = core_config(cfg)
+        if options.evaluate and not trained.settings:
+            raise UserError(
+                f"{trained.checkpoint} records no settings: the training images to evaluate "
+                "against are unknown"
+            )
+        data_path = None
+        if options.evaluate:  # the weights and training images are found before drawing
+            inception_weights(config.eval.weights)
+            where = config.data
+            data_path = download_task(
+                where.dataset, str(where.root), where.url, where.folder and str(where.folder)
+            )
+        files = ImageFiles(options.out, options.num)
+        sample = config.sample
+        files.claim(
+            {
+                "checkpoint": str(trained.checkpoint.resolve()),
+                "global_step": trained.global_step,
+                "ema": trained.ema,
+                "seed": options.seed,
+                "sampler": sample.sampler,
+                "steps": sampler_steps(config),
+                "eta": sample.eta if sample.sampler == "ddim" else None,
+                "clip_denoised": sample.clip_denoised,
+                "batch_size": options.batch_size,
+                "precision": config.train.precision,
+                "device": config.train.device.split(":")[0],
+            }
+        )
+        with gpu_slot(config.train.device):
+            written = generate_images_task(
+                quote(trained), config, files, options.seed, options.batch_size, quote(stop)
+            )
+        summary: dict[str, Any] = {
+            "checkpoint": str(trained.checkpoint),
+            "out": str(Path(options.out)),
+            "written": written,
+            "images": options.num - files.missing(),
+            "npz": None,
+            "metrics": None,
+        }
+        if stop():
+            return Cancelled(
+                message=f"{stop.reason}: {summary['images']} of {options.num} images in "
+                f"{options.out}; re-run to resume"
+            )
+        if options.npz:
+            summary["npz"] = write_npz_task(files)
+        if data_path is not None:
+            with gpu_slot(config.train.device):
+                summary["metrics"] = evaluate_images_task(files, config, data_path)
+    _publish(summary)
+    get_run_logger().info("%s", summary)
+    return summary
+
+
+def _publish(summary: dict[str, Any]) -> None:
+    """A markdown summary in the Prefect UI."""
+    lines = [
+        f"# Images from `{summary['checkpoint']}`",
+        "",
+        f"- folder: `{summary['out']}` ({summary['images']} images, {summary['written']} new)",
+        f"- npz: `{summary['npz']}`" if summary["npz"] else "- npz: not written",
+    ]
+    for name, value in (summary["metrics"] or {}).items():
+        lines.append(f"- {name}: {value:.4g}")
+    create_markdown_artifact("\n".join(lines), key=SUMMARY_KEY, description="generation summary")

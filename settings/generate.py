@@ -1,0 +1,93 @@
+"""The options of `python flows/sample_flow.py` (and of sample-flow's parameters), validated.
+
+Unset sampler options (sampler, steps, eta) take the run's own sample.* settings, so images look
+like the run's sample grids unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ddpm.errors import UserError
+from settings.config import Settings, flatten, load_settings
+
+
+class OptionsError(UserError, ValueError):
+    """Invalid sample_flow options; the message names each flag."""
+
+
+class GenerateOptions(BaseModel):
+    """What to draw, from which run, how, and where to."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    run: Path = Field(description="a run folder (its newest valid checkpoint) or a checkpoint")
+    num: int = Field(ge=1, le=10_000_000, description="images to draw")
+    out: Path = Field(description="folder for 000000.png, ...; a re-run resumes it")
+    seed: int = Field(0, ge=0, lt=2**63, description="image i's noise comes from (seed, i)")
+    sampler: Literal["ddim", "ddpm"] | None = Field(
+        None, description="ddim or ddpm; default: the run's sample.sampler"
+    )
+    steps: int | None = Field(None, ge=1, description="DDIM steps; default: the run's")
+    eta: float | None = Field(None, ge=0, le=1, description="DDIM noise; default: the run's")
+    batch_size: int = Field(128, ge=1, le=65_536, description="images per sampling batch")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="auto, cpu, cuda or cuda:N"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on CUDA, fp32 on CPU"
+    )
+    ema: bool = Field(True, description="the EMA weights (off: the trained weights)")
+    npz: bool = Field(False, description="also write samples_NxHxWxC.npz (uint8 NHWC)")
+    evaluate: bool = Field(False, description="then FID/KID against the run's training images")
+
+
+def flag(field: str) -> str:
+    """'batch_size' -> '--batch-size'; 'ema' -> '--no-ema' (it is on by default)."""
+    return "--no-ema" if field == "ema" else "--" + field.replace("_", "-")
+
+
+def generate_options(values: dict[str, Any]) -> GenerateOptions:
+    """Validate option values (from flags or flow parameters).
+
+    Raises:
+        OptionsError: naming the flag of each bad value.
+    """
+    try:
+        return GenerateOptions(**values)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            field = str(e["loc"][0]) if e["loc"] else ""
+            message = e["msg"].removeprefix("Value error, ")
+            if not isinstance(e.get("input"), (dict, list)) and e["type"] != "missing":
+                message += f", got {e.get('input')!r}"
+            lines.append(f"{flag(field)}: {message}" if field else message)
+        raise OptionsError("invalid options:\n  " + "\n  ".join(lines)) from None
+
+
+def sampling_settings(
+    saved: Mapping[str, Any], options: GenerateOptions, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """The settings sample_flow works with: the run's own (data, model, diffusion, sample...:
+    `saved`, as its checkpoint recorded them), the options' sampler, device and precision on
+    top, and eval.* and run.* from overrides, the environment and .env as for any command.
+
+    Raises:
+        SettingsError: for invalid values (e.g. steps past diffusion.num_timesteps).
+    """
+    own = ("eval.", "run.", "wandb.")  # this command's, not the run's
+    base = {k: v for k, v in flatten(saved).items() if not k.startswith(own)}
+    chosen: dict[str, Any] = {
+        "train.device": options.device,
+        "train.precision": options.precision,
+        "sample.use_ema": options.ema,
+    }
+    for name in ("sampler", "steps", "eta"):
+        if getattr(options, name) is not None:
+            chosen[f"sample.{name}"] = getattr(options, name)
+    return load_settings({**base, **chosen, **(overrides or {})})
