@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.checkpoint import atomic_write, checksum_path, load_checkpoint, save_checkpoint
+from ddpm.errors import first_line
 from ddpm.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,7 @@ def _newest_loadable(paths: list[Path]) -> tuple[Path, dict[str, Any]] | None:
                 path,
             )
         except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            log.warning("skipping unusable checkpoint %s: %s", path, reason)
+            log.warning("skipping unusable checkpoint %s: %s", path, first_line(err))
     return None
 
 

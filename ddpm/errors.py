@@ -14,3 +14,10 @@ class UserError(Exception):
     timeout), as opposed to one that fails the same way every time (a DNS failure)."""
 
     transient: bool = False
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none: enough to
+    say why a file was skipped or refused, in one line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ddpm.errors import UserError
+from ddpm.errors import UserError, first_line
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3 (0.4.0); a test pins the two equal
@@ -235,8 +235,9 @@ def _check_plain_tensors(path: Path) -> None:
             f"{path}: refused, it holds pickled objects besides tensors and could run code; {fix}"
         ) from err
     except Exception as err:  # RuntimeError, EOFError ...: truncated or not a torch file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EvaluationError(f"{path}: not a loadable weights file ({first}); {fix}") from err
+        raise EvaluationError(
+            f"{path}: not a loadable weights file ({first_line(err)}); {fix}"
+        ) from err
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise EvaluationError(f"{path}: not torch-fidelity's Inception weights; {fix}")
 

@@ -26,7 +26,7 @@ from ddpm.checkpoint_files import load_newest_valid
 from ddpm.config import DiffusionConfig, ModelConfig, Precision, SampleConfig
 from ddpm.data import denormalize
 from ddpm.diffusion import DiffusionModel
-from ddpm.errors import UserError
+from ddpm.errors import UserError, first_line
 from ddpm.run import build_diffusion, run_sampler
 from ddpm.run_dir import RunDir
 
@@ -95,8 +95,7 @@ def find_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     except CheckpointError:
         raise
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from err
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(err)})") from err
 
 
 def load_trained_model(path: Path, use_ema: bool = True) -> TrainedModel:

@@ -77,13 +77,13 @@ def sample_flow(
         trained = load_model_task(str(options.run), options.ema)
         cfg = sampling_settings(trained.settings, options, overrides)
         config = core_config(cfg)
-        if options.evaluate and not trained.settings:
-            raise UserError(
-                f"{trained.checkpoint} records no settings: the training images to evaluate "
-                "against are unknown"
-            )
         data_path = None
         if options.evaluate:  # the weights and training images are found before drawing
+            if not trained.settings:
+                raise UserError(
+                    f"{trained.checkpoint} records no settings: the training images to "
+                    "evaluate against are unknown"
+                )
             inception_weights(config.eval.weights)
             where = config.data
             data_path = download_task(
