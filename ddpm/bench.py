@@ -10,7 +10,8 @@
     metrics read every 100 steps (no host sync in between), and, on CUDA, bf16 autocast,
     fused Adam, channels-last and torch.compile.
 Sampling: the 1000-step ancestral sampler with compiled steps on CUDA (CUDA graphs), and the
-50-step DDIM grid eager, as the default run draws it each epoch.
+DDIM grid eager with the default sample.steps (100), as the default run draws it each epoch.
+--profile PATH also writes torch.profiler's table of the project's training steps.
 Same model, batch size, dataset size and device; both warmed up before timing. Only torch and
 torchvision are needed, so it runs on a GPU machine without the rest of the project.
 """
@@ -28,7 +29,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from ddpm.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
 from ddpm.run import build_training, run_epoch
@@ -113,13 +121,13 @@ def baseline_img_per_s(
     return steps * batch / (time.perf_counter() - start)
 
 
-def project_img_per_s(
-    images: torch.Tensor, hidden: int, batch: int, device: torch.device, steps: int
-) -> tuple[float, str, bool]:
-    """Images/s of the project's training path; returns (img/s, precision, compiled)."""
-    precision = resolve_precision("auto", device)
-    compiled = device.type == "cuda"
-    config = Config(
+def project_config(
+    hidden: int, batch: int, device: torch.device, compile: bool | None = None
+) -> Config:
+    """The project's training path as the default run takes it on `device` (compile: None =
+    on for CUDA, as train.compile=auto)."""
+    on_cuda = device.type == "cuda"
+    return Config(
         data=DataConfig(loader="device"),
         model=ModelConfig(hidden_size=hidden),
         optim=OptimConfig(warmup_steps=0),
@@ -127,21 +135,49 @@ def project_img_per_s(
             batch_size=batch,
             device=str(device),
             log_every=READ_EVERY,
-            precision=precision,
-            compile=compiled,
-            fused=device.type == "cuda",
+            precision=resolve_precision("auto", device),
+            compile=on_cuda if compile is None else compile,
+            fused=on_cuda,
         ),
     )
+
+
+def project_img_per_s(
+    images: torch.Tensor,
+    hidden: int,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    profile: Path | None = None,
+    compile: bool | None = None,
+) -> float:
+    """Images/s of the project's training path over `steps` steps after a warm-up. With
+    `profile`, a further `steps // 4` steps run under torch.profiler and its table (sorted by
+    device time, or CPU time on a CPU) is written there."""
+    config = project_config(hidden, batch, device, compile)
     state = build_training(config, total_steps=10**9)
-    warm = TrainingData(TensorImageDataset(images[: max(2, steps // 4) * batch]), config)
-    run_epoch(state, warm, config.train)  # warm-up: compilation, autotuning, allocator
-    _sync(device)
+
+    def epoch(n: int) -> None:
+        data = TrainingData(TensorImageDataset(images[: n * batch]), config)
+        run_epoch(state, data, config.train)
+        _sync(device)
+
+    epoch(max(2, steps // 4))  # warm-up: compilation, autotuning, allocator
     start = time.perf_counter()
-    run_epoch(
-        state, TrainingData(TensorImageDataset(images[: steps * batch]), config), config.train
-    )
-    _sync(device)
-    return steps * batch / (time.perf_counter() - start), precision, compiled
+    epoch(steps)
+    seconds = time.perf_counter() - start
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        on_cuda = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+        with profiler(activities=activities) as prof:
+            epoch(max(2, steps // 4))
+        sort = "cuda_time_total" if on_cuda else "cpu_time_total"
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        profile.write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+    return steps * batch / seconds
 
 
 def forward_gflops_per_image(hidden: int, image_size: int) -> float:
@@ -196,12 +232,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     baseline = baseline_img_per_s(images, hidden, batch, device, args.workers, steps)
-    project, precision, compiled = project_img_per_s(images, hidden, batch, device, steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    project = project_img_per_s(images, hidden, batch, device, steps, args.profile)
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    train = project_config(hidden, batch, device).train
+    grid_steps = SampleConfig().steps
     gflops = forward_gflops_per_image(hidden, 32)
     achieved = 3 * gflops * project / 1e3  # forward + backward ~ 3x forward
     peak = peak_tflops(device)
-    ddpm, ddim = sampling_img_per_s(hidden, device, args.sample_num, 1000, 50, compiled)
-    epoch_s = CIFAR10_TRAIN_IMAGES / project + 64 / ddim  # an epoch and its 8x8 DDIM grid
+    ddpm, ddim = sampling_img_per_s(
+        hidden, device, args.sample_num, 1000, grid_steps, train.compile
+    )
+    epoch_s = CIFAR10_TRAIN_IMAGES / project + SampleConfig().num / ddim  # an epoch and its grid
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": str(torch.__version__),
@@ -210,19 +253,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "hidden_size": hidden,
         "timed_steps": steps,
         "baseline_workers": args.workers,
-        "project_precision": precision,
-        "project_compiled": compiled,
+        "project_precision": train.precision,
+        "project_compiled": train.compile,
         "baseline_img_per_s": round(baseline, 1),
         "project_img_per_s": round(project, 1),
         "speedup": round(project / baseline, 3),
         "model_gflops_per_img": round(gflops, 4),
         "achieved_tflops": round(achieved, 4),
         "mfu": round(achieved / peak, 4) if peak else None,
+        "project_peak_memory_gib": round(peak_memory, 3) if peak_memory is not None else None,
         "sample_num": args.sample_num,
-        "sample_compiled": compiled,
+        "sample_compiled": train.compile,
         "sample_ddpm_1000_img_per_s": round(ddpm, 3),
         "sample_ddpm_1000_seconds": round(args.sample_num / ddpm, 3),
-        "sample_ddim_50_img_per_s": round(ddim, 3),
+        "sample_ddim_steps": grid_steps,
+        "sample_ddim_img_per_s": round(ddim, 3),
         "default_run_minutes_extrapolated": round(DEFAULT_EPOCHS * epoch_s / 60, 2),
     }
 
@@ -239,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=100, help="timed training steps")
     parser.add_argument("--workers", type=int, default=4, help="baseline DataLoader workers")
     parser.add_argument("--sample-num", type=int, default=64, help="images per sampling run")
+    parser.add_argument("--profile", type=Path, help="write torch.profiler's table of training")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.hidden, args.steps, args.workers, args.sample_num = 16, 16, 8, 0, 2

@@ -7,6 +7,7 @@ workers and however often the run was resumed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from collections.abc import Iterator
@@ -273,9 +274,19 @@ def subset_indices(num_items: int, subset: int, seed: int) -> list[int]:
     return sorted(torch.randperm(num_items, generator=generator)[:subset].tolist())
 
 
+@functools.cache
+def _levels(device: torch.device) -> torch.Tensor:
+    """(256,) float32: i / 127.5 - 1 for each uint8 value i, rounded once from float64."""
+    return (torch.arange(256, dtype=torch.float64) / 127.5 - 1.0).float().to(device)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] -> float32 in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
+    """uint8 images in [0, 255] -> float32 in [-1, 1], bit-identical on every device.
+
+    A lookup, not arithmetic: CUDA divides by a scalar as a multiplication by its reciprocal,
+    which rounds some values differently from the CPU's division.
+    """
+    return _levels(images.device)[images.long()]
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,18 @@ _COMPILED_STEPS: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., to
 )
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a and b name one device: torch.Generator("cuda") says `cuda`, a module on it
+    says `cuda:0`."""
+
+    def index(d: torch.device) -> int | None:
+        if d.index is None and d.type == "cuda":
+            return torch.cuda.current_device()
+        return d.index
+
+    return a.type == b.type and index(a) == index(b)
+
+
 def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Gather values[t] and shape it to broadcast against a (B, ...) tensor of `ndim` dims.
 
@@ -166,9 +178,9 @@ class DiffusionModel(nn.Module):
             return None
         if not isinstance(generator, torch.Generator):
             return [self._step_generator(g) for g in generator]  # type: ignore[misc]
-        if generator.device == device:
+        if _same_device(generator.device, device):
             return generator
-        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
         return torch.Generator(device).manual_seed(seed)
 
     def predict_x0(

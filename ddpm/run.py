@@ -144,7 +144,9 @@ def run_epoch(
     checkpoint on a background thread; each write must finish by the end of the next step, so
     a crash loses at most checkpoint_every steps. The step metrics are read from the device
     every train.log_every steps; train.compile compiles the network (in place, once; state
-    dicts are unchanged). On CUDA the model and batches use the channels-last memory format.
+    dicts are unchanged). On CUDA, uncompiled, the model and batches use the channels-last
+    memory format; compiled, they stay contiguous and inductor picks the convolutions' layouts
+    (channels-last parameters make its backward fail, pytorch/pytorch#171622).
 
     Args:
         on_step: called with (the run's step number, its metrics) for every step, at the
@@ -157,7 +159,7 @@ def run_epoch(
             the result's `stopped` is set and the state stays mid-epoch.
     """
     state.to(train.device)
-    channels_last = state.device.type == "cuda"
+    channels_last = state.device.type == "cuda" and not train.compile
     if channels_last:
         state.diffusion.to(memory_format=torch.channels_last)
     if train.compile and not state.compiled:

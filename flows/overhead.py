@@ -99,6 +99,11 @@ def measure(overrides: dict[str, Any], epochs: int, workdir: Path) -> dict[str, 
         "epoch_seconds_plain": round(plain_s / epochs, 3),
         "overhead_seconds_per_epoch": round((flow_s - plain_s) / epochs, 3),
         "prefect_share": round((flow_s - plain_s) / flow_s, 4),
+        "peak_cuda_memory_gib": (
+            round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            if torch.cuda.is_initialized()
+            else None
+        ),
     }
 
 

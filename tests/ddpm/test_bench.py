@@ -10,7 +10,7 @@ from ddpm.bench import forward_gflops_per_image, main
 KEYS = {
     "device", "baseline_img_per_s", "project_img_per_s", "speedup", "model_gflops_per_img",
     "achieved_tflops", "mfu", "sample_ddpm_1000_img_per_s", "sample_ddpm_1000_seconds",
-    "sample_ddim_50_img_per_s",
+    "sample_ddim_img_per_s", "sample_ddim_steps",
     "default_run_minutes_extrapolated",
 }  # fmt: skip
 
@@ -18,12 +18,15 @@ KEYS = {
 @pytest.mark.slow
 def test_quick_bench_on_cpu_writes_every_key(tmp_path: Path) -> None:
     """--quick --device cpu prints and writes JSON with every documented key; throughputs and
-    FLOPs are positive, speedup is their ratio, MFU is null on a CPU (~25 s)."""
-    out = tmp_path / "bench" / "cpu.json"
-    printed = main(["--quick", "--device", "cpu", "--json", str(out)])
+    FLOPs are positive, speedup is their ratio, MFU and peak memory are null on a CPU, and
+    --profile writes the profiler's table of the training steps (~25 s)."""
+    out, profile = tmp_path / "bench" / "cpu.json", tmp_path / "bench" / "profile.txt"
+    printed = main(["--quick", "--device", "cpu", "--json", str(out), "--profile", str(profile)])
     written = json.loads(out.read_text())
     assert written == printed and set(written) >= KEYS
     assert written["device"] == "cpu" and written["mfu"] is None
+    assert written["project_peak_memory_gib"] is None
+    assert "aten::convolution" in profile.read_text()
     for key in KEYS - {"device", "mfu"}:
         assert written[key] > 0, key
     ratio = written["project_img_per_s"] / written["baseline_img_per_s"]

@@ -214,6 +214,15 @@ def test_subset_is_reproducible_from_the_seed() -> None:
         subset_indices(10, 11, 0)
 
 
+def test_normalize_is_each_level_rounded_once() -> None:
+    """Every uint8 level maps to float32(i / 127.5 - 1) computed in float64: one rounding, so
+    the CPU and CUDA paths (whose scalar division rounds differently) give the same bits."""
+    levels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    expected = (torch.arange(256, dtype=torch.float64) / 127.5 - 1).float().reshape(1, 1, 16, 16)
+    got = normalize(levels)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 def test_normalize_and_inverse() -> None:
     """uint8 0..255 maps to [-1, 1] and back to [0, 1]."""
     images = torch.tensor([0, 128, 255], dtype=torch.uint8)
