@@ -79,6 +79,8 @@ class TrainConfig:
     fused: bool = False  # fused optimizer kernels: one launch per step (CUDA)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = off
     keep: int = 3  # epoch checkpoints kept
+    devices: int = 1  # data-parallel processes (ddpm.distributed); 1 = this process alone
+    rank_timeout: float = 300.0  # seconds a rank may go silent before the run fails
 
 
 @dataclass(frozen=True)

@@ -135,18 +135,27 @@ class DiffusionModel(nn.Module):
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * eps
         )
 
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+    def draw_training_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t ~ U{0..T-1} (B,) and eps ~ N(0, I) like x0, from the global generator of x0's
+        device (t first, then eps: a data-parallel run draws them for the global batch)."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        return t, torch.randn_like(x0)
+
+    def forward(
+        self, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The simplified training loss L_simple (DDPM eq. 14).
 
         Args:
             x0: (B, C, H, W) clean images in [-1, 1].
+            t, eps: (B,) timesteps and (B, C, H, W) noise; drawn here when not given.
 
         Returns:
             scalar: mean squared error between the true noise eps ~ N(0, I) and its estimate,
             at timesteps t drawn uniformly from [0, T) on x0's device.
         """
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        eps = torch.randn_like(x0)
+        if t is None or eps is None:
+            t, eps = self.draw_training_noise(x0)
         x_t = self.q_sample(x0, t, eps)
         return F.mse_loss(self.eps_model(x_t, self._net_time(t)), eps)
 

@@ -7,9 +7,11 @@ A notebook, a script or an orchestrator drives it alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,12 +26,14 @@ from ddpm.config import (
     SampleConfig,
     TrainConfig,
 )
-from ddpm.data import TrainingData
+from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.diffusion import DiffusionModel, Generators
+from ddpm.distributed import Group, RankFailed, collectives, set_training_rng
 from ddpm.run_dir import RunDir
 from ddpm.training import (
     EpochResult,
     StepCallback,
+    TrainingDiverged,
     TrainingState,
     autocast,
     build_ema,
@@ -137,6 +141,7 @@ def run_epoch(
     after_step: Callable[[], None] | None = None,
     run: RunDir | None = None,
     stop: Callable[[], bool] | None = None,
+    group: Group | None = None,
 ) -> EpochResult:
     """Train the state's next epoch on train.device, from batch state.epoch_step on.
 
@@ -157,6 +162,11 @@ def run_epoch(
             state after the last step taken goes to a mid-epoch checkpoint (with a run
             folder) before this returns, so a re-run resumes with no step lost or repeated;
             the result's `stopped` is set and the state stays mid-epoch.
+        group: train data-parallel with this group (ddpm.distributed): rank 0 first tells the
+            followers to train this epoch, and its stop requests reach every rank.
+
+    Raises:
+        RankFailed: if a rank of the group died or went silent.
     """
     state.to(train.device)
     channels_last = state.device.type == "cuda" and not train.compile
@@ -180,16 +190,32 @@ def run_epoch(
     batches = data.epoch(state.epoch + 1, start_batch=state.epoch_step)
     if channels_last:
         batches = (x.contiguous(memory_format=torch.channels_last) for x in batches)
+    shard = None
     try:
-        result = train_epoch(
-            state,
-            batches,
-            on_step=on_step,
-            after_step=bookkeeping,
-            read_every=train.log_every,
-            max_bad_steps=train.max_bad_steps,
-            stop=stop,
-        )
+        with collectives(group) if group is not None else contextlib.nullcontext():
+            if group is not None:
+                if group.leader:
+                    group.lead_epoch(state.snapshot, state.epoch + 1, state.epoch_step)
+                shard, stop = group.shard(state.diffusion), _agreed(group, stop)
+            result = train_epoch(
+                state,
+                batches,
+                on_step=on_step,
+                after_step=bookkeeping,
+                read_every=train.log_every,
+                max_bad_steps=train.max_bad_steps,
+                stop=stop,
+                shard=shard,
+            )
+    except BaseException as err:
+        if group is not None and group.leader:
+            group.in_sync = False  # the followers' state is not rank 0's now
+            if shard is not None and not isinstance(err, (RankFailed, TrainingDiverged)):
+                # Rank 0 failed between steps (the followers, waiting for its next stop flag,
+                # would hang): tell them the epoch is over.
+                with contextlib.suppress(Exception):
+                    group.agree(True)
+        raise
     finally:
         if writer is not None:
             writer.close()
@@ -199,6 +225,48 @@ def run_epoch(
         save_step_checkpoint(state.snapshot(), run)
         state.dirty = False  # the state is the checkpoint's
     return result
+
+
+def _agreed(group: Group, stop: Callable[[], bool] | None) -> Callable[[], bool]:
+    """A stop check every rank answers alike, before each step: rank 0's answer."""
+    if group.leader:
+        return lambda: group.agree(stop is not None and stop())
+    return lambda: group.agree(False)
+
+
+def follow(group: Group, config: Config) -> None:
+    """Train as a follower of rank 0 until it ends the run (ddpm.distributed).
+
+    Each command of rank 0 names an epoch, where it starts, where the data is and rank 0's
+    RNG state; after a start, a resume or a failed epoch, the whole state follows. The data is
+    loaded at the first command (from rank 0's path, or fetched here when this machine does
+    not have it); the EMA is rank 0's alone. A divergence fails rank 0 too, which decides.
+
+    Raises:
+        RankFailed: if rank 0 or another rank is gone.
+    """
+    train = dataclasses.replace(config.train, device=group.device(config.train.device))
+    config = dataclasses.replace(config, train=train)
+    state: TrainingState | None = None
+    data: TrainingData | None = None
+    while (command := group.receive())["kind"] == "epoch":
+        if data is None:
+            path = command["data_path"]
+            if path is None or not Path(path).exists():
+                path = locate_dataset(config.data)
+            data = TrainingData(load_dataset(config, path), config)
+        if state is None:
+            state = build_training(config, data.steps_per_epoch * train.epochs)
+            state.ema = None
+        if command["sync"]:
+            state.restore(group.broadcast(None))
+        state.epoch, state.epoch_step = command["epoch"] - 1, command["start"]
+        state.to(train.device)
+        set_training_rng(command["rng"])
+        with contextlib.suppress(TrainingDiverged):
+            run_epoch(state, data, train, group=group)
+    if data is not None:
+        data.close()
 
 
 def draw_samples(

@@ -25,6 +25,7 @@ from ddpm.checkpoint import (
 )
 from ddpm.config import Precision
 from ddpm.diffusion import DiffusionModel
+from ddpm.distributed import Shard
 
 
 class TrainingDiverged(RuntimeError):
@@ -375,7 +376,7 @@ def _masks_on_device(optimizer: Optimizer) -> bool:
     )
 
 
-def _optimize(state: TrainingState, x0: torch.Tensor) -> StepResult:
+def _optimize(state: TrainingState, x0: torch.Tensor, shard: Shard | None = None) -> StepResult:
     """One optimizer step on a batch, skipped when the loss or the gradient is not finite.
 
     The forward runs under autocast for bf16/fp16; fp16 needs the state's scaler, which also
@@ -385,19 +386,26 @@ def _optimize(state: TrainingState, x0: torch.Tensor) -> StepResult:
     With a fused optimizer nothing here waits for the device: the skip is a device-side flag
     (`found_inf`) the fused kernel and the EMA update read. Other optimizers (the CPU default,
     where waiting costs nothing) check finiteness on the host.
+
+    With a shard (data-parallel training), x0 is the global batch: t and eps are drawn for all
+    of it, this rank trains its slice, and the loss reported (and checked) is the global one,
+    so every rank takes or skips the step alike.
     """
     diffusion, optimizer, scaler = state.diffusion, state.optimizer, state.scaler
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     with autocast(x0.device.type, state.precision):
-        loss = diffusion(x0)
+        if shard is None:
+            loss = diffusion(x0)
+        else:
+            loss = shard.loss(x0, *diffusion.draw_training_noise(x0))
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(
         diffusion.parameters(), state.grad_clip if state.grad_clip > 0 else math.inf
     )
-    loss = loss.detach()
+    loss = loss.detach() if shard is None else shard.mean(loss.detach().float())
     loss_finite = torch.isfinite(loss)
     taken = loss_finite & torch.isfinite(grad_norm)
     if scaler is not None:
@@ -488,6 +496,7 @@ def train_epoch(
     read_every: int = 1,
     max_bad_steps: int | None = None,
     stop: Callable[[], bool] | None = None,
+    shard: Shard | None = None,
 ) -> EpochResult:
     """Train on every batch of the state's next epoch, counting its steps.
 
@@ -510,6 +519,7 @@ def train_epoch(
             skips on overflow (it then lowers its scale) do not count.
         stop: asked before each step; when it answers True the epoch ends there, with
             `stopped` set and every step taken so far read (a step is never cut short).
+        shard: train this rank's slice of each (global) batch (ddpm.distributed).
     """
     if read_every < 1:
         raise ValueError(f"read_every must be at least 1, got {read_every}")
@@ -523,7 +533,7 @@ def train_epoch(
             stopped = True
             break
         x0 = x0.to(device, non_blocking=True)
-        step = _optimize(state, x0)
+        step = _optimize(state, x0, shard)
         reader.queue(step)
         images, lr = images + x0.shape[0], step.lr
         state.global_step += 1

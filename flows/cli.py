@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, every rank but 0 follows
+        from flows.follow import follow_main
+
+        return follow_main(overrides)
 
     def load() -> Callable[[], State]:
         from flows.train_flow import train_flow  # torch, prefect, wandb: seconds
@@ -201,12 +206,13 @@ class _DropTracebacksOf(logging.Filter):
 
 @contextlib.contextmanager
 def _expected_errors_quiet(quiet: bool) -> Iterator[None]:
-    """While inside, the console handlers drop the tracebacks of errors the user fixes and of
-    a diverged run (when quiet)."""
+    """While inside, the console handlers drop the tracebacks of errors the user fixes, of a
+    diverged run and of a lost rank (when quiet)."""
+    from ddpm.distributed import RankFailed
     from ddpm.training import TrainingDiverged
 
     handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
-    dropper = _DropTracebacksOf((UserError, TrainingDiverged))
+    dropper = _DropTracebacksOf((UserError, TrainingDiverged, RankFailed))
     if quiet:
         for handler in handlers:
             handler.addFilter(dropper)

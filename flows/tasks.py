@@ -19,6 +19,7 @@ from prefect.tasks import exponential_backoff
 from ddpm.checkpoint_files import keep_best, save_epoch_checkpoint
 from ddpm.config import Config, DataConfig
 from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.distributed import Group, RankFailed
 from ddpm.errors import UserError
 from ddpm.evaluation import compute_metrics, reference_key
 from ddpm.generate import sample_set
@@ -33,9 +34,9 @@ from flows.tracking import Tracker
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry train-epoch unless it failed for a reason a retry cannot change: divergence
-    (train.max_bad_steps) or one the user must fix (an incompatible checkpoint, an
-    unwritable folder)."""
-    return not isinstance(state.data, (TrainingDiverged, UserError))
+    (train.max_bad_steps), a rank of the group lost, or one the user must fix (an
+    incompatible checkpoint, an unwritable folder)."""
+    return not isinstance(state.data, (TrainingDiverged, RankFailed, UserError))
 
 
 def _download_may_recover(task: Any, task_run: Any, state: Any) -> bool:
@@ -156,6 +157,7 @@ def train_epoch_task(
     run: RunDir,
     tracker: Tracker,
     stop: StopRequest,
+    group: Group | None = None,
 ) -> tuple[EpochResult, dict[str, Any] | None]:
     """Train the next epoch on the training device; return what it did and a CPU snapshot
     (None when a stop request ended it early: its state is then in a mid-epoch checkpoint).
@@ -164,7 +166,8 @@ def train_epoch_task(
     so no step is counted twice. Every step goes to the tracker, in batches of
     train.log_every (steps never wait for the device in between); the first epoch's first
     batch, as the model sees it, too. When the Prefect API is gone, the newest state is saved
-    here and the process exits (nothing after this could be reported).
+    here and the process exits (nothing after this could be reported). With a group, this
+    is rank 0 and the followers train the epoch with it.
     """
     logger = get_run_logger()
     train = config.train
@@ -189,8 +192,9 @@ def train_epoch_task(
 
     with bar, stop.training():
         result = run_epoch(
-            state, data, train, on_step=on_step, after_step=bar.advance, run=run, stop=stop
-        )
+            state, data, train, on_step=on_step, after_step=bar.advance, run=run, stop=stop,
+            group=group,
+        )  # fmt: skip
     if result.stopped:  # run_epoch saved the state in a mid-epoch checkpoint
         stop.checkpoint = str(run.step_checkpoint(result.global_step))
         logger.warning(

@@ -32,9 +32,11 @@ from prefect.utilities.annotations import quote
 
 from ddpm.config import Config
 from ddpm.data import TrainingData
+from ddpm.distributed import Group
 from ddpm.evaluation import inception_weights
 from ddpm.run_dir import RunDir
 from flows.cli import main
+from flows.group import training_group
 from flows.shutdown import StopRequest, active_stop_request
 from flows.tasks import (
     build_model_task,
@@ -154,7 +156,7 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
     cfg = load_settings(overrides)
     stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
     with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
-        summary = _train(cfg, stop)
+        summary = _train(cfg, stop, overrides)
     if stop():
         return Cancelled(
             message=f"{stop.reason}: stopped at step {summary['global_step']}; "
@@ -163,13 +165,21 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
     return summary
 
 
-def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
+def _train(cfg: Settings, stop: StopRequest, overrides: dict[str, Any] | None) -> dict[str, Any]:
     logger = get_run_logger()
     config, resolved = core_config(cfg), cfg.model_dump(mode="json")
     if config.eval.every:  # missing Inception weights fail now, not after the first epoch
         inception_weights(config.eval.weights)
-    with open_run_dir(cfg) as run:
+    with open_run_dir(cfg) as run, training_group(config, overrides) as group:
         logger.info("run %s; settings %s", run.path, json.dumps(resolved))
+        if group is not None:  # this process is rank 0: its device is cuda:LOCAL_RANK
+            train = dataclasses.replace(config.train, device=group.device(config.train.device))
+            config = dataclasses.replace(config, train=train)
+            logger.info(
+                "training data-parallel on %d processes (%s); this is rank 0%s",
+                group.world_size, "NCCL" if train.device.startswith("cuda") else "gloo",
+                "".join(f"; rank {r}: pid {p.pid}" for r, p in group.followers.items()),
+            )  # fmt: skip
         where = config.data
         download_args = (
             where.dataset,
@@ -180,9 +190,11 @@ def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
         data_path = download_task(*download_args)
         if not Path(data_path).exists():  # cached, but deleted since: fetch again
             data_path = download_task.with_options(refresh_cache=True)(*download_args)
+        if group is not None:
+            group.data_path = data_path
         data = load_data_task(config, data_path)
         try:
-            return _train_epochs(cfg, config, run, data, data_path, stop, resolved)
+            return _train_epochs(cfg, config, run, data, data_path, stop, resolved, group)
         finally:
             data.close()  # DataLoader workers, if any, stop with the run
 
@@ -201,6 +213,7 @@ def _train_epochs(
     data_path: str,
     stop: StopRequest,
     resolved: dict[str, Any],
+    group: Group | None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
     state = build_model_task(config, run, data.steps_per_epoch, resolved)
@@ -231,7 +244,7 @@ def _train_epochs(
         with gpu_slot(config.train.device):  # a CUDA run holds its GPU slot for all its epochs
             while state.epoch < epochs and not stop():
                 result, snapshot = train_epoch_task(
-                    quote(state), quote(data), config, run, tracker, quote(stop)
+                    quote(state), quote(data), config, run, tracker, quote(stop), quote(group)
                 )
                 summary["global_step"] = result.global_step
                 if snapshot is None:  # stopped mid-epoch, saved in a mid-epoch checkpoint

@@ -160,6 +160,15 @@ class TrainSettings(_Group):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the network; auto = on for CUDA"
     )
+    # Data-parallel over torch.distributed: each global batch is shared, so the result is the
+    # one-process run's (README, Several GPUs and machines).
+    devices: int = Field(
+        1, ge=1, le=1024, description="processes training data-parallel: GPUs, or CPU processes"
+    )
+    # Long enough for a first step's compilation; NCCL's own default is 30 minutes.
+    rank_timeout: float = Field(
+        300.0, gt=0, description="seconds a rank may go silent before the run fails"
+    )
 
 
 class SampleSettings(_Group):
@@ -298,6 +307,12 @@ class Settings(BaseSettings):
             raise _FieldError("model.channels", "must be 3 for cifar10 (RGB)")
         if self.data.loader == "device" and self.data.dataset != "cifar10":
             raise _FieldError("data.loader", "device needs data.dataset=cifar10 (in memory)")
+        if self.train.batch_size < self.train.devices:
+            raise _FieldError(
+                "train.batch_size",
+                f"must be at least train.devices ({self.train.devices}): each process takes "
+                "a share of every batch",
+            )
         if self.sample.sampler == "ddim" and self.sample.steps > self.diffusion.num_timesteps:
             raise _FieldError(
                 "sample.steps",
@@ -486,6 +501,8 @@ _NOT_RESULT = {
     "train.max_bad_steps",
     "train.precision",
     "train.compile",
+    "train.devices",
+    "train.rank_timeout",
 }
 
 

@@ -1,0 +1,56 @@
+"""A data-parallel training group of real processes for the tests: `train_group` starts ranks
+as spawned processes on the CPU (gloo) through the core alone, rank 0 training with
+run_epoch(group=...) and the others in `follow`; `train_alone` is the same run in one process.
+
+Importable from any test module (pyproject puts tests/ on the path).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from ddpm.config import Config
+from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.distributed import free_port, join
+from ddpm.run import build_training, follow, run_epoch
+
+
+def train_alone(config: Config) -> dict[str, Any]:
+    """The final snapshot of config.train.epochs epochs in this process."""
+    torch.set_num_threads(1)
+    data = TrainingData(load_dataset(config, locate_dataset(config.data)), config)
+    state = build_training(config, data.steps_per_epoch * config.train.epochs)
+    while state.epoch < config.train.epochs:
+        run_epoch(state, data, config.train)
+    return state.snapshot()
+
+
+def _rank(rank: int, world_size: int, port: int, config: Config, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    group = join(rank, world_size, rank, "cpu", timeout=60)
+    try:
+        if rank:
+            follow(group, config)
+            return
+        path = str(locate_dataset(config.data))
+        group.data_path = path
+        data = TrainingData(load_dataset(config, path), config)
+        state = build_training(config, data.steps_per_epoch * config.train.epochs)
+        while state.epoch < config.train.epochs:
+            run_epoch(state, data, config.train, group=group)
+        group.end()
+        torch.save(state.snapshot(), out)
+    finally:
+        group.close()
+
+
+def train_group(config: Config, world_size: int, out: Path) -> dict[str, Any]:
+    """Rank 0's final snapshot of the same run trained by world_size spawned processes."""
+    mp.spawn(_rank, (world_size, free_port(), config, str(out)), nprocs=world_size)
+    return torch.load(out, weights_only=False)
