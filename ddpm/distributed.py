@@ -181,22 +181,24 @@ class Group:
         """(rank 0) The RankFailed for a collective that failed: names the followers that died
         (waiting briefly for a dying one to be reaped)."""
         deadline = time.monotonic() + 2.0
-        dead: list[str] = []
-        while not dead and time.monotonic() < deadline:
+        while True:
             dead = [
                 f"rank {rank} (pid {p.pid}) {_exit_status(p.returncode)}"
                 for rank, p in self.followers.items()
                 if p.poll() is not None
             ]
-            if not dead and self.followers:
-                time.sleep(0.1)
-            elif not self.followers:
+            if dead or not self.followers or time.monotonic() > deadline:
                 break
+            time.sleep(0.1)
         if dead:
             return RankFailed(f"{'; '.join(dead)}: the run cannot go on without it")
+        who = "a rank"
+        if self.world_size == 2:  # rank 0's only peer
+            process = self.followers.get(1)
+            who = f"rank 1 (pid {process.pid})" if process else "rank 1"
         return RankFailed(
-            f"a rank stopped answering ({first_line(err)}); a rank silent for more than "
-            f"train.rank_timeout ({self.timeout:g} s) fails the run"
+            f"{who} stopped answering for train.rank_timeout ({self.timeout:g} s): "
+            f"{first_line(err)}"
         )
 
     # ---- followers ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Importable from any test module (pyproject puts tests/ on the path).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,13 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+import ddpm.run
 from ddpm.config import Config
 from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.distributed import free_port, join
 from ddpm.run import build_training, follow, run_epoch
+from ddpm.training import TrainingDiverged
+from ddpm.unet import UNet
 
 
 def train_alone(config: Config) -> dict[str, Any]:
@@ -30,9 +34,27 @@ def train_alone(config: Config) -> dict[str, Any]:
     return state.snapshot()
 
 
-def _rank(rank: int, world_size: int, port: int, config: Config, out: str) -> None:
+class _NanAfter(UNet):
+    """A U-Net whose training calls return NaN after the first `calls` (in one process)."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x, t)
+        if self.training:
+            _NanAfter.calls -= 1
+            if _NanAfter.calls < 0:
+                return out * math.nan
+        return out
+
+
+def _rank(
+    rank: int, world_size: int, port: int, config: Config, out: str, nan: tuple[int, int] | None
+) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if nan is not None and nan[0] == rank:
+        ddpm.run.UNet, _NanAfter.calls = _NanAfter, nan[1]
     group = join(rank, world_size, rank, "cpu", timeout=60)
     try:
         if rank:
@@ -42,15 +64,22 @@ def _rank(rank: int, world_size: int, port: int, config: Config, out: str) -> No
         group.data_path = path
         data = TrainingData(load_dataset(config, path), config)
         state = build_training(config, data.steps_per_epoch * config.train.epochs)
-        while state.epoch < config.train.epochs:
-            run_epoch(state, data, config.train, group=group)
+        try:
+            while state.epoch < config.train.epochs:
+                run_epoch(state, data, config.train, group=group)
+        except TrainingDiverged as err:
+            state.settings["diverged"] = str(err)
         group.end()
         torch.save(state.snapshot(), out)
     finally:
         group.close()
 
 
-def train_group(config: Config, world_size: int, out: Path) -> dict[str, Any]:
-    """Rank 0's final snapshot of the same run trained by world_size spawned processes."""
-    mp.spawn(_rank, (world_size, free_port(), config, str(out)), nprocs=world_size)
+def train_group(
+    config: Config, world_size: int, out: Path, nan: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Rank 0's final snapshot of the same run trained by world_size spawned processes (each
+    of which must exit 0). nan = (rank, calls): that rank's U-Net returns NaN after `calls`
+    training calls; rank 0 then records the divergence in the snapshot's settings."""
+    mp.spawn(_rank, (world_size, free_port(), config, str(out), nan), nprocs=world_size)
     return torch.load(out, weights_only=False)

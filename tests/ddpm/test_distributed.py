@@ -60,3 +60,29 @@ def test_two_processes_train_the_weights_and_ema_of_one(tmp_path: Path) -> None:
     assert max_difference(group["ema"], alone["ema"]) < 1e-5
     initial = build_training(config, 12).snapshot()["model"]
     assert max_difference(alone["model"], initial) > 1e-3  # it trained (by 1.9e-3)
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_skips_the_step_on_every_rank_and_diverges_together(
+    tmp_path: Path,
+) -> None:
+    """Rank 1 alone returns NaN from its 3rd training call on: the global loss is NaN on both
+    ranks, so both skip the same steps, and past train.max_bad_steps both raise at the same
+    read (a rank that went on would hang the other); rank 0 ends the run and every process
+    exits cleanly."""
+    write_cifar10(tmp_path / "data", images_per_batch=16)
+    config = make_config(
+        {
+            "data.root": tmp_path / "data",
+            "data.subset": 32,
+            "train.batch_size": 8,
+            "train.epochs": 3,
+            "train.log_every": 1,
+            "train.max_bad_steps": 2,
+        }
+    )
+    state = train_group(config, 2, tmp_path / "rank0.pt", nan=(1, 2))
+    assert "train.max_bad_steps = 2" in state["settings"]["diverged"]
+    # 2 good steps and 2 skipped in epoch 1 (the count of bad steps in a row restarts each
+    # epoch, as in one process), then 3 skipped in epoch 2.
+    assert state["global_step"] == 7, state["settings"]["diverged"]

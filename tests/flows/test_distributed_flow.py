@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_run import Cli
+from cli_run import Cli, signal_group
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.run_dir import RunDir
@@ -83,3 +83,34 @@ def test_killed_rank_fails_the_run_within_60_s_naming_it_and_a_rerun_finishes(
     assert rerun.finish(timeout=240) == 0, rerun.output[-3000:]
     assert "resumed after step 10" in rerun.output
     assert load_checkpoint(run_folder(run["run.dir"]).epoch_checkpoints()[-1])["epoch"] == 3
+
+
+def test_sigterm_stops_the_whole_group_after_a_step_with_a_checkpoint(
+    tiny: dict[str, Any], tmp_path: Path, cli_env
+) -> None:
+    """SIGTERM to the command (its process group, as a scheduler sends it; the follower runs in
+    a session of its own) stops both ranks after the same step: exit 143, a mid-epoch
+    checkpoint at that step, no follower left; the same command resumes from it."""
+    run = {
+        **tiny,
+        "data.subset": 80,
+        "train.devices": 2,
+        "train.batch_size": 8,
+        "train.epochs": 2,
+        "sample.every": 0,
+    }
+    cli = Cli(cli_env(run), tmp_path)
+    cli.wait_for(lambda line: "rank 1: pid" in line)
+    follower = int(re.search(r"rank 1: pid (\d+)", cli.output)[1])
+    cli.wait_for_step(13)
+    signal_group(cli, signal.SIGTERM)
+    assert cli.finish(timeout=120) == 128 + signal.SIGTERM, cli.output[-3000:]
+    stopped = cli.last_step
+    folder = run_folder(run["run.dir"])
+    assert folder.step_checkpoints()[-1].name == f"step_{stopped:07d}.pt"
+    with pytest.raises(ProcessLookupError):
+        os.kill(follower, 0)
+
+    rerun = Cli(cli_env(run), tmp_path)
+    assert rerun.finish(timeout=240) == 0, rerun.output[-3000:]
+    assert f"resumed after step {stopped}" in rerun.output
