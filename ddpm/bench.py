@@ -39,9 +39,8 @@ from ddpm.config import (
 )
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.run import build_training, run_epoch
+from ddpm.run import build_network, build_training, run_epoch
 from ddpm.training import autocast, resolve_device, resolve_precision
-from ddpm.unet import UNet
 
 CIFAR10_TRAIN_IMAGES = 50_000
 DEFAULT_EPOCHS = 100
@@ -72,14 +71,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def network(hidden: int, arch: str = "assignment", image_size: int = 32) -> torch.nn.Module:
+    """The U-Net of `arch` (assignment or ddpm, the paper's CIFAR-10 settings) at base width
+    `hidden`."""
+    return build_network(ModelConfig(hidden_size=hidden, arch=arch), image_size)  # type: ignore[arg-type]
+
+
 def baseline_img_per_s(
-    images: torch.Tensor, hidden: int, batch: int, device: torch.device, workers: int, steps: int
+    images: torch.Tensor,
+    hidden: int,
+    batch: int,
+    device: torch.device,
+    workers: int,
+    steps: int,
+    arch: str = "assignment",
 ) -> float:
     """Images/s of the seed pipeline over `steps` steps after a warm-up epoch's worth."""
     from torchvision import transforms
 
     torch.manual_seed(0)
-    model = DiffusionModel(UNet(3, 3, hidden), num_timesteps=1000).to(device)
+    model = DiffusionModel(network(hidden, arch), num_timesteps=1000).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     transform = transforms.Compose(
         [
@@ -122,14 +133,18 @@ def baseline_img_per_s(
 
 
 def project_config(
-    hidden: int, batch: int, device: torch.device, compile: bool | None = None
+    hidden: int,
+    batch: int,
+    device: torch.device,
+    compile: bool | None = None,
+    arch: str = "assignment",
 ) -> Config:
     """The project's training path as the default run takes it on `device` (compile: None =
     on for CUDA, as train.compile=auto)."""
     on_cuda = device.type == "cuda"
     return Config(
         data=DataConfig(loader="device"),
-        model=ModelConfig(hidden_size=hidden),
+        model=ModelConfig(hidden_size=hidden, arch=arch),  # type: ignore[arg-type]
         optim=OptimConfig(warmup_steps=0),
         train=TrainConfig(
             batch_size=batch,
@@ -150,11 +165,12 @@ def project_img_per_s(
     steps: int,
     profile: Path | None = None,
     compile: bool | None = None,
+    arch: str = "assignment",
 ) -> float:
     """Images/s of the project's training path over `steps` steps after a warm-up. With
     `profile`, a further `steps // 4` steps run under torch.profiler and its table (sorted by
     device time, or CPU time on a CPU) is written there."""
-    config = project_config(hidden, batch, device, compile)
+    config = project_config(hidden, batch, device, compile, arch)
     state = build_training(config, total_steps=10**9)
 
     def epoch(n: int) -> None:
@@ -180,9 +196,9 @@ def project_img_per_s(
     return steps * batch / seconds
 
 
-def forward_gflops_per_image(hidden: int, image_size: int) -> float:
+def forward_gflops_per_image(hidden: int, image_size: int, arch: str = "assignment") -> float:
     """Forward FLOPs of the U-Net for one image, counted by torch.utils.flop_counter."""
-    net = UNet(3, 3, hidden)
+    net = network(hidden, arch, image_size)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         net(torch.zeros(1, 3, image_size, image_size), torch.ones(1))
@@ -190,7 +206,13 @@ def forward_gflops_per_image(hidden: int, image_size: int) -> float:
 
 
 def sampling_img_per_s(
-    hidden: int, device: torch.device, num: int, ddpm_steps: int, ddim_steps: int, compile: bool
+    hidden: int,
+    device: torch.device,
+    num: int,
+    ddpm_steps: int,
+    ddim_steps: int,
+    compile: bool,
+    arch: str = "assignment",
 ) -> tuple[float, float]:
     """(ancestral sampler images/s at ddpm_steps, DDIM images/s at ddim_steps), from an
     untrained model (speed does not depend on the weights).
@@ -198,7 +220,7 @@ def sampling_img_per_s(
     The ancestral sampler runs as the project runs it: with compile, its steps are compiled
     (a CUDA graph each on CUDA). DDIM runs eager, as the default run's per-epoch grid does.
     """
-    model = DiffusionModel(UNet(3, 3, hidden), num_timesteps=ddpm_steps).to(device).eval()
+    model = DiffusionModel(network(hidden, arch), num_timesteps=ddpm_steps).to(device).eval()
     generator = torch.Generator().manual_seed(0)
     precision = resolve_precision("auto", device)  # bf16 on CUDA, as training runs
 
@@ -231,14 +253,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         0, 256, (max(steps, 8) * batch, 3, 32, 32), dtype=torch.uint8,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    baseline = baseline_img_per_s(images, hidden, batch, device, args.workers, steps)
+    arch = args.arch
+    baseline = baseline_img_per_s(images, hidden, batch, device, args.workers, steps, arch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    project = project_img_per_s(images, hidden, batch, device, steps, args.profile)
+    project = project_img_per_s(images, hidden, batch, device, steps, args.profile, arch=arch)
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    train = project_config(hidden, batch, device).train
+    train = project_config(hidden, batch, device, arch=arch).train
     grid_steps = SampleConfig().steps
-    gflops = forward_gflops_per_image(hidden, 32)
+    gflops = forward_gflops_per_image(hidden, 32, arch)
+    params = sum(p.numel() for p in network(hidden, arch).parameters())
     achieved = 3 * gflops * project / 1e3  # forward + backward ~ 3x forward
     peak = peak_tflops(device)
     ddpm, ddim = sampling_img_per_s(
@@ -250,7 +274,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": str(torch.__version__),
         "quick": args.quick,
         "batch_size": batch,
+        "arch": arch,
         "hidden_size": hidden,
+        "model_params_m": round(params / 1e6, 3),
         "timed_steps": steps,
         "baseline_workers": args.workers,
         "project_precision": train.precision,
@@ -281,13 +307,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128, help="U-Net hidden size")
+    parser.add_argument("--arch", default="assignment", choices=["assignment", "ddpm"])
     parser.add_argument("--steps", type=int, default=100, help="timed training steps")
     parser.add_argument("--workers", type=int, default=4, help="baseline DataLoader workers")
     parser.add_argument("--sample-num", type=int, default=64, help="images per sampling run")
     parser.add_argument("--profile", type=Path, help="write torch.profiler's table of training")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.batch_size, args.hidden, args.steps, args.workers, args.sample_num = 16, 16, 8, 0, 2
+    if args.quick:  # (the paper's network needs a multiple of 32)
+        args.batch_size, args.steps, args.workers, args.sample_num = 16, 8, 0, 2
+        args.hidden = 16 if args.arch == "assignment" else 32
     results = run(args)
     text = json.dumps(results, indent=2)
     print(text)

@@ -140,9 +140,16 @@ class CheckpointWriter:
             self._pool.shutdown(wait=True)
 
 
-def check_compatible(state: Mapping[str, Any], model: nn.Module, source: str) -> None:
-    """Refuse a checkpoint from another state format or of another model shape, with a message
-    naming both sides instead of load_state_dict's shape-mismatch traceback.
+def check_compatible(
+    state: Mapping[str, Any], model: nn.Module, source: str, arch: str | None = None
+) -> None:
+    """Refuse a checkpoint from another state format, of another network (model.arch) or of
+    another model shape, with a message naming both sides instead of load_state_dict's
+    shape-mismatch traceback.
+
+    Args:
+        arch: the network the current settings build; checked against the checkpoint's
+            architecture record (checkpoints without one hold the assignment's).
 
     Raises:
         CheckpointError: naming the checkpoint (source) and what differs.
@@ -154,6 +161,13 @@ def check_compatible(state: Mapping[str, Any], model: nn.Module, source: str) ->
             f"(ddpm-pipeline {versions.get('ddpm-pipeline', '?')}); this version reads format "
             f"{FORMAT_VERSION!r} (ddpm-pipeline {package_versions()['ddpm-pipeline']})"
         )
+    record = (state.get("architecture") or {}).get("model") or {}
+    theirs_arch = record.get("arch", "assignment")
+    if arch is not None and theirs_arch != arch:
+        raise CheckpointError(
+            f"{source} holds the {theirs_arch!r} network; the current settings build the "
+            f"{arch!r} one (model.arch): resume with model.arch={theirs_arch} or start a new run"
+        )
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
     if ours != theirs:
@@ -162,7 +176,8 @@ def check_compatible(state: Mapping[str, Any], model: nn.Module, source: str) ->
         raise CheckpointError(
             f"{source} holds a different model: {key} is {theirs.get(key)} there but "
             f"{ours.get(key)} in the model built from the current settings "
-            f"({len(differ)} tensors differ; was model.hidden_size or model.channels changed?)"
+            f"({len(differ)} tensors differ; was model.hidden_size, model.channels or another "
+            "model.* setting changed?)"
         )
 
 

@@ -34,10 +34,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net."""
+    """The U-Net: the assignment's (ddpm.unet) or the DDPM paper's (ddpm.ddpm_unet)."""
 
-    hidden_size: int = 128  # base width, a multiple of 8 (GroupNorm's 8 groups)
+    hidden_size: int = 128  # base width: a multiple of 8 (assignment) or 32 (ddpm)
     channels: int = 3  # image channels
+    arch: Literal["assignment", "ddpm"] = "assignment"
+    # The DDPM paper's network only (its CIFAR-10 values):
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # width multipliers, one per resolution
+    num_res_blocks: int = 2  # residual blocks per resolution
+    attention_resolutions: tuple[int, ...] = (16,)  # sides at which blocks attend
+    dropout: float = 0.1
 
 
 @dataclass(frozen=True)

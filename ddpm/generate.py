@@ -111,7 +111,7 @@ def load_trained_model(path: Path, use_ema: bool = True) -> TrainedModel:
     """
     source, state = find_checkpoint(path)
     model, diffusion_config, image_shape = architecture(state, str(source))
-    diffusion = build_diffusion(model, diffusion_config)
+    diffusion = build_diffusion(model, diffusion_config, image_shape[-1])
     check_compatible(state, diffusion, str(source))
     weights = state["model"]
     if use_ema:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ddpm.checkpoint import CheckpointWriter, to_cpu
 from ddpm.checkpoint_files import load_newest_valid, save_step_checkpoint
@@ -27,6 +28,7 @@ from ddpm.config import (
     TrainConfig,
 )
 from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel, Generators
 from ddpm.distributed import Group, RankFailed, collectives, set_training_rng
 from ddpm.run_dir import RunDir
@@ -48,10 +50,22 @@ from ddpm.unet import UNet
 log = logging.getLogger(__name__)
 
 
-def build_diffusion(model: ModelConfig, diffusion: DiffusionConfig) -> DiffusionModel:
+def build_network(model: ModelConfig, image_size: int) -> nn.Module:
+    """model.arch's U-Net for images of image_size px, with torch's current random weights."""
+    if model.arch == "ddpm":
+        return DDPMUNet(
+            model.channels, model.channels, model.hidden_size, model.channel_mult,
+            model.num_res_blocks, model.attention_resolutions, model.dropout, image_size,
+        )  # fmt: skip
+    return UNet(model.channels, model.channels, model.hidden_size)
+
+
+def build_diffusion(
+    model: ModelConfig, diffusion: DiffusionConfig, image_size: int = 32
+) -> DiffusionModel:
     """The U-Net inside its DiffusionModel, on the CPU, with torch's current random weights."""
     return DiffusionModel(
-        UNet(model.channels, model.channels, model.hidden_size),
+        build_network(model, image_size),
         (diffusion.beta_start, diffusion.beta_end),
         diffusion.num_timesteps,
     )
@@ -73,7 +87,7 @@ def build_training(
     """
     model, optim, train = config.model, config.optim, config.train
     seed_everything(train.seed, train.deterministic)
-    diffusion = build_diffusion(model, config.diffusion)
+    diffusion = build_diffusion(model, config.diffusion, config.data.image_size)
     opt = build_optimizer(
         diffusion.parameters(), optim.name, optim.lr, optim.momentum, optim.weight_decay,
         train.fused,

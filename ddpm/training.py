@@ -311,7 +311,8 @@ class TrainingState:
         Raises:
             CheckpointError: naming `source`, if it holds another format or model shape.
         """
-        check_compatible(state, self.diffusion, source)
+        arch = (self.architecture.get("model") or {}).get("arch")
+        check_compatible(state, self.diffusion, source, arch)
         self.diffusion.load_state_dict(state["model"])
         # Which kernels step the optimizer (fused, foreach) is this machine's choice, not the
         # checkpoint's: load_state_dict takes every group setting from what it loads, and

@@ -81,6 +81,22 @@ class UpBlock(nn.Module):
         return self.model(torch.cat((x, skip), 1))
 
 
+SCALE = 1000.0  # t in (0, 1] -> the timestep index of the DDPM paper's T = 1000
+MAX_PERIOD = 10_000.0  # the Transformer's (and the DDPM reference code's) longest period
+
+
+def timestep_frequencies(dim: int) -> torch.Tensor:
+    """(dim / 2,) the sinusoids' frequencies, 1 down to 1 / MAX_PERIOD, geometrically."""
+    half = dim // 2
+    return torch.exp(-math.log(MAX_PERIOD) * torch.arange(half) / max(half - 1, 1))
+
+
+def sinusoidal_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """t: (B,) float in (0, 1] -> (B, 2 * len(freqs)): sin and cos of t * SCALE * freqs."""
+    angles = t.float().reshape(-1, 1) * SCALE * freqs  # (B, dim / 2)
+    return torch.cat((angles.sin(), angles.cos()), dim=1)
+
+
 class TimestepEmbedding(nn.Module):
     """The DDPM paper's sinusoidal timestep embedding, then a two-layer MLP (Ho et al. 2020,
     Appendix B, as in the Transformer's position embedding).
@@ -93,16 +109,11 @@ class TimestepEmbedding(nn.Module):
         emb_dim: embedding width (2h in the U-Net, the bottleneck's channel count), even.
     """
 
-    SCALE = 1000.0  # t in (0, 1] -> the timestep index of the DDPM paper's T = 1000
-    MAX_PERIOD = 10_000.0  # the Transformer's (and the DDPM reference code's) longest period
-
     def __init__(self, emb_dim: int) -> None:
         super().__init__()
         if emb_dim % 2:
             raise ValueError(f"emb_dim must be even (sin and cos halves), got {emb_dim}")
-        half = emb_dim // 2
-        freqs = torch.exp(-math.log(self.MAX_PERIOD) * torch.arange(half) / max(half - 1, 1))
-        self.register_buffer("freqs", freqs, persistent=False)  # (emb_dim / 2,) a constant
+        self.register_buffer("freqs", timestep_frequencies(emb_dim), persistent=False)
         self.lin1 = nn.Linear(emb_dim, emb_dim)
         self.lin2 = nn.Linear(emb_dim, emb_dim)
 
@@ -112,8 +123,7 @@ class TimestepEmbedding(nn.Module):
         The original code returned (B, emb_dim) and added it to a (B, emb_dim, 1, 1) map, which
         broadcast silently to (B, emb_dim, B, emb_dim).
         """
-        angles = t.float().reshape(-1, 1) * self.SCALE * self.freqs  # (B, emb_dim / 2)
-        emb = torch.cat((angles.sin(), angles.cos()), dim=1)  # (B, emb_dim)
+        emb = sinusoidal_embedding(t, self.freqs)  # (B, emb_dim)
         emb = self.lin2(F.silu(self.lin1(emb)))  # (B, emb_dim)
         return emb[:, :, None, None]  # (B, emb_dim, 1, 1)
 

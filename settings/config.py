@@ -81,12 +81,32 @@ class ModelSettings(_Group):
     hidden_size: int = Field(128, ge=8, le=4096, description="U-Net base width, multiple of 8")
     # RGB.
     channels: int = Field(3, ge=1, le=4, description="image channels")
+    # The assignment's small U-Net is the default; ddpm is Ho et al. 2020's (35.7 M parameters).
+    arch: Literal["assignment", "ddpm"] = Field(
+        "assignment", description="assignment (11.4 M parameters) or ddpm (the paper's U-Net)"
+    )
+    # The DDPM paper's CIFAR-10 network (model.arch=ddpm only):
+    channel_mult: list[int] = Field(
+        [1, 2, 2, 2], min_length=1, max_length=8, description="ddpm: width multipliers per level"
+    )
+    num_res_blocks: int = Field(2, ge=1, le=8, description="ddpm: residual blocks per level")
+    attention_resolutions: list[int] = Field(
+        [16], max_length=8, description="ddpm: image sides at which blocks attend"
+    )
+    dropout: float = Field(0.1, ge=0, lt=1, description="ddpm: dropout in residual blocks")
 
     @field_validator("hidden_size")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
             raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {v}")
+        return v
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v):
+            raise ValueError(f"multipliers must be at least 1, got {v}")
         return v
 
 
@@ -307,11 +327,28 @@ class Settings(BaseSettings):
             raise _FieldError("model.channels", "must be 3 for cifar10 (RGB)")
         if self.data.loader == "device" and self.data.dataset != "cifar10":
             raise _FieldError("data.loader", "device needs data.dataset=cifar10 (in memory)")
+        model, size = self.model, self.data.image_size
+        if model.arch == "ddpm":
+            if model.hidden_size % 32:
+                raise _FieldError(
+                    "model.hidden_size",
+                    f"must be a multiple of 32 for model.arch=ddpm (GroupNorm(32)), got "
+                    f"{model.hidden_size}",
+                )
+            reached = [size >> i for i in range(len(model.channel_mult))]
+            missing = sorted(set(model.attention_resolutions) - set(reached))
+            if missing:
+                raise _FieldError(
+                    "model.attention_resolutions",
+                    f"{missing} never reached: with data.image_size {size} and "
+                    f"{len(model.channel_mult)} levels (model.channel_mult) the network sees "
+                    f"{reached}",
+                )
         if self.train.batch_size < self.train.devices:
             raise _FieldError(
-                "train.batch_size",
-                f"must be at least train.devices ({self.train.devices}): each process takes "
-                "a share of every batch",
+                "train.devices",
+                f"must be at most train.batch_size ({self.train.batch_size}): each process "
+                "takes a share of every batch",
             )
         if self.sample.sampler == "ddim" and self.sample.steps > self.diffusion.num_timesteps:
             raise _FieldError(
@@ -506,6 +543,9 @@ _NOT_RESULT = {
 }
 
 
+_DDPM_ONLY = ("channel_mult", "num_res_blocks", "attention_resolutions", "dropout")
+
+
 def result_settings(settings: Settings) -> dict[str, Any]:
     """The dotted settings that change the trained weights, as JSON values."""
     flat = flatten(settings.model_dump(mode="json"))
@@ -516,6 +556,9 @@ def result_settings(settings: Settings) -> dict[str, Any]:
     }
     if settings.optim.schedule != "cosine":
         keep.pop("train.epochs")
+    if settings.model.arch == "assignment":  # the paper network's options do not apply
+        for key in ("arch", *_DDPM_ONLY):
+            keep.pop(f"model.{key}")
     return keep
 
 

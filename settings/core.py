@@ -41,7 +41,11 @@ def core_config(settings: Settings) -> Config:
             root=data.root.resolve(),
             folder=data.folder.resolve() if data.folder else None,
         ),
-        model=ModelConfig(**settings.model.model_dump()),
+        model=ModelConfig(
+            **settings.model.model_dump(exclude={"channel_mult", "attention_resolutions"}),
+            channel_mult=tuple(settings.model.channel_mult),
+            attention_resolutions=tuple(settings.model.attention_resolutions),
+        ),
         diffusion=DiffusionConfig(**settings.diffusion.model_dump()),
         optim=OptimConfig(**settings.optim.model_dump()),
         train=TrainConfig(

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ddpm.config import Config
 
@@ -82,3 +84,10 @@ def tiny_overrides(folder: Path) -> dict[str, Any]:
         "sample.steps": 5,
         "wandb.mode": "disabled",
     }
+
+
+def smooth_batch(seed: int) -> torch.Tensor:
+    """4 image-like 3x32x32 batches in [-1, 1]: random 4x4 colour fields, bicubic-upsampled."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1
+    return F.interpolate(low, size=32, mode="bicubic", align_corners=False).clamp(-1, 1)

@@ -11,6 +11,7 @@ import statistics
 
 import pytest
 import torch
+from tiny_run import smooth_batch
 from torch import nn
 
 from ddpm.diffusion import (
@@ -141,13 +142,6 @@ def test_untrained_loss_is_about_one() -> None:
         assert loss.ndim == 0
         losses.append(loss.item())
     assert 1.0 <= statistics.median(losses) <= 1.2, losses
-
-
-def smooth_batch(seed: int) -> torch.Tensor:
-    """4 image-like 3x32x32 batches in [-1, 1]: random 4x4 colour fields, bicubic-upsampled."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1
-    return nn.functional.interpolate(low, size=32, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda])])

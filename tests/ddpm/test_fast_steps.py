@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 import torch
+from tiny_run import smooth_batch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -27,12 +28,6 @@ from ddpm.unet import UNet
 def random_data(config, n: int = 8) -> TrainingData:
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     return TrainingData(TensorImageDataset(images), config)
-
-
-def smooth_batch(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1
-    return nn.functional.interpolate(low, size=32, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def test_bf16_training_on_cpu_still_converges() -> None:

@@ -25,6 +25,7 @@ from settings import (
     load_settings,
     nest,
     parse_flags,
+    run_name,
     setting_name,
 )
 
@@ -47,6 +48,11 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "data.loader": ("dataloader", {}),
     "model.hidden_size": (64, {}),
     "model.channels": (1, FOLDER),
+    "model.arch": ("ddpm", {}),
+    "model.channel_mult": ([1, 2], {}),
+    "model.num_res_blocks": (1, {}),
+    "model.attention_resolutions": ([8], {}),
+    "model.dropout": (0.2, {}),
     "diffusion.num_timesteps": (2000, {}),
     "diffusion.beta_start": (0.001, {}),
     "diffusion.beta_end": (0.05, {}),
@@ -131,6 +137,11 @@ def test_documented_defaults() -> None:
         "data.loader": "auto",
         "model.hidden_size": 128,
         "model.channels": 3,
+        "model.arch": "assignment",
+        "model.channel_mult": [1, 2, 2, 2],
+        "model.num_res_blocks": 2,
+        "model.attention_resolutions": [16],
+        "model.dropout": 0.1,
         "diffusion.num_timesteps": 1000,
         "diffusion.beta_start": 1e-4,
         "diffusion.beta_end": 0.02,
@@ -725,3 +736,16 @@ def test_settings_and_the_core_config_import_without_torch() -> None:
     )
     for probe in (light, core):
         subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)
+
+
+def test_the_paper_networks_settings_name_only_its_runs() -> None:
+    """model.arch=ddpm names runs of its own, and its options matter there alone: runs of the
+    assignment network keep the names they had before the paper's network existed."""
+    default = load_settings(env_file=None)
+    assert run_name(default) == "run-43d95f61ac"  # the name of the default run before model.arch
+    assert run_name(load_settings({"model.dropout": 0.3}, env_file=None)) == run_name(default)
+    paper = load_settings({"model.arch": "ddpm"}, env_file=None)
+    assert run_name(paper) != run_name(default)
+    assert run_name(load_settings({"model.arch": "ddpm", "model.dropout": 0.3}, env_file=None)) != (
+        run_name(paper)
+    )
