@@ -102,11 +102,20 @@ class ModelSettings(_Group):
             raise ValueError(f"must be a multiple of 8 (GroupNorm uses 8 groups), got {v}")
         return v
 
-    @field_validator("channel_mult")
+    @field_validator("channel_mult", "attention_resolutions", mode="before")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(m < 1 for m in v):
-            raise ValueError(f"multipliers must be at least 1, got {v}")
+    def _comma_separated(cls, v: Any) -> Any:
+        """'1,2,2,2' or 16 (an override, as a flag gives them) -> a list."""
+        if isinstance(v, str) and not v.lstrip().startswith("["):
+            return [int(x) for x in v.split(",") if x.strip()]
+        return [v] if isinstance(v, int) else v
+
+    @field_validator("channel_mult", "attention_resolutions")
+    @classmethod
+    def _in_range(cls, v: list[int], info: Any) -> list[int]:
+        top = 64 if info.field_name == "channel_mult" else 4096
+        if any(not 1 <= m <= top for m in v):
+            raise ValueError(f"every entry must be from 1 to {top}, got {v}")
         return v
 
 
