@@ -20,6 +20,7 @@ Between epochs followers watch a heartbeat of rank 0, and leave when it stops.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import signal
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ddpm.config import Config
 from ddpm.errors import first_line
 
 HEARTBEAT_S = 1.0  # rank 0 beats this often
@@ -117,9 +119,12 @@ class Group:
     def leader(self) -> bool:
         return self.rank == 0
 
-    def device(self, device: str) -> str:
-        """The training device of this rank: cuda:LOCAL_RANK for cuda, else unchanged."""
-        return f"cuda:{self.local_rank}" if torch.device(device).type == "cuda" else device
+    def place(self, config: Config) -> Config:
+        """config with this rank's training device: cuda:LOCAL_RANK for cuda, else as is."""
+        device = config.train.device
+        if torch.device(device).type == "cuda":
+            device = f"cuda:{self.local_rank}"
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
 
     def shard(self, diffusion: nn.Module) -> Shard:
         """This rank's Shard, its DDP wrapper made once per model (the wrapper broadcasts rank
@@ -182,11 +187,7 @@ class Group:
         (waiting briefly for a dying one to be reaped)."""
         deadline = time.monotonic() + 2.0
         while True:
-            dead = [
-                f"rank {rank} (pid {p.pid}) {_exit_status(p.returncode)}"
-                for rank, p in self.followers.items()
-                if p.poll() is not None
-            ]
+            dead = _exited(self.followers)
             if dead or not self.followers or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -286,10 +287,20 @@ def set_training_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _exit_status(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with status {code}"
+def _exited(followers: dict[int, subprocess.Popen]) -> list[str]:
+    """'rank N (pid P) was killed by SIGKILL' (or 'exited with status S') for each follower
+    process that has ended."""
+    dead = []
+    for rank, process in followers.items():
+        code = process.poll()
+        if code is None:
+            continue
+        if code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with status {code}"
+        dead.append(f"rank {rank} (pid {process.pid}) {how}")
+    return dead
 
 
 def environment() -> dict[str, int] | None:
@@ -339,15 +350,20 @@ def join(
     device: str,
     timeout: float,
     followers: dict[int, subprocess.Popen] | None = None,
+    master: tuple[str, int] | None = None,
 ) -> Group:
-    """Join the process group at MASTER_ADDR:MASTER_PORT (gloo on the CPU, NCCL on CUDA).
+    """Join the process group at `master` (address, port), by default MASTER_ADDR:MASTER_PORT
+    (gloo on the CPU, NCCL on CUDA).
 
     Rank 0 hosts the store unless torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE).
 
     Raises:
         RankFailed: if the group does not gather within `timeout` seconds.
     """
-    address, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+    address, port = master or (
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        int(os.environ["MASTER_PORT"]),
+    )
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     wait = timedelta(seconds=timeout)
     try:
@@ -393,13 +409,9 @@ def _await_followers(
     one of the processes this rank started exits first."""
     deadline = time.monotonic() + timeout
     while store.add("ddpm/joined", 0) < world_size - 1:
-        dead = [(r, p) for r, p in followers.items() if p.poll() is not None]
+        dead = _exited(followers)
         if dead:
-            rank, process = dead[0]
-            raise RankFailed(
-                f"rank {rank} (pid {process.pid}) {_exit_status(process.returncode)} before "
-                "joining the group (its error is above)"
-            )
+            raise RankFailed(f"{dead[0]} before joining the group (its error is above)")
         if time.monotonic() > deadline:
             raise RankFailed(
                 f"the {world_size} ranks did not gather within train.rank_timeout ({timeout:g} s)"

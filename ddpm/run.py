@@ -259,8 +259,8 @@ def follow(group: Group, config: Config) -> None:
     Raises:
         RankFailed: if rank 0 or another rank is gone.
     """
-    train = dataclasses.replace(config.train, device=group.device(config.train.device))
-    config = dataclasses.replace(config, train=train)
+    config = group.place(config)
+    train = config.train
     state: TrainingState | None = None
     data: TrainingData | None = None
     while (command := group.receive())["kind"] == "epoch":
@@ -275,7 +275,6 @@ def follow(group: Group, config: Config) -> None:
         if command["sync"]:
             state.restore(group.broadcast(None))
         state.epoch, state.epoch_step = command["epoch"] - 1, command["start"]
-        state.to(train.device)
         set_training_rng(command["rng"])
         with contextlib.suppress(TrainingDiverged):
             run_epoch(state, data, train, group=group)

@@ -60,15 +60,15 @@ def training_group(config: Config, overrides: dict[str, Any] | None) -> Iterator
         yield None
         return
     rank, world_size, local_rank = place
-    followers = {}
+    followers, master = {}, None
     if environment() is None:
-        port = free_port()
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        master = ("127.0.0.1", free_port())
         env = {**os.environ, FOLLOW_OVERRIDES: json.dumps(overrides or {}, default=str)}
-        followers = spawn_followers(world_size, [sys.executable, "-m", "flows.follow"], env, port)
+        command = [sys.executable, "-m", "flows.follow"]
+        followers = spawn_followers(world_size, command, env, master[1])
     try:
         group = join(rank, world_size, local_rank, config.train.device,
-                     config.train.rank_timeout, followers)  # fmt: skip
+                     config.train.rank_timeout, followers, master)  # fmt: skip
     except BaseException:
         for process in followers.values():
             process.kill()

@@ -173,11 +173,10 @@ def _train(cfg: Settings, stop: StopRequest, overrides: dict[str, Any] | None) -
     with open_run_dir(cfg) as run, training_group(config, overrides) as group:
         logger.info("run %s; settings %s", run.path, json.dumps(resolved))
         if group is not None:  # this process is rank 0: its device is cuda:LOCAL_RANK
-            train = dataclasses.replace(config.train, device=group.device(config.train.device))
-            config = dataclasses.replace(config, train=train)
+            config = group.place(config)
             logger.info(
                 "training data-parallel on %d processes (%s); this is rank 0%s",
-                group.world_size, "NCCL" if train.device.startswith("cuda") else "gloo",
+                group.world_size, "NCCL" if config.train.device.startswith("cuda") else "gloo",
                 "".join(f"; rank {r}: pid {p.pid}" for r, p in group.followers.items()),
             )  # fmt: skip
         where = config.data
