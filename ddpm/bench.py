@@ -217,8 +217,8 @@ def sampling_img_per_s(
     """(ancestral sampler images/s at ddpm_steps, DDIM images/s at ddim_steps), from an
     untrained model (speed does not depend on the weights).
 
-    The ancestral sampler runs as the project runs it: with compile, its steps are compiled
-    (a CUDA graph each on CUDA). DDIM runs eager, as the default run's per-epoch grid does.
+    The ancestral sampler runs as the project runs it: with compile, its network is compiled
+    (a CUDA graph per call on CUDA). DDIM runs eager, as the default run's per-epoch grid does.
     """
     model = DiffusionModel(network(hidden, arch), num_timesteps=ddpm_steps).to(device).eval()
     generator = torch.Generator().manual_seed(0)
@@ -234,7 +234,9 @@ def sampling_img_per_s(
         return num / (time.perf_counter() - start)
 
     ddpm = timed(lambda: model.sample(num, (3, 32, 32), generator=generator, compile=compile))
-    ddim = timed(lambda: model.sample_ddim(num, (3, 32, 32), ddim_steps, generator=generator))
+    ddim = timed(
+        lambda: model.sample(num, (3, 32, 32), "ddim", steps=ddim_steps, generator=generator)
+    )
     return ddpm, ddim
 
 

@@ -168,6 +168,7 @@ def check_compatible(
             f"{source} holds the {theirs_arch!r} network; the current settings build the "
             f"{arch!r} one (model.arch): resume with model.arch={theirs_arch} or start a new run"
         )
+    _check_diffusion(state, model, source)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
     if ours != theirs:
@@ -179,6 +180,33 @@ def check_compatible(
             f"({len(differ)} tensors differ; was model.hidden_size, model.channels or another "
             "model.* setting changed?)"
         )
+
+
+def _check_diffusion(state: Mapping[str, Any], model: nn.Module, source: str) -> None:
+    """Refuse weights trained for another schedule, prediction target or T: they would load,
+    and sample noise. Checkpoints without the record predate the choice (LEGACY_DIFFUSION)."""
+    from ddpm.config import LEGACY_DIFFUSION
+
+    if not hasattr(model, "prediction"):  # not a DiffusionModel
+        return
+    record = {**LEGACY_DIFFUSION, **((state.get("architecture") or {}).get("diffusion") or {})}
+    keys = ["schedule", "prediction", "num_timesteps"]
+    if model.schedule == "linear":
+        keys += ["beta_start", "beta_end"]
+    ours = {
+        "schedule": model.schedule,
+        "prediction": model.prediction,
+        "num_timesteps": model.num_timesteps,
+        "beta_start": model.betas_range[0],
+        "beta_end": model.betas_range[1],
+    }
+    for key in keys:
+        if key in record and record[key] != ours[key]:
+            raise CheckpointError(
+                f"{source} was trained with diffusion.{key}={record[key]!r}; the current "
+                f"settings have {ours[key]!r}: set diffusion.{key}={record[key]} to resume it, or "
+                "start a new run"
+            )
 
 
 def to_cpu(value: Any) -> Any:

@@ -48,11 +48,26 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The linear noise schedule (DDPM paper: T = 1000, betas 1e-4 to 0.02)."""
+    """The noise schedule, what the network predicts and how the loss weighs timesteps
+    (ddpm.schedules)."""
 
-    num_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    num_timesteps: int = 1000  # T (DDPM paper)
+    beta_start: float = 1e-4  # the linear schedule's beta_1 (DDPM paper)
+    beta_end: float = 0.02  # the linear schedule's beta_T (DDPM paper)
+    schedule: Literal["linear", "cosine"] = "linear"
+    prediction: Literal["eps", "v", "x0"] = "eps"
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: float = 5.0  # Hang et al. 2023
+
+    @classmethod
+    def from_record(cls, record: dict) -> DiffusionConfig:
+        """The config a checkpoint's record describes; records written before a field existed
+        get the value every run had then (LEGACY_DIFFUSION), not today's default."""
+        return cls(**{**LEGACY_DIFFUSION, **record})
+
+
+# What every run trained with before diffusion.schedule, prediction and loss_weighting existed.
+LEGACY_DIFFUSION = {"schedule": "linear", "prediction": "eps", "loss_weighting": "uniform"}
 
 
 @dataclass(frozen=True)
@@ -95,8 +110,8 @@ class SampleConfig:
 
     every: int = 1  # epochs between grids; 0 = never
     num: int = 64
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    steps: int = 100  # DDIM steps (ddpm always takes all T)
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
+    steps: int = 100  # network calls of ddim and dpmpp_2m (ddpm always takes all T)
     eta: float = 1.0  # DDIM's fresh noise per step: 0 = deterministic, 1 = ancestral
     use_ema: bool = True
     clip_denoised: bool = True  # clip each step's x0 estimate to [-1, 1]

@@ -62,11 +62,12 @@ def architecture(
     record = state.get("architecture")
     if record:
         shape = tuple(record["image_shape"])
-        return ModelConfig(**record["model"]), DiffusionConfig(**record["diffusion"]), shape
+        diffusion = DiffusionConfig.from_record(record["diffusion"])
+        return ModelConfig(**record["model"]), diffusion, shape
     settings = state.get("settings") or {}
     try:
         model = ModelConfig(**settings["model"])
-        diffusion = DiffusionConfig(**settings["diffusion"])
+        diffusion = DiffusionConfig.from_record(settings["diffusion"])
         size = int(settings["data"]["image_size"])
     except (KeyError, TypeError) as err:
         raise CheckpointError(
@@ -169,7 +170,8 @@ def generate(
         diffusion: the network, on the device it should run on.
         indices: which images, e.g. one of aligned_batches.
         image_shape: (C, H, W).
-        sample: sampler (ddim with steps and eta, or ddpm), clip_denoised, compile.
+        sample: sampler (ddpm, or ddim / dpmpp_2m with steps; eta for ddim), clip_denoised,
+            compile.
         precision: autocast for the network: fp32, bf16 or fp16.
         progress: called after each sampler step.
 

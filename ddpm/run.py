@@ -32,6 +32,8 @@ from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel, Generators
 from ddpm.distributed import Group, RankFailed, collectives, set_training_rng
 from ddpm.run_dir import RunDir
+from ddpm.samplers import make_sampler
+from ddpm.schedules import named_betas, schedule_constants
 from ddpm.training import (
     EpochResult,
     StepCallback,
@@ -68,6 +70,10 @@ def build_diffusion(
         build_network(model, image_size),
         (diffusion.beta_start, diffusion.beta_end),
         diffusion.num_timesteps,
+        schedule=diffusion.schedule,
+        prediction=diffusion.prediction,
+        loss_weighting=diffusion.loss_weighting,
+        min_snr_gamma=diffusion.min_snr_gamma,
     )
 
 
@@ -297,7 +303,7 @@ def draw_samples(
     device seeded from it. The network runs in the run's precision.
 
     Args:
-        sample: num, sampler (ddim with steps and eta, or ddpm), use_ema, clip_denoised and
+        sample: num, sampler (ddpm, or ddim / dpmpp_2m with steps), use_ema, clip_denoised and
             compile (the sampler's steps through torch.compile; CUDA graphs on CUDA).
         image_shape: (C, H, W).
         progress: called after each sampler step (nothing is read from the device).
@@ -320,7 +326,7 @@ def run_sampler(
     precision: Precision = "fp32",
     progress: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Draw `num` images with sample's sampler (ddim with steps and eta, or ddpm), in eval
+    """Draw `num` images with sample's sampler (ddpm, or ddim / dpmpp_2m with steps), in eval
     mode (the model's mode is put back after) and in `precision`, on the model's device.
 
     Args:
@@ -333,6 +339,9 @@ def run_sampler(
     was_training = model.training
     model.eval()
     options = {
+        "sampler": sample.sampler,
+        "steps": sample.steps,
+        "eta": sample.eta,
         "generator": generator,
         "compile": sample.compile,
         "clip_denoised": sample.clip_denoised,
@@ -340,8 +349,16 @@ def run_sampler(
     }
     try:
         with autocast(model.betas.device.type, precision):
-            if sample.sampler == "ddim":
-                return model.sample_ddim(num, image_shape, sample.steps, eta=sample.eta, **options)
             return model.sample(num, image_shape, **options)
     finally:
         model.train(was_training)
+
+
+def network_calls(diffusion: DiffusionConfig, sample: SampleConfig) -> int:
+    """How many times sample's sampler calls the network for one batch (all T for ddpm)."""
+    betas = named_betas(
+        diffusion.schedule, diffusion.num_timesteps, diffusion.beta_start, diffusion.beta_end
+    )
+    abar = schedule_constants(betas)["alphas_cumprod"]
+    sampler = make_sampler(sample.sampler, abar, diffusion.prediction, steps=sample.steps)
+    return len(sampler.timesteps)

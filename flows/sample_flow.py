@@ -50,7 +50,7 @@ def sample_flow(
     num: int,
     out: str,
     seed: int = 0,
-    sampler: Literal["ddim", "ddpm"] | None = None,
+    sampler: Literal["ddim", "dpmpp_2m", "ddpm"] | None = None,
     steps: int | None = None,
     eta: float | None = None,
     batch_size: int = 128,

@@ -24,7 +24,7 @@ from ddpm.errors import UserError
 from ddpm.evaluation import compute_metrics, reference_key
 from ddpm.generate import sample_set
 from ddpm.images import save_grid
-from ddpm.run import build_or_resume, draw_samples, rewind, run_epoch
+from ddpm.run import build_or_resume, draw_samples, network_calls, rewind, run_epoch
 from ddpm.run_dir import RunDir
 from ddpm.training import EpochResult, StepMetrics, TrainingDiverged, TrainingState
 from flows.progress import ProgressBar
@@ -63,9 +63,8 @@ def stop_check(stop: StopRequest, bar: ProgressBar | None = None) -> Callable[[]
 
 
 def sampler_steps(config: Config) -> int:
-    """Network evaluations per sampled batch: DDIM's steps, or all T for ddpm."""
-    sample = config.sample
-    return sample.steps if sample.sampler == "ddim" else config.diffusion.num_timesteps
+    """Network evaluations per sampled batch: the sampler's steps (all T for ddpm)."""
+    return network_calls(config.diffusion, config.sample)
 
 
 def data_reference_key(config: Config, data_path: str) -> str:

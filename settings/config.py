@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as _PydanticSettingsError
 
-from ddpm.config import CIFAR10_URL
+from ddpm.config import CIFAR10_URL, LEGACY_DIFFUSION
 from ddpm.errors import UserError
 
 ENV_PREFIX = "DDPM_"
@@ -120,12 +120,26 @@ class ModelSettings(_Group):
 
 
 class DiffusionSettings(_Group):
-    """The noise schedule."""
+    """The noise schedule, the network's prediction target and the loss weighting."""
 
     # DDPM paper, all experiments: T = 1000, linear betas from 1e-4 to 0.02.
     num_timesteps: int = Field(1000, ge=1, le=100_000, description="diffusion steps T")
     beta_start: float = Field(1e-4, gt=0, lt=1, description="beta_1 of the linear schedule")
     beta_end: float = Field(0.02, gt=0, lt=1, description="beta_T of the linear schedule")
+    # Nichol & Dhariwal 2021: cosine keeps more signal at middle t and spends fewer steps at
+    # pure noise.
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="noise schedule: linear (DDPM paper) or cosine (Nichol & Dhariwal)"
+    )
+    # DDPM paper: eps; Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x0.
+    prediction: Literal["eps", "v", "x0"] = Field(
+        "eps", description="what the network predicts: eps, v or x0"
+    )
+    # Hang et al. 2023: min-SNR-gamma weighting.
+    loss_weighting: Literal["uniform", "min_snr"] = Field(
+        "uniform", description="uniform (L_simple) or min_snr (min(SNR, gamma) on x0's error)"
+    )
+    min_snr_gamma: float = Field(5.0, gt=0, le=1e6, description="min_snr's gamma (paper: 5)")
 
     @field_validator("beta_end")
     @classmethod
@@ -209,10 +223,12 @@ class SampleSettings(_Group):
     # Measured on a small real-image run (README, Samples): stochastic DDIM (eta 1) on 100
     # steps gives clean samples at a tenth of the 1000-step ancestral sampler's cost;
     # deterministic DDIM (eta 0) keeps the network's errors as speckle.
-    sampler: Literal["ddpm", "ddim"] = Field(
-        "ddim", description="ddim (steps, eta) or ddpm (Algorithm 2, all T steps)"
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = Field(
+        "ddim",
+        description="ddim (steps, eta), dpmpp_2m (DPM-Solver++(2M), steps) or ddpm "
+        "(Algorithm 2, all T steps)",
     )
-    steps: int = Field(100, ge=1, description="DDIM steps (ddpm always uses all T)")
+    steps: int = Field(100, ge=1, description="network calls of ddim and dpmpp_2m (ddpm: all T)")
     eta: float = Field(
         1.0, ge=0, le=1, description="DDIM noise per step: 0 = deterministic, 1 = ancestral"
     )
@@ -359,7 +375,7 @@ class Settings(BaseSettings):
                 f"must be at most train.batch_size ({self.train.batch_size}): each process "
                 "takes a share of every batch",
             )
-        if self.sample.sampler == "ddim" and self.sample.steps > self.diffusion.num_timesteps:
+        if self.sample.sampler != "ddpm" and self.sample.steps > self.diffusion.num_timesteps:
             raise _FieldError(
                 "sample.steps",
                 f"must be at most diffusion.num_timesteps ({self.diffusion.num_timesteps})",
@@ -568,7 +584,28 @@ def result_settings(settings: Settings) -> dict[str, Any]:
     if settings.model.arch == "assignment":  # the paper network's options do not apply
         for key in ("arch", *_DDPM_ONLY):
             keep.pop(f"model.{key}")
+    # Runs trained before these settings existed keep their names: each counts only when it
+    # is not what every run had then.
+    for key, value in _LEGACY.items():
+        if keep[key] == value:
+            keep.pop(key)
+    if settings.diffusion.loss_weighting != "min_snr":
+        keep.pop("diffusion.min_snr_gamma")
+    if settings.diffusion.schedule != "linear":  # the betas are the linear schedule's
+        keep.pop("diffusion.beta_start")
+        keep.pop("diffusion.beta_end")
     return keep
+
+
+_LEGACY = {f"diffusion.{key}": value for key, value in LEGACY_DIFFUSION.items()}
+
+
+def with_legacy(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's saved settings (nested, as settings.json or a checkpoint holds them), with the
+    diffusion settings it was trained with filled in where it predates them (LEGACY_DIFFUSION)."""
+    nested = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items()}
+    nested["diffusion"] = {**LEGACY_DIFFUSION, **nested.get("diffusion", {})}
+    return nested
 
 
 def run_name(settings: Settings) -> str:
@@ -587,7 +624,7 @@ def run_path(settings: Settings) -> Path:
 def result_changes(saved: Mapping[str, Any], settings: Settings) -> list[str]:
     """'key: old -> new' for each result-changing setting that differs from a saved run's
     (a saved settings.json, nested as model_dump(mode='json') writes it)."""
-    old, new = flatten(saved), result_settings(settings)
+    old, new = flatten(with_legacy(saved)), result_settings(settings)
     return [
         f"{key}: {old.get(key)!r} -> {value!r}"
         for key, value in new.items()

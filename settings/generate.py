@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddpm.errors import UserError
-from settings.config import Settings, flatten, load_settings
+from settings.config import Settings, flatten, load_settings, with_legacy
 
 
 class OptionsError(UserError, ValueError):
@@ -29,10 +29,12 @@ class GenerateOptions(BaseModel):
     num: int = Field(ge=1, le=10_000_000, description="images to draw")
     out: Path = Field(description="folder for 000000.png, ...; a re-run resumes it")
     seed: int = Field(0, ge=0, lt=2**63, description="image i's noise comes from (seed, i)")
-    sampler: Literal["ddim", "ddpm"] | None = Field(
-        None, description="ddim or ddpm; default: the run's sample.sampler"
+    sampler: Literal["ddim", "dpmpp_2m", "ddpm"] | None = Field(
+        None, description="ddim, dpmpp_2m or ddpm; default: the run's sample.sampler"
     )
-    steps: int | None = Field(None, ge=1, description="DDIM steps; default: the run's")
+    steps: int | None = Field(
+        None, ge=1, description="network calls of ddim and dpmpp_2m; default: the run's"
+    )
     eta: float | None = Field(None, ge=0, le=1, description="DDIM noise; default: the run's")
     batch_size: int = Field(128, ge=1, le=65_536, description="images per sampling batch")
     device: str = Field(
@@ -81,7 +83,7 @@ def sampling_settings(
         SettingsError: for invalid values (e.g. steps past diffusion.num_timesteps).
     """
     own = ("eval.", "run.", "wandb.")  # this command's, not the run's
-    base = {k: v for k, v in flatten(saved).items() if not k.startswith(own)}
+    base = {k: v for k, v in flatten(with_legacy(saved)).items() if not k.startswith(own)}
     chosen: dict[str, Any] = {
         "train.device": options.device,
         "train.precision": options.precision,

@@ -96,6 +96,29 @@ def test_older_checkpoints_build_from_their_settings(run: RunDir, config, tmp_pa
         load_trained_model(tmp_path)
 
 
+def test_a_checkpoint_samples_with_the_diffusion_it_was_trained_with(
+    tiny_config, tmp_path: Path
+) -> None:
+    """A v-prediction cosine run's checkpoint rebuilds as v and cosine whatever today's
+    defaults; one whose record predates diffusion.schedule and prediction (no such keys)
+    rebuilds as linear and eps; resuming either into a model of the other kind is refused,
+    naming the setting and the checkpoint's value."""
+    config = tiny_config({"diffusion.prediction": "v", "diffusion.schedule": "cosine"})
+    state = build_training(config, 10)
+    path = save_checkpoint(tmp_path / "v.pt", state.snapshot())
+    trained = load_trained_model(path)
+    assert (trained.diffusion.prediction, trained.diffusion.schedule) == ("v", "cosine")
+    old = state.snapshot()
+    old["architecture"]["diffusion"] = {"num_timesteps": 20, "beta_start": 1e-4, "beta_end": 0.02}
+    legacy = load_trained_model(save_checkpoint(tmp_path / "old.pt", old))
+    assert (legacy.diffusion.prediction, legacy.diffusion.schedule) == ("eps", "linear")
+    with pytest.raises(CheckpointError, match=r"v\.pt was trained with diffusion\.schedule='cos"):
+        build_training(tiny_config(), 10).restore(load_checkpoint(path), str(path))
+    eps_run = build_training(tiny_config({"diffusion.prediction": "x0"}), 10)
+    with pytest.raises(CheckpointError, match=r"diffusion\.prediction='eps'; the current .* 'x0'"):
+        eps_run.restore(old, "old.pt")
+
+
 def test_an_image_depends_on_its_seed_and_index_alone(run: RunDir, config) -> None:
     """With aligned full batches, images 0..4 of num=5 are bit-identical to those of num=9;
     a repeat is identical; each image differs from the others and from another seed's."""

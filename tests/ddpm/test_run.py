@@ -239,7 +239,7 @@ def test_load_dataset_subsets_and_folders(tmp_path: Path, cifar_writer, tiny_con
     assert len(folder) == 3 and folder[0].shape == (3, 32, 32)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
 def test_samples_come_from_fixed_noise_and_leave_training_rng_alone(
     tiny_config, sampler: str
 ) -> None:
@@ -253,7 +253,7 @@ def test_samples_come_from_fixed_noise_and_leave_training_rng_alone(
     assert torch.equal(a, b) and a.shape == (2, 3, 32, 32) and a.device.type == "cpu"
     assert torch.equal(torch.get_rng_state(), rng)
     assert state.diffusion.training  # the model is back in train mode
-    assert len(ticks) == (5 if sampler == "ddim" else 20)
+    assert len(ticks) == (20 if sampler == "ddpm" else 5)
 
 
 def test_training_data_picks_device_resident_batches_for_in_memory_datasets(

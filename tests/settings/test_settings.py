@@ -25,6 +25,7 @@ from settings import (
     load_settings,
     nest,
     parse_flags,
+    result_changes,
     run_name,
     setting_name,
 )
@@ -56,6 +57,10 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "diffusion.num_timesteps": (2000, {}),
     "diffusion.beta_start": (0.001, {}),
     "diffusion.beta_end": (0.05, {}),
+    "diffusion.schedule": ("cosine", {}),
+    "diffusion.prediction": ("x0", {}),
+    "diffusion.loss_weighting": ("min_snr", {}),
+    "diffusion.min_snr_gamma": (1.0, {}),
     "optim.name": ("sgd", {}),
     "optim.lr": (0.0003, {}),
     "optim.momentum": (0.5, {}),
@@ -145,6 +150,10 @@ def test_documented_defaults() -> None:
         "diffusion.num_timesteps": 1000,
         "diffusion.beta_start": 1e-4,
         "diffusion.beta_end": 0.02,
+        "diffusion.schedule": "linear",
+        "diffusion.prediction": "eps",
+        "diffusion.loss_weighting": "uniform",
+        "diffusion.min_snr_gamma": 5.0,
         "optim.name": "adam",
         "optim.lr": 2e-4,
         "optim.momentum": 0.9,
@@ -365,6 +374,11 @@ BAD = [
     ("run.name", {"run.name": "../escape"}, "../escape"),
     ("run.name", {"run.name": "/abs"}, "/abs"),
     ("sample.sampler", {"sample.sampler": "euler"}, "euler"),
+    ("sample.steps", {"sample.sampler": "dpmpp_2m", "sample.steps": 5000}, "1000"),
+    ("diffusion.schedule", {"diffusion.schedule": "quadratic"}, "quadratic"),
+    ("diffusion.prediction", {"diffusion.prediction": "noise"}, "noise"),
+    ("diffusion.loss_weighting", {"diffusion.loss_weighting": "snr"}, "snr"),
+    ("diffusion.min_snr_gamma", {"diffusion.min_snr_gamma": 0}, "0"),
     ("sample.steps", {"sample.steps": 5000}, "1000"),
     ("sample.steps", {"diffusion.num_timesteps": 10}, "10"),
     ("sample.eta", {"sample.eta": 1.5}, "1.5"),
@@ -540,8 +554,10 @@ def _check_invariants(s: Settings) -> None:
     assert DEVICE.fullmatch(t.device), t.device
     assert 0 <= t.ema_decay < 1
     assert p.every >= 0 and p.num >= 1 and p.steps >= 1
-    assert p.sampler in ("ddpm", "ddim")
-    if p.sampler == "ddim":
+    assert f.schedule in ("linear", "cosine") and f.prediction in ("eps", "v", "x0")
+    assert f.loss_weighting in ("uniform", "min_snr") and f.min_snr_gamma > 0
+    assert p.sampler in ("ddpm", "ddim", "dpmpp_2m")
+    if p.sampler != "ddpm":
         assert p.steps <= f.num_timesteps
     if r.name is not None:
         assert r.name and "/" not in r.name and "\\" not in r.name
@@ -749,3 +765,44 @@ def test_the_paper_networks_settings_name_only_its_runs() -> None:
     assert run_name(load_settings({"model.arch": "ddpm", "model.dropout": 0.3}, env_file=None)) != (
         run_name(paper)
     )
+
+
+def test_runs_from_before_the_diffusion_choices_keep_their_names() -> None:
+    """diffusion.schedule, prediction and loss_weighting name a run only away from what every
+    run had before they existed (linear, eps, uniform): such a run keeps its name. A cosine run
+    is not renamed by the linear schedule's betas, nor a uniform one by min_snr_gamma."""
+    legacy = {"diffusion.schedule": "linear", "diffusion.prediction": "eps",
+              "diffusion.loss_weighting": "uniform"}  # fmt: skip
+    assert run_name(load_settings(legacy, env_file=None)) == "run-43d95f61ac"
+    names = {
+        run_name(load_settings({**legacy, key: value}, env_file=None))
+        for key, value in [("diffusion.schedule", "cosine"), ("diffusion.prediction", "v"),
+                           ("diffusion.prediction", "x0"),
+                           ("diffusion.loss_weighting", "min_snr")]
+    }  # fmt: skip
+    assert len(names) == 4 and "run-43d95f61ac" not in names
+    assert run_name(load_settings({**legacy, "diffusion.min_snr_gamma": 1.0}, env_file=None)) == (
+        "run-43d95f61ac"
+    )
+    cosine = {**legacy, "diffusion.schedule": "cosine"}
+    assert run_name(load_settings({**cosine, "diffusion.beta_end": 0.03}, env_file=None)) == (
+        run_name(load_settings(cosine, env_file=None))
+    )
+    weighted = {**legacy, "diffusion.loss_weighting": "min_snr"}
+    assert run_name(load_settings({**weighted, "diffusion.min_snr_gamma": 1.0}, env_file=None)) != (
+        run_name(load_settings(weighted, env_file=None))
+    )
+
+
+def test_a_saved_run_from_before_the_diffusion_choices_reads_as_linear_eps_uniform() -> None:
+    """A settings.json written before diffusion.schedule, prediction and loss_weighting
+    existed compares as linear, eps and uniform: the same settings find no change, another
+    prediction is named with the value the run had."""
+    legacy = {"diffusion.schedule": "linear", "diffusion.prediction": "eps",
+              "diffusion.loss_weighting": "uniform"}  # fmt: skip
+    saved = load_settings(legacy, env_file=None).model_dump(mode="json")
+    for key in ("schedule", "prediction", "loss_weighting", "min_snr_gamma"):
+        del saved["diffusion"][key]
+    assert result_changes(saved, load_settings(legacy, env_file=None)) == []
+    changed = load_settings({**legacy, "diffusion.prediction": "v"}, env_file=None)
+    assert result_changes(saved, changed) == ["diffusion.prediction: 'eps' -> 'v'"]

@@ -1,0 +1,458 @@
+"""Sample quality at a fixed budget on real images: scikit-learn's 1,797 handwritten digits.
+
+    python benchmarks/digits.py train --out runs/digits/NAME [--set diffusion.prediction=v ...]
+    python benchmarks/digits.py sample --out runs/digits/NAME --sampler dpmpp_2m --steps 20
+    python benchmarks/digits.py diffusers --out runs/digits/diffusers
+    python benchmarks/digits.py table runs/digits/*/scores*.json
+
+The digits (8x8, 0-16) are upscaled to 32x32 RGB with PIL's bilinear filter and written as PNG
+files, then trained as an image folder (`data.dataset=folder`) through the project's own
+training path (build_training -> run_epoch, what train_flow's tasks call) at issue 25's budget:
+the assignment network at hidden 32, batch 64, lr 5e-4, 40 epochs = 1,160 steps, every other
+setting at its default unless --set changes it. 200 images are then drawn from the EMA weights
+as sample_flow draws them (image i from noise seeded by (seed, i)).
+
+The scores (`score`):
+- fd: the Fréchet distance between Gaussians fitted to 8x8 grey pixels (0-16 scale) of the
+  samples and of all 1,797 training images, both downscaled from 32x32 by area averaging
+  (PIL's box filter). For scale: two halves of the data 6.9, 200 training images 16.0,
+  uniform noise about 2,000.
+- confidence, coverage: a logistic-regression digit classifier fitted to the training images'
+  8x8 features; confidence is its mean top probability on the samples, coverage the entropy of
+  the classes it assigns them over log(10) (1 = all ten digits equally often).
+- median, corners: the median grey pixel of the samples, and the mean of their four 3x3 corner
+  patches, on a 0-1 scale (data: 0.173 and 0.001): how dark the background is.
+
+`diffusers` trains the same budget with diffusers' own pieces (UNet2DModel of our network's
+size, DDPMScheduler, AdamW, EMAModel with its warm-up, DDIMScheduler eta 1 with clipping, 100
+steps), as diffusers' examples/unconditional_image_generation/train_unconditional.py does, on
+the same batches (the project's loader: order, flips and normalisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+BUDGET = {  # issue 25's budget; every other setting at its default
+    "data.dataset": "folder",
+    "data.image_size": 32,
+    "model.hidden_size": 32,
+    "train.batch_size": 64,
+    "optim.lr": 5e-4,
+    "train.epochs": 40,
+    "train.device": "cpu",
+    "sample.every": 0,
+}
+NUM_SAMPLES = 200
+SAMPLE_SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The data and the measures
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """(1797, 32, 32) uint8 grey images (bilinear upscale of the 8x8 digits) and their labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = [
+        np.asarray(
+            Image.fromarray((im * 255 / 16).round().astype(np.uint8)).resize(
+                (32, 32), Image.BILINEAR
+            )
+        )
+        for im in data.images
+    ]
+    return np.stack(images), data.target
+
+
+def write_folder(folder: Path) -> Path:
+    """The digits as 32x32 RGB PNG files under folder (written once)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = digits()
+    if len(list(folder.glob("*.png"))) != len(images):
+        for i, im in enumerate(images):
+            Image.fromarray(im).convert("RGB").save(folder / f"{i:04d}.png")
+    return folder
+
+
+def grey(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N, C, 32, 32) or (N, 32, 32) uint8 -> (N, 32, 32) float grey in [0, 1] (ITU-R 601,
+    PIL's 'L' weights)."""
+    x = torch.as_tensor(np.asarray(images)).double() / 255
+    if x.ndim == 4:
+        x = x[:, 0] if x.shape[1] == 1 else 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    return x.numpy()
+
+
+def features(grey_images: np.ndarray) -> np.ndarray:
+    """(N, 32, 32) grey in [0, 1] -> (N, 64): 8x8 area averages on the digits' 0-16 scale."""
+    x = torch.from_numpy(grey_images)[:, None]
+    return (F.avg_pool2d(x, 4).flatten(1) * 16).numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets (as FID)."""
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(w.clip(0))) @ v.T
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ s_b @ root_a).clip(0)).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b) - 2 * cross)
+
+
+class Judge:
+    """The training digits' features and a classifier fitted to them; scores sample sets."""
+
+    def __init__(self) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        images, labels = digits()
+        self.real = features(grey(images))
+        self.classifier = LogisticRegression(max_iter=5000).fit(self.real, labels)
+
+    def score(self, samples: torch.Tensor | np.ndarray) -> dict[str, float]:
+        """samples: (N, C, 32, 32) uint8 -> fd, confidence, coverage, median, corners."""
+        g = grey(samples)
+        f = features(g)
+        proba = self.classifier.predict_proba(f)
+        counts = np.bincount(proba.argmax(1), minlength=10) / len(f)
+        entropy = -(counts[counts > 0] * np.log(counts[counts > 0])).sum()
+        corners = np.concatenate(
+            [g[:, :3, :3], g[:, :3, -3:], g[:, -3:, :3], g[:, -3:, -3:]], axis=1
+        )
+        return {
+            "fd": frechet_distance(self.real, f),
+            "confidence": float(proba.max(1).mean()),
+            "coverage": float(entropy / math.log(10)),
+            "median": float(np.median(g)),
+            "corners": float(corners.mean()),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's training and sampling
+
+
+def project_config(data_folder: Path, overrides: dict[str, Any]):
+    """The Config a user's `--data.folder DIR ...` flags give, resolved as train_flow does."""
+    from settings import core_config, load_settings
+
+    settings = load_settings(
+        {**BUDGET, "data.folder": str(data_folder), **overrides}, env_file=None
+    )
+    return settings, core_config(settings)
+
+
+def train(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Train at the budget with the project's path; save the state and the time taken."""
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.data import TrainingData, load_dataset
+    from ddpm.run import build_training, run_epoch
+
+    torch.set_num_threads(1)
+    folder = write_folder(ROOT / "runs" / "digits-data")
+    settings, config = project_config(folder, overrides)
+    data = TrainingData(load_dataset(config, folder), config)
+    state = build_training(config, data.steps_per_epoch * config.train.epochs)
+    start = time.perf_counter()
+    losses = []
+    while state.epoch < config.train.epochs:
+        losses.append(run_epoch(state, data, config.train).loss)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    snapshot = state.snapshot()
+    snapshot["settings"] = settings.model_dump(mode="json")
+    save_checkpoint(out / "state.pt", snapshot)
+    record = {
+        "overrides": overrides,
+        "steps": state.global_step,
+        "train_seconds": seconds,
+        "epoch_loss": losses,
+    }
+    (out / "train.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def sample(out: Path, options: dict[str, Any], num: int = NUM_SAMPLES) -> dict[str, Any]:
+    """Draw num images from the trained EMA weights as sample_flow does; score them."""
+    from ddpm.config import SampleConfig
+    from ddpm.generate import load_trained_model, sample_set
+
+    torch.set_num_threads(1)
+    trained = load_trained_model(out / "state.pt")
+    config = SampleConfig(**options)
+    start = time.perf_counter()
+    images = sample_set(
+        trained.diffusion, num, trained.image_shape, config, SAMPLE_SEED, batch_size=num
+    )
+    seconds = time.perf_counter() - start
+    tag = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
+    np.savez_compressed(out / f"samples-{tag}.npz", images=images.numpy())
+    scores = {**Judge().score(images), "sample_seconds": seconds, "sampler": options}
+    (out / f"scores-{tag}.json").write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+@torch.no_grad()
+def diagnose(out: Path, sampler: str = "ddim", steps: int = 100, eta: float = 1.0) -> dict:
+    """Where the samples' backgrounds go grey: the trained EMA network's errors per timestep
+    on the training images, and the background along a sampling trajectory.
+
+    Per timestep t (512 training images, fixed noise): the bias (mean) and RMS error of the
+    network's eps and x0 estimates (unclipped), over background pixels (black in the data,
+    <= -0.95 on the [-1, 1] scale) and over the rest. Along the trajectory of the sampler
+    (200 images, as `sample` draws them): the mean of x_t / sqrt(abar_t) and of the clipped x0
+    estimate over the 3x3 corner patches (background in 99.9 % of the data) at every step.
+    """
+    from ddpm.data import load_dataset, normalize
+    from ddpm.generate import image_seed, load_trained_model
+    from ddpm.samplers import make_sampler
+    from ddpm.schedules import split_prediction
+
+    torch.set_num_threads(1)
+    trained = load_trained_model(out / "state.pt")
+    model = trained.diffusion
+    folder = write_folder(ROOT / "runs" / "digits-data")
+    _, config = project_config(folder, {})
+    dataset = load_dataset(config, folder)
+    x0 = normalize(torch.stack([dataset[i] for i in range(512)]))
+    background = x0 <= -0.95
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = model.alphas_cumprod_f64
+    per_t = []
+    for t in (0, 10, 25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 950, 999):
+        a, s = abar[t].sqrt().item(), (1 - abar[t]).sqrt().item()
+        x_t = a * x0 + s * eps
+        output = model.network()(x_t, torch.full((len(x0),), t))
+        x0_hat, eps_hat = split_prediction(model.prediction, output, x_t, a, s)
+        row = {"t": t}
+        for name, estimate, truth in (("eps", eps_hat, eps), ("x0", x0_hat, x0)):
+            err = estimate - truth
+            for part, mask in (("bg", background), ("fg", ~background)):
+                row[f"{name}_bias_{part}"] = err[mask].mean().item()
+                row[f"{name}_rmse_{part}"] = err[mask].square().mean().sqrt().item()
+        per_t.append(row)
+
+    method = make_sampler(sampler, abar, model.prediction, True, steps, eta)
+    generators = [torch.Generator().manual_seed(image_seed(SAMPLE_SEED, i)) for i in range(200)]
+    x = model._noise((200, *trained.image_shape), generators)
+    step_generator = model._step_generator(generators)
+    corners = torch.zeros(32, 32, dtype=torch.bool)
+    for rows in (slice(0, 3), slice(-3, None)):
+        for cols in (slice(0, 3), slice(-3, None)):
+            corners[rows, cols] = True
+    trajectory = []
+    for i, t in enumerate(method.timesteps):
+        output = model.network()(x, torch.full((200,), t))
+        a, s = abar[t].sqrt().item(), (1 - abar[t]).sqrt().item()
+        x0_hat, _ = split_prediction(model.prediction, output, x, a, s, clip=True)
+        trajectory.append(
+            {
+                "t": t,
+                "x_t_over_sqrt_abar_corners": (x[..., corners] / a).mean().item(),
+                "x0_hat_corners": x0_hat[..., corners].mean().item(),
+                "x0_hat_median": x0_hat.median().item(),
+            }
+        )
+        last = i == len(method.timesteps) - 1
+        noise = None if last or not method.stochastic else model._noise(x.shape, step_generator)
+        x = method.step(i, output, x, noise)
+    final = x.clamp(-1, 1)
+    report = {
+        "per_timestep": per_t,
+        "trajectory": trajectory,
+        "final_corners": final[..., corners].mean().item(),
+        "final_median": final.median().item(),
+    }
+    (out / f"diagnose-{sampler}-{steps}-{eta}.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers' trainer on the same budget
+
+
+def train_diffusers(out: Path) -> dict[str, Any]:
+    """diffusers' train_unconditional.py loop at the project's budget, then its DDIM sampler."""
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from ddpm.data import TrainingData, load_dataset
+    from ddpm.generate import image_seed, to_uint8
+    from ddpm.training import run_warmup_steps
+
+    torch.set_num_threads(1)
+    folder = write_folder(ROOT / "runs" / "digits-data")
+    _, config = project_config(folder, {})
+    data = TrainingData(load_dataset(config, folder), config)
+    total = data.steps_per_epoch * config.train.epochs
+    torch.manual_seed(config.train.seed)
+    # Our network's size: 0.67 M parameters, 0.35 GFLOP per image (ours 0.72 M, 0.34).
+    model = UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 48, 48),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3,
+        norm_num_groups=8,
+    )
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    # train_unconditional.py's AdamW (betas 0.95/0.999, weight decay 1e-6, eps 1e-8) at our lr,
+    # our warm-up (cut to a tenth of the run) and constant lr after it, our clipping (1.0).
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.optim.lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8
+    )
+    warmup = run_warmup_steps(config.optim.warmup_steps, total)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
+    ema = EMAModel(
+        model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4
+    )
+    start, step = time.perf_counter(), 0
+    for epoch in range(1, config.train.epochs + 1):
+        for x0 in data.epoch(epoch):
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (x0.shape[0],))
+            x_t = noise_scheduler.add_noise(x0, noise, t)
+            loss = F.mse_loss(model(x_t, t).sample.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            ema.step(model.parameters())
+            step += 1
+    train_seconds = time.perf_counter() - start
+    ema.copy_to(model.parameters())
+    model.eval()
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    scheduler.set_timesteps(100)
+    generators = [
+        torch.Generator().manual_seed(image_seed(SAMPLE_SEED, i)) for i in range(NUM_SAMPLES)
+    ]
+    start = time.perf_counter()
+    with torch.no_grad():
+        x = torch.stack([torch.randn(3, 32, 32, generator=g) for g in generators])
+        for t in scheduler.timesteps:
+            eps = model(x, t).sample
+            x = scheduler.step(eps, t, x, eta=1.0, use_clipped_model_output=True).prev_sample
+    images = to_uint8(x.clamp(-1, 1))
+    sample_seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "samples-diffusers-ddim100.npz", images=images.numpy())
+    scores = {
+        **Judge().score(images),
+        "steps": step,
+        "train_seconds": train_seconds,
+        "sample_seconds": sample_seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    (out / "scores-diffusers-ddim100.json").write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+def reference_scores() -> dict[str, dict[str, float]]:
+    """The measure's scale: halves of the data, 200 training images, uniform noise."""
+    judge = Judge()
+    images, _ = digits()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(images))
+    noise = torch.from_numpy(rng.integers(0, 256, (NUM_SAMPLES, 3, 32, 32), dtype=np.uint8))
+    half = features(grey(images[order[: len(order) // 2]]))
+    other = features(grey(images[order[len(order) // 2 :]]))
+    return {
+        "data (200 training images)": judge.score(images[order[:NUM_SAMPLES]]),
+        "uniform noise": judge.score(noise),
+        "halves": {"fd": frechet_distance(half, other)},
+    }
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sampler(spec: str) -> dict[str, Any]:
+    """'ddim:100:1' -> {'sampler': 'ddim', 'steps': 100, 'eta': 1.0}; 'dpmpp_2m:20'; 'ddpm'."""
+    name, *rest = spec.split(":")
+    return {
+        "sampler": name,
+        "steps": int(rest[0]) if rest else 1000,
+        "eta": float(rest[1]) if len(rest) > 1 else (1.0 if name == "ddim" else 0.0),
+    }
+
+
+# What each trained variant is scored with: today's default sampler (DDIM 100, eta 1), the
+# fast solver at 20 network calls, and the 1,000-step ancestral sampler.
+DEFAULT_SAMPLERS = ("ddim:100:1", "dpmpp_2m:20", "ddpm")
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        print(
+            " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train at the budget, then sample and score")
+    p_train.add_argument("--set", action="append", default=[], help="dotted setting=value")
+    p_sample = sub.add_parser("sample", help="sample and score a trained state")
+    p_diag = sub.add_parser("diagnose", help="per-timestep errors and the grey background")
+    p_diff = sub.add_parser("diffusers", help="diffusers' trainer at the same budget")
+    for p in (p_train, p_sample, p_diag, p_diff):
+        p.add_argument("--out", type=Path, required=True)
+    for p in (p_train, p_sample):
+        p.add_argument(
+            "--sample", action="append", default=None,
+            help=f"SAMPLER[:STEPS[:ETA]] (default: {' '.join(DEFAULT_SAMPLERS)})",
+        )  # fmt: skip
+    p_diag.add_argument("--sample", default="ddim:100:1")
+    sub.add_parser("reference", help="the measure's scale")
+    args = parser.parse_args(argv)
+    if args.command == "reference":
+        print(json.dumps(reference_scores(), indent=2))
+    elif args.command == "diffusers":
+        print(json.dumps(train_diffusers(args.out), indent=2))
+    elif args.command == "diagnose":
+        options = parse_sampler(args.sample)
+        report = diagnose(args.out, options["sampler"], options["steps"], options["eta"])
+        print_rows(report["per_timestep"])
+        print_rows(report["trajectory"][:: max(1, len(report["trajectory"]) // 20)])
+        print("final corners", report["final_corners"], "median", report["final_median"])
+    else:
+        if args.command == "train":
+            overrides = dict(item.split("=", 1) for item in args.set)
+            record = train(args.out, {k: parse_value(v) for k, v in overrides.items()})
+            print(json.dumps({k: v for k, v in record.items() if k != "epoch_loss"}))
+        for spec in args.sample or DEFAULT_SAMPLERS:
+            print(json.dumps(sample(args.out, parse_sampler(spec))))
+
+
+if __name__ == "__main__":
+    main()
