@@ -1,9 +1,11 @@
 """Sample quality at a fixed budget on real images: scikit-learn's 1,797 handwritten digits.
 
-    python benchmarks/digits.py train --out runs/digits/NAME [--set diffusion.prediction=v ...]
-    python benchmarks/digits.py sample --out runs/digits/NAME --sampler dpmpp_2m --steps 20
+    python benchmarks/digits.py train --out runs/digits/NAME [--set diffusion.prediction=eps ...]
+    python benchmarks/digits.py sample --out runs/digits/NAME --sample dpmpp_2m:20 --seeds 4
+    python benchmarks/digits.py diagnose --out runs/digits/NAME --sample ddim:100:1
     python benchmarks/digits.py diffusers --out runs/digits/diffusers
-    python benchmarks/digits.py table runs/digits/*/scores*.json
+    python benchmarks/digits.py table runs/digits/*
+    python benchmarks/digits.py figure --out grid.png runs/digits/NAME/samples-*.npz
 
 The digits (8x8, 0-16) are upscaled to 32x32 RGB with PIL's bilinear filter and written as PNG
 files, then trained as an image folder (`data.dataset=folder`) through the project's own
@@ -191,24 +193,60 @@ def train(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def sample(out: Path, options: dict[str, Any], num: int = NUM_SAMPLES) -> dict[str, Any]:
-    """Draw num images from the trained EMA weights as sample_flow does; score them."""
+def sample(
+    out: Path, options: dict[str, Any], seed: int = SAMPLE_SEED, num: int = NUM_SAMPLES
+) -> dict[str, Any]:
+    """Draw num images from the trained EMA weights as sample_flow does (image i from noise
+    seeded by (seed, i)); score them. Scores already in `out` for these options are kept."""
     from ddpm.config import SampleConfig
     from ddpm.generate import load_trained_model, sample_set
 
+    tag = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
+    tag += f"-seed={seed}" if seed != SAMPLE_SEED else ""
+    if (out / f"scores-{tag}.json").is_file():
+        return json.loads((out / f"scores-{tag}.json").read_text())
     torch.set_num_threads(1)
     trained = load_trained_model(out / "state.pt")
     config = SampleConfig(**options)
     start = time.perf_counter()
-    images = sample_set(
-        trained.diffusion, num, trained.image_shape, config, SAMPLE_SEED, batch_size=num
-    )
+    images = sample_set(trained.diffusion, num, trained.image_shape, config, seed, batch_size=num)
     seconds = time.perf_counter() - start
-    tag = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
     np.savez_compressed(out / f"samples-{tag}.npz", images=images.numpy())
-    scores = {**Judge().score(images), "sample_seconds": seconds, "sampler": options}
+    scores = {**Judge().score(images), "sample_seconds": seconds, "sampler": options, "seed": seed}
     (out / f"scores-{tag}.json").write_text(json.dumps(scores, indent=2))
     return scores
+
+
+def table(folders: list[Path]) -> str:
+    """A markdown table of every score under the given run folders: the mean over seeds (and
+    how many), with the training and sampling time."""
+    rows = []
+    for folder in folders:
+        trained = folder / "train.json"
+        record = json.loads(trained.read_text()) if trained.is_file() else {}
+        by_sampler: dict[str, list[dict[str, Any]]] = {}
+        for path in sorted(folder.glob("scores-*.json")):
+            scores = json.loads(path.read_text())
+            spec = scores.get("sampler")
+            key = json.dumps(spec, sort_keys=True) if spec else path.stem
+            by_sampler.setdefault(key, []).append(scores)
+        for key, runs in by_sampler.items():
+
+            def mean(name: str, runs: list = runs) -> float:
+                return float(np.mean([r[name] for r in runs]))
+
+            fds = ", ".join(f"{r['fd']:.0f}" for r in runs)
+            rows.append(
+                f"| {folder.name} | {key} | {mean('fd'):.1f} ({fds}) | {mean('confidence'):.3f} "
+                f"| {mean('coverage'):.3f} | {mean('median'):.3f} | {mean('corners'):.3f} "
+                f"| {record.get('train_seconds', runs[0].get('train_seconds', 0)):.0f} "
+                f"| {mean('sample_seconds'):.0f} |"
+            )
+    head = (
+        "| run | sampler | FD (per seed) | confidence | coverage | median | corners "
+        "| train s | sample s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    return "\n".join([head, *rows])
 
 
 @torch.no_grad()
@@ -388,6 +426,17 @@ def reference_scores() -> dict[str, dict[str, float]]:
     }
 
 
+def figure(path: Path, sample_files: list[Path], per_row: int = 16) -> Path:
+    """One grid: a row of training images, then a row of each samples-*.npz file's first
+    per_row images (uint8 (N, 3, 32, 32), as `sample` writes them)."""
+    from ddpm.images import save_grid
+
+    data = torch.from_numpy(digits()[0][:per_row])[:, None].repeat(1, 3, 1, 1)
+    rows = [data] + [torch.from_numpy(np.load(f)["images"][:per_row]) for f in sample_files]
+    grid = torch.cat(rows).float() / 127.5 - 1
+    return save_grid(grid, path, nrow=per_row)
+
+
 def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -405,8 +454,9 @@ def parse_sampler(spec: str) -> dict[str, Any]:
     }
 
 
-# What each trained variant is scored with: today's default sampler (DDIM 100, eta 1), the
-# fast solver at 20 network calls, and the 1,000-step ancestral sampler.
+# What each trained variant is scored with by default: stochastic DDIM at 100 calls (the default
+# before issue 25), DPM-Solver++(2M) at 20 (the default now), and the 1,000-step ancestral
+# sampler.
 DEFAULT_SAMPLERS = ("ddim:100:1", "dpmpp_2m:20", "ddpm")
 
 
@@ -432,11 +482,21 @@ def main(argv: list[str] | None = None) -> None:
             "--sample", action="append", default=None,
             help=f"SAMPLER[:STEPS[:ETA]] (default: {' '.join(DEFAULT_SAMPLERS)})",
         )  # fmt: skip
+        p.add_argument("--seeds", type=int, default=1, help="draw with seeds 0 .. N-1")
     p_diag.add_argument("--sample", default="ddim:100:1")
     sub.add_parser("reference", help="the measure's scale")
+    p_fig = sub.add_parser("figure", help="training images above rows of samples, as a PNG")
+    p_fig.add_argument("--out", type=Path, required=True)
+    p_fig.add_argument("samples", type=Path, nargs="+", help="samples-*.npz files, one a row")
+    p_table = sub.add_parser("table", help="a markdown table of the scores of run folders")
+    p_table.add_argument("folders", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "reference":
         print(json.dumps(reference_scores(), indent=2))
+    elif args.command == "figure":
+        print(figure(args.out, args.samples))
+    elif args.command == "table":
+        print(table([f for f in args.folders if f.is_dir()]))
     elif args.command == "diffusers":
         print(json.dumps(train_diffusers(args.out), indent=2))
     elif args.command == "diagnose":
@@ -451,7 +511,8 @@ def main(argv: list[str] | None = None) -> None:
             record = train(args.out, {k: parse_value(v) for k, v in overrides.items()})
             print(json.dumps({k: v for k, v in record.items() if k != "epoch_loss"}))
         for spec in args.sample or DEFAULT_SAMPLERS:
-            print(json.dumps(sample(args.out, parse_sampler(spec))))
+            for seed in range(args.seeds):
+                print(json.dumps(sample(args.out, parse_sampler(spec), seed)))
 
 
 if __name__ == "__main__":

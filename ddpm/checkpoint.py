@@ -184,12 +184,17 @@ def check_compatible(
 
 def _check_diffusion(state: Mapping[str, Any], model: nn.Module, source: str) -> None:
     """Refuse weights trained for another schedule, prediction target or T: they would load,
-    and sample noise. Checkpoints without the record predate the choice (LEGACY_DIFFUSION)."""
+    and sample noise. The diffusion is read where ddpm.generate.architecture reads it (the
+    architecture record, else the settings saved with older checkpoints); keys a record lacks
+    predate the choice (LEGACY_DIFFUSION)."""
     from ddpm.config import LEGACY_DIFFUSION
 
     if not hasattr(model, "prediction"):  # not a DiffusionModel
         return
-    record = {**LEGACY_DIFFUSION, **((state.get("architecture") or {}).get("diffusion") or {})}
+    saved = (state.get("architecture") or {}).get("diffusion") or (
+        (state.get("settings") or {}).get("diffusion") or {}
+    )
+    record = {**LEGACY_DIFFUSION, **saved}
     keys = ["schedule", "prediction", "num_timesteps"]
     if model.schedule == "linear":
         keys += ["beta_start", "beta_end"]

@@ -54,8 +54,8 @@ class DiffusionConfig:
     num_timesteps: int = 1000  # T (DDPM paper)
     beta_start: float = 1e-4  # the linear schedule's beta_1 (DDPM paper)
     beta_end: float = 0.02  # the linear schedule's beta_T (DDPM paper)
-    schedule: Literal["linear", "cosine"] = "linear"
-    prediction: Literal["eps", "v", "x0"] = "eps"
+    schedule: Literal["linear", "cosine"] = "cosine"
+    prediction: Literal["eps", "v", "x0"] = "v"
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     min_snr_gamma: float = 5.0  # Hang et al. 2023
 
@@ -110,8 +110,8 @@ class SampleConfig:
 
     every: int = 1  # epochs between grids; 0 = never
     num: int = 64
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
-    steps: int = 100  # network calls of ddim and dpmpp_2m (ddpm always takes all T)
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "dpmpp_2m"
+    steps: int = 20  # network calls of ddim and dpmpp_2m (ddpm always takes all T)
     eta: float = 1.0  # DDIM's fresh noise per step: 0 = deterministic, 1 = ancestral
     use_ema: bool = True
     clip_denoised: bool = True  # clip each step's x0 estimate to [-1, 1]

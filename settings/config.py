@@ -127,13 +127,14 @@ class DiffusionSettings(_Group):
     beta_start: float = Field(1e-4, gt=0, lt=1, description="beta_1 of the linear schedule")
     beta_end: float = Field(0.02, gt=0, lt=1, description="beta_T of the linear schedule")
     # Nichol & Dhariwal 2021: cosine keeps more signal at middle t and spends fewer steps at
-    # pure noise.
+    # pure noise. The defaults cosine + v were measured best at a fixed budget (README,
+    # Samples that look like the data); the DDPM paper's linear + eps drew grey backgrounds.
     schedule: Literal["linear", "cosine"] = Field(
-        "linear", description="noise schedule: linear (DDPM paper) or cosine (Nichol & Dhariwal)"
+        "cosine", description="noise schedule: linear (DDPM paper) or cosine (Nichol & Dhariwal)"
     )
     # DDPM paper: eps; Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x0.
     prediction: Literal["eps", "v", "x0"] = Field(
-        "eps", description="what the network predicts: eps, v or x0"
+        "v", description="what the network predicts: eps, v or x0"
     )
     # Hang et al. 2023: min-SNR-gamma weighting.
     loss_weighting: Literal["uniform", "min_snr"] = Field(
@@ -220,15 +221,15 @@ class SampleSettings(_Group):
     every: int = Field(1, ge=0, description="epochs between sample grids; 0 = never")
     # 8 x 8 grid, as in the assignment.
     num: int = Field(64, ge=1, le=4096, description="images per grid")
-    # Measured on a small real-image run (README, Samples): stochastic DDIM (eta 1) on 100
-    # steps gives clean samples at a tenth of the 1000-step ancestral sampler's cost;
-    # deterministic DDIM (eta 0) keeps the network's errors as speckle.
+    # Measured on real images at a fixed budget (README, Samples that look like the data):
+    # DPM-Solver++(2M) at 20 network calls scores within 5 % of the 1000-step ancestral
+    # sampler at a fiftieth of its cost, and of stochastic DDIM at 100 calls at a fifth.
     sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = Field(
-        "ddim",
+        "dpmpp_2m",
         description="ddim (steps, eta), dpmpp_2m (DPM-Solver++(2M), steps) or ddpm "
         "(Algorithm 2, all T steps)",
     )
-    steps: int = Field(100, ge=1, description="network calls of ddim and dpmpp_2m (ddpm: all T)")
+    steps: int = Field(20, ge=1, description="network calls of ddim and dpmpp_2m (ddpm: all T)")
     eta: float = Field(
         1.0, ge=0, le=1, description="DDIM noise per step: 0 = deterministic, 1 = ancestral"
     )

@@ -18,17 +18,32 @@ import torch.multiprocessing as mp
 import ddpm.run
 from ddpm.config import Config
 from ddpm.data import TrainingData, load_dataset, locate_dataset
-from ddpm.distributed import free_port, join
+from ddpm.distributed import Shard, free_port, join
 from ddpm.run import build_training, follow, run_epoch
 from ddpm.training import TrainingDiverged
 from ddpm.unet import UNet
 
 
-def train_alone(config: Config) -> dict[str, Any]:
-    """The final snapshot of config.train.epochs epochs in this process."""
+def train_alone(config: Config, parts: int = 1) -> dict[str, Any]:
+    """The final snapshot of config.train.epochs epochs in this process.
+
+    With parts k > 1, each batch's loss is the mean of the k weighted slice losses that k
+    ranks would compute (ddpm.distributed.Shard.loss, t and eps drawn once for the batch):
+    the same gradient summed in another order, with no second process. The distance of
+    that run from the plain one is the spread of summation order on this machine.
+    """
     torch.set_num_threads(1)
     data = TrainingData(load_dataset(config, locate_dataset(config.data)), config)
     state = build_training(config, data.steps_per_epoch * config.train.epochs)
+    if parts > 1:
+        diffusion, whole = state.diffusion, state.diffusion.forward
+
+        def in_parts(x0: torch.Tensor) -> torch.Tensor:
+            t, eps = diffusion.draw_training_noise(x0)
+            shards = [Shard(r, parts, whole) for r in range(parts)]  # type: ignore[arg-type]
+            return sum(shard.loss(x0, t, eps) for shard in shards) / parts
+
+        diffusion.forward = in_parts  # type: ignore[method-assign]
     while state.epoch < config.train.epochs:
         run_epoch(state, data, config.train)
     return state.snapshot()

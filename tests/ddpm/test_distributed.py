@@ -33,14 +33,16 @@ def test_shards_cover_the_batch_once_in_order(n: int, k: int) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_the_weights_and_ema_of_one(tmp_path: Path) -> None:
-    """Two gloo processes sharing each global batch end 2 epochs (12 steps) with the weights,
-    and the EMA of one process on the same batches, within 1e-5: 41 images in
-    batches of 8 give even splits and a last batch of 1 that leaves rank 1 nothing.
+    """Two gloo processes sharing each global batch end 2 epochs (12 steps) with the weights
+    and EMA of one process that sums each batch's loss from the same two slices (t and eps
+    drawn once for the batch), to rounding: 41 images in batches of 8 give even splits and a
+    last batch of 1 that leaves rank 1 nothing. Measured (AMD EPYC): identical, 0.0.
 
-    SGD with momentum at lr 1e-3: this tiny fp32 network amplifies any change of summation
-    order (one process summing each batch in two halves drifts as far from itself: 1.9e-6 at
-    lr 1e-3, 1.0e-4 at lr 1e-2 after 4 steps), and Adam's first steps move every weight by
-    about +-lr whatever its gradient's size (README, Several GPUs and machines)."""
+    Against the plain one-process run (each batch's mean in one piece) the group is only as
+    close as a change of summation order allows, which this tiny fp32 network amplifies and
+    which differs between CPUs: 5.2e-5 after 12 SGD steps at lr 1e-3 on one machine, under
+    1e-5 on another. So the test measures that spread here, on the same run, and holds the
+    group to it instead of to one machine's figure (README, Several GPUs and machines)."""
     write_cifar10(tmp_path / "data", images_per_batch=16)
     config = make_config(
         {
@@ -53,13 +55,16 @@ def test_two_processes_train_the_weights_and_ema_of_one(tmp_path: Path) -> None:
             "train.log_every": 3,
         }
     )
-    alone = train_alone(config)
+    alone, in_two_parts = train_alone(config), train_alone(config, parts=2)
     group = train_group(config, 2, tmp_path / "rank0.pt")
     assert group["global_step"] == alone["global_step"] == 12
-    assert max_difference(group["model"], alone["model"]) < 1e-5
-    assert max_difference(group["ema"], alone["ema"]) < 1e-5
+    for weights in ("model", "ema"):
+        assert max_difference(group[weights], in_two_parts[weights]) < 1e-6
+        spread = max_difference(in_two_parts[weights], alone[weights])
+        assert max_difference(group[weights], alone[weights]) <= spread + 1e-6
     initial = build_training(config, 12).snapshot()["model"]
     assert max_difference(alone["model"], initial) > 1e-3  # it trained (by 1.9e-3)
+    assert max_difference(in_two_parts["model"], initial) > 1e-3
 
 
 @pytest.mark.slow

@@ -113,8 +113,11 @@ def test_a_checkpoint_samples_with_the_diffusion_it_was_trained_with(
     legacy = load_trained_model(save_checkpoint(tmp_path / "old.pt", old))
     assert (legacy.diffusion.prediction, legacy.diffusion.schedule) == ("eps", "linear")
     with pytest.raises(CheckpointError, match=r"v\.pt was trained with diffusion\.schedule='cos"):
-        build_training(tiny_config(), 10).restore(load_checkpoint(path), str(path))
-    eps_run = build_training(tiny_config({"diffusion.prediction": "x0"}), 10)
+        paper = tiny_config({"diffusion.schedule": "linear", "diffusion.prediction": "eps"})
+        build_training(paper, 10).restore(load_checkpoint(path), str(path))
+    eps_run = build_training(
+        tiny_config({"diffusion.prediction": "x0", "diffusion.schedule": "linear"}), 10
+    )
     with pytest.raises(CheckpointError, match=r"diffusion\.prediction='eps'; the current .* 'x0'"):
         eps_run.restore(old, "old.pt")
 

@@ -57,7 +57,7 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "diffusion.num_timesteps": (2000, {}),
     "diffusion.beta_start": (0.001, {}),
     "diffusion.beta_end": (0.05, {}),
-    "diffusion.schedule": ("cosine", {}),
+    "diffusion.schedule": ("linear", {}),
     "diffusion.prediction": ("x0", {}),
     "diffusion.loss_weighting": ("min_snr", {}),
     "diffusion.min_snr_gamma": (1.0, {}),
@@ -150,8 +150,8 @@ def test_documented_defaults() -> None:
         "diffusion.num_timesteps": 1000,
         "diffusion.beta_start": 1e-4,
         "diffusion.beta_end": 0.02,
-        "diffusion.schedule": "linear",
-        "diffusion.prediction": "eps",
+        "diffusion.schedule": "cosine",
+        "diffusion.prediction": "v",
         "diffusion.loss_weighting": "uniform",
         "diffusion.min_snr_gamma": 5.0,
         "optim.name": "adam",
@@ -175,8 +175,8 @@ def test_documented_defaults() -> None:
         "train.rank_timeout": 300.0,
         "sample.every": 1,
         "sample.num": 64,
-        "sample.sampler": "ddim",
-        "sample.steps": 100,
+        "sample.sampler": "dpmpp_2m",
+        "sample.steps": 20,
         "sample.eta": 1.0,
         "sample.use_ema": True,
         "sample.clip_denoised": True,
@@ -756,15 +756,20 @@ def test_settings_and_the_core_config_import_without_torch() -> None:
 
 def test_the_paper_networks_settings_name_only_its_runs() -> None:
     """model.arch=ddpm names runs of its own, and its options matter there alone: runs of the
-    assignment network keep the names they had before the paper's network existed."""
-    default = load_settings(env_file=None)
+    assignment network keep the names they had before the paper's network existed (the
+    default run of then: linear schedule, eps prediction)."""
+    then = {"diffusion.schedule": "linear", "diffusion.prediction": "eps"}
+    default = load_settings(then, env_file=None)
     assert run_name(default) == "run-43d95f61ac"  # the name of the default run before model.arch
-    assert run_name(load_settings({"model.dropout": 0.3}, env_file=None)) == run_name(default)
-    paper = load_settings({"model.arch": "ddpm"}, env_file=None)
-    assert run_name(paper) != run_name(default)
-    assert run_name(load_settings({"model.arch": "ddpm", "model.dropout": 0.3}, env_file=None)) != (
-        run_name(paper)
+    assert run_name(load_settings({**then, "model.dropout": 0.3}, env_file=None)) == (
+        run_name(default)
     )
+    paper = load_settings({**then, "model.arch": "ddpm"}, env_file=None)
+    assert run_name(paper) != run_name(default)
+    paper_dropout = load_settings(
+        {**then, "model.arch": "ddpm", "model.dropout": 0.3}, env_file=None
+    )
+    assert run_name(paper_dropout) != run_name(paper)
 
 
 def test_runs_from_before_the_diffusion_choices_keep_their_names() -> None:
