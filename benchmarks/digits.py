@@ -231,6 +231,7 @@ def table(folders: list[Path]) -> str:
             key = json.dumps(spec, sort_keys=True) if spec else path.stem
             by_sampler.setdefault(key, []).append(scores)
         for key, runs in by_sampler.items():
+            runs.sort(key=lambda r: r.get("seed", SAMPLE_SEED))
 
             def mean(name: str, runs: list = runs) -> float:
                 return float(np.mean([r[name] for r in runs]))

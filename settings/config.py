@@ -127,8 +127,9 @@ class DiffusionSettings(_Group):
     beta_start: float = Field(1e-4, gt=0, lt=1, description="beta_1 of the linear schedule")
     beta_end: float = Field(0.02, gt=0, lt=1, description="beta_T of the linear schedule")
     # Nichol & Dhariwal 2021: cosine keeps more signal at middle t and spends fewer steps at
-    # pure noise. The defaults cosine + v were measured best at a fixed budget (README,
-    # Samples that look like the data); the DDPM paper's linear + eps drew grey backgrounds.
+    # pure noise. Measured at a fixed budget (README, Samples that look like the data): the
+    # DDPM paper's eps drew grey backgrounds with either schedule; v and x0 fixed them and
+    # scored level, with either schedule; v with cosine is the default.
     schedule: Literal["linear", "cosine"] = Field(
         "cosine", description="noise schedule: linear (DDPM paper) or cosine (Nichol & Dhariwal)"
     )
@@ -223,7 +224,8 @@ class SampleSettings(_Group):
     num: int = Field(64, ge=1, le=4096, description="images per grid")
     # Measured on real images at a fixed budget (README, Samples that look like the data):
     # DPM-Solver++(2M) at 20 network calls scores within 5 % of the 1000-step ancestral
-    # sampler at a fiftieth of its cost, and of stochastic DDIM at 100 calls at a fifth.
+    # sampler at a fiftieth of its cost, and within 7 % of stochastic DDIM at 100 calls at a
+    # fifth.
     sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = Field(
         "dpmpp_2m",
         description="ddim (steps, eta), dpmpp_2m (DPM-Solver++(2M), steps) or ddpm "

@@ -115,11 +115,11 @@ def test_a_checkpoint_samples_with_the_diffusion_it_was_trained_with(
     with pytest.raises(CheckpointError, match=r"v\.pt was trained with diffusion\.schedule='cos"):
         paper = tiny_config({"diffusion.schedule": "linear", "diffusion.prediction": "eps"})
         build_training(paper, 10).restore(load_checkpoint(path), str(path))
-    eps_run = build_training(
+    x0_run = build_training(
         tiny_config({"diffusion.prediction": "x0", "diffusion.schedule": "linear"}), 10
     )
     with pytest.raises(CheckpointError, match=r"diffusion\.prediction='eps'; the current .* 'x0'"):
-        eps_run.restore(old, "old.pt")
+        x0_run.restore(old, "old.pt")
 
 
 def test_an_image_depends_on_its_seed_and_index_alone(run: RunDir, config) -> None:
