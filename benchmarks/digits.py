@@ -9,7 +9,7 @@
 
 The digits (8x8, 0-16) are upscaled to 32x32 RGB with PIL's bilinear filter and written as PNG
 files, then trained as an image folder (`data.dataset=folder`) through the project's own
-training path (build_training -> run_epoch, what train_flow's tasks call) at issue 25's budget:
+training path (build_training -> Trainer.epoch, what train_flow's tasks call) at issue 25's budget:
 the assignment network at hidden 32, batch 64, lr 5e-4, 40 epochs = 1,160 steps, every other
 setting at its default unless --set changes it. 200 images are then drawn from the EMA weights
 as sample_flow draws them (image i from noise seeded by (seed, i)).
@@ -167,7 +167,8 @@ def train(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Train at the budget with the project's path; save the state and the time taken."""
     from ddpm.checkpoint import save_checkpoint
     from ddpm.data import TrainingData, load_dataset
-    from ddpm.run import build_training, run_epoch
+    from ddpm.run import build_training
+    from ddpm.trainer import Trainer
 
     torch.set_num_threads(1)
     folder = write_folder(ROOT / "runs" / "digits-data")
@@ -176,8 +177,9 @@ def train(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     state = build_training(config, data.steps_per_epoch * config.train.epochs)
     start = time.perf_counter()
     losses = []
+    trainer = Trainer(state, data, config.train)
     while state.epoch < config.train.epochs:
-        losses.append(run_epoch(state, data, config.train).loss)
+        losses.append(trainer.epoch().loss)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     snapshot = state.snapshot()

@@ -26,11 +26,12 @@ _EXPORTS = {
     "ddpm.samplers": ["Ancestral", "DDIM", "DPMSolverPP2M", "make_sampler"],
     "ddpm.schedules": ["linear_beta_schedule", "named_betas", "schedule_constants"],
     "ddpm.images": ["save_grid"],
-    "ddpm.run": ["build_or_resume", "build_training", "draw_samples", "rewind", "run_epoch"],
+    "ddpm.run": ["build_or_resume", "build_training", "draw_samples", "rewind"],
     "ddpm.run_dir": ["RunDir"],
+    "ddpm.trainer": ["EpochResult", "Hooks", "StepMetrics", "Trainer", "train_step"],
     "ddpm.training": [
-        "EpochResult", "StepMetrics", "TrainingState", "build_ema", "build_lr_scheduler",
-        "build_optimizer", "resolve_device", "seed_everything", "train_epoch", "train_step",
+        "TrainingState", "build_ema", "build_lr_scheduler", "build_optimizer", "resolve_device",
+        "seed_everything",
     ],
     "ddpm.unet": ["UNet"],
 }  # fmt: skip

@@ -6,7 +6,7 @@
 (a) baseline, the course assignment's pipeline with its bugs fixed: a torchvision DataLoader
     decoding PIL images with RandomHorizontalFlip/ToTensor/Normalize in worker processes, fp32
     eager, plain Adam, a host-to-device copy and loss.item() every step;
-(b) project: the real training path (ddpm.run.run_epoch) with device-resident data, step
+(b) project: the real training path (ddpm.trainer.Trainer) with device-resident data, step
     metrics read every 100 steps (no host sync in between), and, on CUDA, bf16 autocast,
     fused Adam, channels-last and torch.compile.
 Sampling: the 1000-step ancestral sampler with compiled steps on CUDA (CUDA graphs), and the
@@ -39,7 +39,8 @@ from ddpm.config import (
 )
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.run import build_network, build_training, run_epoch
+from ddpm.run import build_network, build_training
+from ddpm.trainer import Trainer
 from ddpm.training import autocast, resolve_device, resolve_precision
 
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -175,7 +176,7 @@ def project_img_per_s(
 
     def epoch(n: int) -> None:
         data = TrainingData(TensorImageDataset(images[: n * batch]), config)
-        run_epoch(state, data, config.train)
+        Trainer(state, data, config.train).epoch()
         _sync(device)
 
     epoch(max(2, steps // 4))  # warm-up: compilation, autotuning, allocator

@@ -308,30 +308,53 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-class _EpochOrder(Sampler[int]):
-    """The current epoch's permutation of the dataset, from a given position on.
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of rank's slice of a global batch of n, as torch.chunk cuts it: ceil(n / k)
+    each, the last ranks shorter (or empty when n < k)."""
+    chunk = -(-n // world_size)
+    lo = min(rank * chunk, n)
+    return lo, min(lo + chunk, n)
 
-    Set before each epoch, like DistributedSampler.set_epoch: the DataLoader reads it in the
-    main process whenever an epoch starts, so persistent workers never see it.
+
+def epoch_slices(
+    num_items: int, batch_size: int, start_batch: int = 0, rank: int = 0, world_size: int = 1
+) -> list[tuple[int, int]]:
+    """[lo, hi) positions in an epoch's order of this rank's slice of each global batch, from
+    batch start_batch on (one entry per global batch; empty where the batch has fewer images
+    than ranks)."""
+    slices = []
+    for start in range(start_batch * batch_size, num_items, batch_size):
+        lo, hi = shard_bounds(min(batch_size, num_items - start), rank, world_size)
+        slices.append((start + lo, start + hi))
+    return slices
+
+
+class _EpochBatches(Sampler[list[int]]):
+    """The current epoch's batches of dataset indices: this rank's slice of each global batch
+    (empty slices skipped), set before each epoch.
+
+    The DataLoader reads it in the main process whenever an epoch starts, so persistent workers
+    never see it.
     """
 
-    def __init__(self, order: torch.Tensor, start: int) -> None:
-        self.order, self.start = order, start
+    def __init__(self) -> None:
+        self.order, self.slices = torch.arange(0), []
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order[self.start :].tolist())
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([self.order[lo:hi].tolist() for lo, hi in self.slices if hi > lo])
 
     def __len__(self) -> int:
-        return max(0, len(self.order) - self.start)
+        return sum(hi > lo for lo, hi in self.slices)
 
 
 class EpochLoader:
     """One DataLoader kept across epochs, for datasets read from disk (image folders).
 
     Its workers start once (by forkserver, since forked workers die inside Prefect flow runs)
-    and serve every epoch: each `epoch()` sets the sampler's permutation, then iterates. They
-    only decode uint8 images; order and flips are drawn here from epoch_generator(seed, epoch),
-    so batches do not depend on num_workers and equal device_epoch_batches'.
+    and serve every epoch: each `epoch()` sets the batches, then iterates. They only decode
+    uint8 images; order and flips are drawn here from epoch_generator(seed, epoch), so batches
+    do not depend on num_workers and equal device_epoch_batches'. In a data-parallel run each
+    rank's loader decodes only its slice of each global batch.
 
     An epoch abandoned midway (the consumer stops, or raises) does not spoil the next one:
     the DataLoader drains its workers' leftover batches when the next epoch starts. Workers
@@ -339,10 +362,11 @@ class EpochLoader:
 
     Args:
         dataset: items are uint8 (C, H, W).
-        batch_size: images per batch; the last batch of an epoch may be smaller.
+        batch_size: images per global batch; the last batch of an epoch may be smaller.
         num_workers: DataLoader worker processes (0 = load in this process).
         pin_memory: page-lock the uint8 batches, so copies to a GPU are asynchronous.
         seed: with the epoch, selects the permutation and the flips.
+        rank, world_size: this process's slice of each global batch (data-parallel runs).
     """
 
     def __init__(
@@ -353,15 +377,18 @@ class EpochLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.batch_size, self.pin_memory, self.seed = batch_size, pin_memory, seed
+        self.rank, self.world_size = rank, world_size
         self.num_items = len(dataset)
-        self._order = _EpochOrder(torch.arange(self.num_items), 0)
+        self.item_shape = tuple(dataset[0].shape) if world_size > 1 else ()
+        self._batches = _EpochBatches()
         self._owner: object | None = None  # the running epoch; a stale one must not read on
         self.dataloader = DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=self._order,
+            batch_sampler=self._batches,
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
@@ -392,7 +419,8 @@ class EpochLoader:
             device: where the batches go.
 
         Yields:
-            (B, C, H, W) float32 in [-1, 1], on device.
+            (B, C, H, W) float32 in [-1, 1], on device: this rank's slice of each global batch
+            (B = 0 where the slice is empty).
 
         Raises:
             RuntimeError: when read on after a later epoch of this loader has started.
@@ -402,17 +430,20 @@ class EpochLoader:
         order = torch.randperm(self.num_items, generator=generator)
         flips = torch.rand(self.num_items, generator=generator) < 0.5  # k-th image of the epoch
         flips = flips.to(device)
-        position = start_batch * self.batch_size
-        self._order.order, self._order.start = order, position
+        slices = epoch_slices(
+            self.num_items, self.batch_size, start_batch, self.rank, self.world_size
+        )
+        self._batches.order, self._batches.slices = order, slices
         self._owner = owner = object()
         batches = iter(self.dataloader)
-        for _ in range(len(self.dataloader)):
+        for lo, hi in slices:
             if self._owner is not owner:
                 raise RuntimeError(f"epoch {epoch} read on after a later epoch started")
+            if hi == lo:
+                yield torch.empty((0, *self.item_shape), device=device)
+                continue
             images = next(batches).to(device, non_blocking=self.pin_memory)  # (B, C, H, W) uint8
-            flip = flips[position : position + images.shape[0]] if random_flip else None
-            position += images.shape[0]
-            yield _normalize_flipped(images, flip)
+            yield _normalize_flipped(images, flips[lo:hi] if random_flip else None)
 
 
 def device_epoch_batches(
@@ -423,6 +454,8 @@ def device_epoch_batches(
     epoch: int,
     random_flip: bool = True,
     start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[torch.Tensor]:
     """The same batches as EpochLoader.epoch, from uint8 images already on the training device.
 
@@ -432,6 +465,7 @@ def device_epoch_batches(
 
     Args:
         images: (N, C, H, W) uint8 on the training device.
+        rank, world_size: yield this rank's slice of each global batch.
 
     Yields:
         (B, C, H, W) float32 in [-1, 1] on images' device.
@@ -440,9 +474,8 @@ def device_epoch_batches(
     generator = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=generator).to(images.device)
     flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    for start in range(start_batch * batch_size, n, batch_size):
-        flip = flips[start : start + batch_size] if random_flip else None
-        yield _normalize_flipped(images[order[start : start + batch_size]], flip)
+    for lo, hi in epoch_slices(n, batch_size, start_batch, rank, world_size):
+        yield _normalize_flipped(images[order[lo:hi]], flips[lo:hi] if random_flip else None)
 
 
 def fits_on(device: torch.device, nbytes: int, fraction: float = 0.25) -> bool:
@@ -516,13 +549,17 @@ class TrainingData:
     Args:
         dataset: items uint8 (C, H, W), from load_dataset.
         config: data (random_flip, num_workers, loader) and train (batch_size, seed, device).
+        rank, world_size: yield only this rank's slice of each global batch (data-parallel).
 
     Raises:
         ValueError: for data.loader="device" with a dataset that is not in memory.
     """
 
-    def __init__(self, dataset: Dataset, config: Config) -> None:
+    def __init__(
+        self, dataset: Dataset, config: Config, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.dataset, self.data, self.train = dataset, config.data, config.train
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(config.train.device)
         in_memory = isinstance(dataset, TensorImageDataset)
         if self.data.loader == "device" and not in_memory:
@@ -540,23 +577,25 @@ class TrainingData:
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.dataset), self.train.batch_size)
 
+    def batch_size_at(self, index: int) -> int:
+        """Images in the epoch's global batch `index` (from 0): the last one may be short."""
+        return min(self.train.batch_size, len(self.dataset) - index * self.train.batch_size)
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """The batches of epoch `epoch` (from 1), from batch start_batch on.
 
         Yields:
-            (B, C, H, W) float32 in [-1, 1] on the training device.
+            (B, C, H, W) float32 in [-1, 1] on the training device: this rank's slice of each
+            global batch (the whole batch for one process).
         """
         batch_size, seed, flip = self.train.batch_size, self.train.seed, self.data.random_flip
+        shard = {"rank": self.rank, "world_size": self.world_size}
         if self.on_device:
             images = self.dataset.on(self.device)
             return device_epoch_batches(
-                images,
-                batch_size,
-                seed=seed,
-                epoch=epoch,
-                random_flip=flip,
-                start_batch=start_batch,
-            )
+                images, batch_size, seed=seed, epoch=epoch, random_flip=flip,
+                start_batch=start_batch, **shard,
+            )  # fmt: skip
         if self._loader is None:
             self._loader = EpochLoader(
                 self.dataset,
@@ -564,6 +603,7 @@ class TrainingData:
                 num_workers=self.data.num_workers,
                 pin_memory=self.device.type == "cuda",
                 seed=seed,
+                **shard,
             )
         return self._loader.epoch(
             epoch, random_flip=flip, start_batch=start_batch, device=self.device

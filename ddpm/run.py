@@ -1,13 +1,12 @@
 """One training run, as a workflow composes it from its config:
 
-    build_or_resume -> (run_epoch -> save_epoch_checkpoint -> draw_samples)*
+    build_or_resume -> (Trainer.epoch -> save_epoch_checkpoint -> draw_samples)*
 
 A notebook, a script or an orchestrator drives it alike.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -17,27 +16,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddpm.checkpoint import CheckpointWriter, to_cpu
-from ddpm.checkpoint_files import load_newest_valid, save_step_checkpoint
+from ddpm.checkpoint import to_cpu
+from ddpm.checkpoint_files import load_newest_valid
 from ddpm.config import (
     Config,
     DiffusionConfig,
     ModelConfig,
     Precision,
     SampleConfig,
-    TrainConfig,
 )
 from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel, Generators
-from ddpm.distributed import Group, RankFailed, collectives, set_training_rng
+from ddpm.distributed import Group, collectives
 from ddpm.run_dir import RunDir
 from ddpm.samplers import make_sampler
 from ddpm.schedules import named_betas, schedule_constants
+from ddpm.trainer import EpochResult, Trainer
 from ddpm.training import (
-    EpochResult,
-    StepCallback,
-    TrainingDiverged,
     TrainingState,
     autocast,
     build_ema,
@@ -45,7 +41,6 @@ from ddpm.training import (
     build_optimizer,
     run_warmup_steps,
     seed_everything,
-    train_epoch,
 )
 from ddpm.unet import UNet
 
@@ -152,139 +147,42 @@ def rewind(state: TrainingState, run: RunDir) -> str:
     return "the initial weights"
 
 
-def run_epoch(
-    state: TrainingState,
-    data: TrainingData,
-    train: TrainConfig,
-    *,
-    on_step: StepCallback | None = None,
-    after_step: Callable[[], None] | None = None,
-    run: RunDir | None = None,
-    stop: Callable[[], bool] | None = None,
-    group: Group | None = None,
-) -> EpochResult:
-    """Train the state's next epoch on train.device, from batch state.epoch_step on.
+def share_start(group: Group, state: TrainingState, data_path: str) -> None:
+    """(rank 0) Send the other ranks what they start from: where the data is, and the state
+    built or resumed here (EMA aside: it is rank 0's alone), RNGs included."""
+    start = {"data_path": data_path, "state": {**state.snapshot(), "ema": None}}
+    if state.device.type == "cuda":  # training draws on each rank's own device
+        start["device_rng"] = torch.cuda.get_rng_state(state.device)
+    group.broadcast(start)
 
-    Every train.checkpoint_every steps (with a run folder) a CPU snapshot goes to a mid-epoch
-    checkpoint on a background thread; each write must finish by the end of the next step, so
-    a crash loses at most checkpoint_every steps. The step metrics are read from the device
-    every train.log_every steps; train.compile compiles the network (in place, once; state
-    dicts are unchanged). On CUDA, uncompiled, the model and batches use the channels-last
-    memory format; compiled, they stay contiguous and inductor picks the convolutions' layouts
-    (channels-last parameters make its backward fail, pytorch/pytorch#171622).
 
-    Args:
-        on_step: called with (the run's step number, its metrics) for every step, at the
-            reads (see train_epoch).
-        after_step: called after each step is queued, with nothing read (a progress bar).
-        run: where mid-epoch checkpoints go.
-        stop: asked before each step (see train_epoch). When it ends the epoch early, the
-            state after the last step taken goes to a mid-epoch checkpoint (with a run
-            folder) before this returns, so a re-run resumes with no step lost or repeated;
-            the result's `stopped` is set and the state stays mid-epoch.
-        group: train data-parallel with this group (ddpm.distributed): rank 0 first tells the
-            followers to train this epoch, and its stop requests reach every rank.
+def train_rank(group: Group, config: Config) -> EpochResult | None:
+    """Train as rank > 0 of a data-parallel group (ddpm.distributed): take rank 0's start
+    (share_start), load this rank's slices of the data (from rank 0's path, or fetched here
+    when this machine does not have it), then run the same epochs as rank 0, until they are
+    done or rank 0 stops the run. No files, no tracking: those are rank 0's.
 
     Raises:
-        RankFailed: if a rank of the group died or went silent.
+        RankFailed: if another rank is gone.
+        TrainingDiverged: as on rank 0, at the same step (the loss is the global one).
     """
-    state.to(train.device)
-    channels_last = state.device.type == "cuda" and not train.compile
-    if channels_last:
-        state.diffusion.to(memory_format=torch.channels_last)
-    if train.compile and not state.compiled:
-        state.diffusion.eps_model.compile()
-        state.compiled = True
-    state.dirty = True
-    writer = CheckpointWriter() if train.checkpoint_every and run is not None else None
-
-    def bookkeeping() -> None:
-        if writer is not None:
-            writer.wait()  # the previous write overlapped this step; it must be done now
-            if state.global_step % train.checkpoint_every == 0:
-                snapshot = state.snapshot()
-                writer.submit(lambda: save_step_checkpoint(snapshot, run))
-        if after_step is not None:
-            after_step()
-
-    batches = data.epoch(state.epoch + 1, start_batch=state.epoch_step)
-    if channels_last:
-        batches = (x.contiguous(memory_format=torch.channels_last) for x in batches)
-    shard = None
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, device=group.device(config.train.device))
+    )
+    with collectives(group):
+        start = group.broadcast(None)
+    path = Path(start["data_path"])
+    if not path.exists():
+        path = locate_dataset(config.data)
+    data = TrainingData(load_dataset(config, path), config, group.rank, group.world_size)
+    state = build_training(config, data.steps_per_epoch * config.train.epochs)
+    state.ema = None
+    state.restore(start["state"])
+    if "device_rng" in start:
+        torch.cuda.set_rng_state(start["device_rng"], torch.device(config.train.device))
     try:
-        with collectives(group) if group is not None else contextlib.nullcontext():
-            if group is not None:
-                if group.leader:
-                    group.lead_epoch(state.snapshot, state.epoch + 1, state.epoch_step)
-                shard, stop = group.shard(state.diffusion), _agreed(group, stop)
-            result = train_epoch(
-                state,
-                batches,
-                on_step=on_step,
-                after_step=bookkeeping,
-                read_every=train.log_every,
-                max_bad_steps=train.max_bad_steps,
-                stop=stop,
-                shard=shard,
-            )
-    except BaseException as err:
-        if group is not None and group.leader:
-            group.in_sync = False  # the followers' state is not rank 0's now
-            if shard is not None and not isinstance(err, (RankFailed, TrainingDiverged)):
-                # Rank 0 failed between steps (the followers, waiting for its next stop flag,
-                # would hang): tell them the epoch is over.
-                with contextlib.suppress(Exception):
-                    group.agree(True)
-        raise
+        return Trainer(state, data, config.train, group=group).fit()
     finally:
-        if writer is not None:
-            writer.close()
-    if not result.stopped:
-        state.epoch, state.epoch_step, state.dirty = result.epoch, 0, False
-    elif run is not None:
-        save_step_checkpoint(state.snapshot(), run)
-        state.dirty = False  # the state is the checkpoint's
-    return result
-
-
-def _agreed(group: Group, stop: Callable[[], bool] | None) -> Callable[[], bool]:
-    """A stop check every rank answers alike, before each step: rank 0's answer."""
-    if group.leader:
-        return lambda: group.agree(stop is not None and stop())
-    return lambda: group.agree(False)
-
-
-def follow(group: Group, config: Config) -> None:
-    """Train as a follower of rank 0 until it ends the run (ddpm.distributed).
-
-    Each command of rank 0 names an epoch, where it starts, where the data is and rank 0's
-    RNG state; after a start, a resume or a failed epoch, the whole state follows. The data is
-    loaded at the first command (from rank 0's path, or fetched here when this machine does
-    not have it); the EMA is rank 0's alone. A divergence fails rank 0 too, which decides.
-
-    Raises:
-        RankFailed: if rank 0 or another rank is gone.
-    """
-    config = group.place(config)
-    train = config.train
-    state: TrainingState | None = None
-    data: TrainingData | None = None
-    while (command := group.receive())["kind"] == "epoch":
-        if data is None:
-            path = command["data_path"]
-            if path is None or not Path(path).exists():
-                path = locate_dataset(config.data)
-            data = TrainingData(load_dataset(config, path), config)
-        if state is None:
-            state = build_training(config, data.steps_per_epoch * train.epochs)
-            state.ema = None
-        if command["sync"]:
-            state.restore(group.broadcast(None))
-        state.epoch, state.epoch_step = command["epoch"] - 1, command["start"]
-        set_training_rng(command["rng"])
-        with contextlib.suppress(TrainingDiverged):
-            run_epoch(state, data, train, group=group)
-    if data is not None:
         data.close()
 
 

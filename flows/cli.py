@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ddpm.errors import UserError
+from flows.launch import launched_overrides, rank_main, write_outcome
 from flows.shutdown import StopRequest
 from settings import Settings, SettingsError, load_settings, parse_flags
 from settings.generate import GenerateOptions, OptionsError, flag, generate_options
@@ -40,15 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     the exit status above."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        overrides = parse_flags(argv, prog=PROG)
+        overrides = {**launched_overrides(), **parse_flags(argv, prog=PROG)}
         cfg = load_settings(overrides)
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, every rank but 0 follows
-        from flows.follow import follow_main
-
-        return follow_main(overrides)
+    if int(os.environ.get("RANK", "0")) > 0:  # a launcher's rank: rank 0 runs the flow
+        return rank_main(cfg)
 
     def load() -> Callable[[], State]:
         from flows.train_flow import train_flow  # torch, prefect, wandb: seconds
@@ -141,19 +140,30 @@ def run_flow(cfg: Settings, load: Callable[[], Callable[[], State]]) -> int:
                 with _expected_errors_quiet(not cfg.run.debug):
                     state = call()
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return _end(2, f"error: {err}")
     if stop():
-        print(f"stopped: {state.message}", file=sys.stderr)
-        return stop.exit_code
+        return _end(stop.exit_code, f"stopped: {state.message}")
     if state.is_completed():
-        return 0
+        return _end(0, None, state.result())
     error = state.result(raise_on_failure=False)
     if not isinstance(error, BaseException):
-        print(f"error: the run ended {state.name}: {state.message}", file=sys.stderr)
-        return 1
-    print(f"error: {error}", file=sys.stderr)
-    return 2 if isinstance(error, UserError) else 1
+        return _end(1, f"error: the run ended {state.name}: {state.message}")
+    from ddpm.trainer import TrainingDiverged
+
+    code = getattr(error, "exit_code", 2 if isinstance(error, UserError) else 1)
+    final = isinstance(error, (UserError, TrainingDiverged))  # no restart changes these
+    return _end(code, f"error: {error}", final=final)
+
+
+def _end(code: int, line: str | None, summary: Any = None, final: bool = True) -> int:
+    """Print the command's last line and return its exit status; as rank 0 of flows.launch,
+    record an outcome no restart changes for the launcher to print, and exit 0 so that it
+    does not restart the group."""
+    if final and write_outcome(code, line and line.partition(": ")[2], summary):
+        return 0
+    if line:
+        print(line, file=sys.stderr)
+    return code
 
 
 @contextlib.contextmanager
@@ -209,10 +219,11 @@ def _expected_errors_quiet(quiet: bool) -> Iterator[None]:
     """While inside, the console handlers drop the tracebacks of errors the user fixes, of a
     diverged run and of a lost rank (when quiet)."""
     from ddpm.distributed import RankFailed
-    from ddpm.training import TrainingDiverged
+    from ddpm.trainer import TrainingDiverged
+    from flows.launch import LaunchError
 
     handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
-    dropper = _DropTracebacksOf((UserError, TrainingDiverged, RankFailed))
+    dropper = _DropTracebacksOf((UserError, TrainingDiverged, RankFailed, LaunchError))
     if quiet:
         for handler in handlers:
             handler.addFilter(dropper)

@@ -3,7 +3,7 @@
     python -m flows.overhead [--epochs 10] [--json PATH] [--group.field value ...]
 
 The same run twice, from empty run folders: (a) through train_flow (every task, artifact and
-state change), (b) as a plain loop of the same core calls the tasks make (run_epoch, the
+state change), (b) as a plain loop of the same core calls the tasks make (Trainer.epoch, the
 snapshot, the epoch checkpoint, the sample grid). Their difference is what orchestration
 costs; a first, untimed flow run starts Prefect (the temporary server when PREFECT_API_URL is
 unset) and loads the data, so neither timed run pays for that. W&B is disabled in both.
@@ -27,8 +27,9 @@ import torch
 from ddpm.checkpoint_files import save_epoch_checkpoint
 from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.images import save_grid
-from ddpm.run import build_or_resume, draw_samples, run_epoch
+from ddpm.run import build_or_resume, draw_samples
 from ddpm.run_dir import RunDir
+from ddpm.trainer import Trainer
 from flows.train_flow import train_flow
 from settings import core_config, load_settings, parse_flags
 
@@ -67,8 +68,9 @@ def plain_run(overrides: dict[str, Any]) -> float:
     data = TrainingData(load_dataset(config, data_path), config)
     total_steps = data.steps_per_epoch * config.train.epochs
     state = build_or_resume(config, total_steps, run, resolved)
+    trainer = Trainer(state, data, config.train, run)
     while state.epoch < config.train.epochs:
-        result = run_epoch(state, data, config.train, run=run)
+        result = trainer.epoch()
         save_epoch_checkpoint(state.snapshot(), run, config.train.keep)
         samples = draw_samples(state, config.sample, config.image_shape, config.train.seed)
         save_grid(samples, run.grid(result.epoch))

@@ -27,6 +27,7 @@ from prefect.utilities.annotations import quote
 from ddpm.errors import UserError
 from ddpm.evaluation import inception_weights
 from ddpm.generate import ImageFiles
+from flows.gpu import gpu_slot
 from flows.sample_tasks import (
     evaluate_images_task,
     generate_images_task,
@@ -35,7 +36,6 @@ from flows.sample_tasks import (
 )
 from flows.shutdown import StopRequest, active_stop_request
 from flows.tasks import download_task, sampler_steps
-from flows.train_flow import gpu_slot
 from settings import core_config, load_settings
 from settings.generate import generate_options, sampling_settings
 

@@ -69,8 +69,11 @@ class StopRequest:
     def __call__(self) -> bool:
         return self.reason is not None
 
-    def request(self, reason: str, exit_code: int, *, api_lost: bool = False) -> bool:
-        """Ask the run to stop (only the first request counts); start the deadline.
+    def request(
+        self, reason: str, exit_code: int, *, api_lost: bool = False, deadline: bool = True
+    ) -> bool:
+        """Ask the run to stop (only the first request counts); start the deadline (unless
+        `deadline` is off: a request recorded after the run has stopped).
 
         Returns:
             whether this was the first request.
@@ -82,8 +85,8 @@ class StopRequest:
         if api_lost:
             # Prefect's log worker would print a traceback for each batch it cannot send.
             logging.raiseExceptions = False
-        deadline = threading.Thread(target=self._deadline, name="stop-deadline", daemon=True)
-        deadline.start()
+        if deadline:
+            threading.Thread(target=self._deadline, name="stop-deadline", daemon=True).start()
         return True
 
     @contextlib.contextmanager

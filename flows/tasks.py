@@ -8,7 +8,8 @@ result files).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,14 @@ from ddpm.checkpoint_files import keep_best, save_epoch_checkpoint
 from ddpm.config import Config, DataConfig
 from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.distributed import Group, RankFailed
-from ddpm.errors import UserError
+from ddpm.errors import UserError, first_line
 from ddpm.evaluation import compute_metrics, reference_key
 from ddpm.generate import sample_set
 from ddpm.images import save_grid
-from ddpm.run import build_or_resume, draw_samples, network_calls, rewind, run_epoch
+from ddpm.run import build_or_resume, draw_samples, network_calls, rewind
 from ddpm.run_dir import RunDir
-from ddpm.training import EpochResult, StepMetrics, TrainingDiverged, TrainingState
+from ddpm.trainer import EpochResult, Hooks, StepMetrics, Trainer, TrainingDiverged
+from ddpm.training import TrainingState
 from flows.progress import ProgressBar
 from flows.shutdown import StopRequest
 from flows.tracking import Tracker
@@ -106,10 +108,11 @@ def download_task(dataset: str, root: str, url: str, folder: str | None) -> str:
 
 
 @task(name="load-data", cache_policy=NO_CACHE, persist_result=False)
-def load_data_task(config: Config, path: str) -> TrainingData:
+def load_data_task(config: Config, path: str, shard: tuple[int, int] | None = None) -> TrainingData:
     """Read the training images at path once for the whole run (CIFAR-10 into memory; an image
-    folder is listed and checked); every epoch draws its batches from the result."""
-    data = TrainingData(load_dataset(config, path), config)
+    folder is listed and checked); every epoch draws its batches from the result (with a
+    shard (rank, world_size), this rank's slice of each global batch)."""
+    data = TrainingData(load_dataset(config, path), config, *(shard or (0, 1)))
     get_run_logger().info("%d training images, %d steps per epoch", len(data), data.steps_per_epoch)
     return data
 
@@ -141,6 +144,34 @@ def build_model_task(
     return state
 
 
+class _EpochHooks(Hooks):
+    """The train-epoch task's part in the loop: stop requests, the progress bar, logging and
+    tracking of every step."""
+
+    def __init__(self, stop: StopRequest, bar: ProgressBar, tracker: Tracker, log_every: int):
+        self.stop, self.bar, self.tracker, self.log_every = stop, bar, tracker, log_every
+        self.logger = get_run_logger()
+
+    def should_stop(self) -> bool:
+        return self.stop()
+
+    def after_step(self, step: int) -> None:
+        self.bar.advance()
+
+    def on_step(self, step: int, m: StepMetrics) -> None:
+        if m.skipped:
+            self.logger.warning(
+                "step %d skipped: loss %s, gradient norm %s", step, m.loss, m.grad_norm
+            )
+            return
+        self.tracker.log_step(step, m)
+        self.bar.note(f"loss {m.loss:.4f}")
+        if step % self.log_every == 0:
+            self.logger.info(
+                "step %d  loss %.4f  lr %.3g  grad_norm %.3f", step, m.loss, m.lr, m.grad_norm
+            )
+
+
 @task(
     name="train-epoch",
     retries=2,
@@ -150,13 +181,7 @@ def build_model_task(
     persist_result=False,
 )
 def train_epoch_task(
-    state: TrainingState,
-    data: TrainingData,
-    config: Config,
-    run: RunDir,
-    tracker: Tracker,
-    stop: StopRequest,
-    group: Group | None = None,
+    trainer: Trainer, tracker: Tracker, stop: StopRequest
 ) -> tuple[EpochResult, dict[str, Any] | None]:
     """Train the next epoch on the training device; return what it did and a CPU snapshot
     (None when a stop request ended it early: its state is then in a mid-epoch checkpoint).
@@ -165,46 +190,31 @@ def train_epoch_task(
     so no step is counted twice. Every step goes to the tracker, in batches of
     train.log_every (steps never wait for the device in between); the first epoch's first
     batch, as the model sees it, too. When the Prefect API is gone, the newest state is saved
-    here and the process exits (nothing after this could be reported). With a group, this
-    is rank 0 and the followers train the epoch with it.
+    here and the process exits (nothing after this could be reported). In a data-parallel
+    group (this is rank 0) a failed epoch is not retried here: the other ranks are mid-epoch,
+    so the process fails and the launcher restarts the whole group from the checkpoint.
     """
     logger = get_run_logger()
-    train = config.train
+    state, train, run = trainer.state, trainer.train, trainer.run
     if state.dirty:
         source = rewind(state, run)
         logger.warning("rewound to %s (epoch %d, step %d)", source, state.epoch, state.global_step)
     epoch = state.epoch + 1
     if state.global_step == 0 and tracker.enabled:
-        tracker.log_inputs(0, next(data.epoch(epoch)))
-    bar = ProgressBar(f"epoch {epoch}/{train.epochs}", data.steps_per_epoch, state.epoch_step)
-
-    def on_step(step: int, m: StepMetrics) -> None:
-        if m.skipped:
-            logger.warning("step %d skipped: loss %s, gradient norm %s", step, m.loss, m.grad_norm)
-            return
-        tracker.log_step(step, m)
-        bar.note(f"loss {m.loss:.4f}")
-        if step % train.log_every == 0:
-            logger.info(
-                "step %d  loss %.4f  lr %.3g  grad_norm %.3f", step, m.loss, m.lr, m.grad_norm
-            )
-
-    with bar, stop.training():
-        result = run_epoch(
-            state, data, train, on_step=on_step, after_step=bar.advance, run=run, stop=stop,
-            group=group,
-        )  # fmt: skip
-    if result.stopped:  # run_epoch saved the state in a mid-epoch checkpoint
-        stop.checkpoint = str(run.step_checkpoint(result.global_step))
+        tracker.log_inputs(0, next(iter(trainer.data.epoch(epoch))))
+    steps = trainer.data.steps_per_epoch
+    bar = ProgressBar(f"epoch {epoch}/{train.epochs}", steps, state.epoch_step)
+    trainer.hooks = _EpochHooks(stop, bar, tracker, train.log_every)
+    with bar, stop.training(), _fails_the_group(trainer.group):
+        result = trainer.epoch()
+    if result.stopped:  # the trainer saved its steps in a mid-epoch checkpoint
+        if result.steps:
+            stop.checkpoint = str(run.step_checkpoint(result.global_step))
         logger.warning(
-            "%s: stopped after step %d (epoch %d, batch %d of %d); saved %s",
-            stop.reason,
-            result.global_step,
-            result.epoch,
-            state.epoch_step,
-            data.steps_per_epoch,
-            stop.checkpoint,
-        )
+            "%s: stopped after step %d (epoch %d, batch %d of %d); newest checkpoint %s",
+            stop.reason, result.global_step, result.epoch, state.epoch_step,
+            trainer.data.steps_per_epoch, stop.checkpoint,
+        )  # fmt: skip
         stop.unsaved(None)  # leaves now if the API is gone
         return result, None
     snapshot = state.snapshot()
@@ -220,6 +230,19 @@ def train_epoch_task(
         result.seconds,
     )
     return result, snapshot
+
+
+@contextlib.contextmanager
+def _fails_the_group(group: Group | None) -> Iterator[None]:
+    """In a group, turn a failure a retry could cure into RankFailed (never retried)."""
+    try:
+        yield
+    except (TrainingDiverged, RankFailed, UserError):
+        raise
+    except Exception as err:
+        if group is None:
+            raise
+        raise RankFailed(f"rank 0: {first_line(err)}") from err
 
 
 @task(name="checkpoint", cache_policy=NO_CACHE, persist_result=False)

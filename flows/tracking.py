@@ -27,7 +27,7 @@ from prefect.artifacts import (
 
 from ddpm.images import sample_grid
 from ddpm.run_dir import RunDir
-from ddpm.training import EpochResult, StepMetrics
+from ddpm.trainer import EpochResult, StepMetrics
 from settings import Settings
 
 PROGRESS_KEY, METRICS_KEY, SUMMARY_KEY, LINK_KEY = (

@@ -17,26 +17,27 @@ if __name__ == "__main__":
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from prefect import flow, get_client, get_run_logger
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
+from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, State
 from prefect.utilities.annotations import quote
 
 from ddpm.config import Config
 from ddpm.data import TrainingData
-from ddpm.distributed import Group
+from ddpm.distributed import Group, environment, join
 from ddpm.evaluation import inception_weights
+from ddpm.run import share_start
 from ddpm.run_dir import RunDir
-from flows.cli import main
-from flows.group import training_group
+from ddpm.trainer import Trainer
+from flows.gpu import gpu_slot
+from flows.launch import LaunchError, launch
 from flows.shutdown import StopRequest, active_stop_request
 from flows.tasks import (
     build_model_task,
@@ -50,40 +51,7 @@ from flows.tasks import (
 from flows.tracking import RunArtifacts, Tracker, publish_summary
 from settings import Settings, SettingsError, core_config, load_settings, result_changes, run_path
 
-__all__ = ["GPU_SLOT", "gpu_slot", "main", "open_run_dir", "train_flow"]
-
-GPU_SLOT = "gpu"  # the global concurrency limit CUDA runs take a slot of
-
-
-def _limit_exists(name: str) -> bool:
-    """Whether the server has a global concurrency limit of this name."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def gpu_slot(device: str, timeout_seconds: float | None = None) -> Iterator[None]:
-    """Hold a slot of the global concurrency limit `gpu` while a CUDA run trains.
-
-    With `prefect gcl create gpu --limit 1`, runs on one machine take turns on its GPU, a
-    whole run at a time: a run keeps its model and optimizer state on the GPU between tasks,
-    so turns per task would not free its memory (and would cost a server round trip per
-    task). CPU runs take no slot; without the limit nothing waits.
-
-    Raises:
-        TimeoutError: if timeout_seconds pass without a free slot.
-    """
-    if torch.device(device).type != "cuda" or not _limit_exists(GPU_SLOT):
-        yield
-        return
-    get_run_logger().info("waiting for a slot of the %r concurrency limit", GPU_SLOT)
-    with concurrency(GPU_SLOT, occupy=1, timeout_seconds=timeout_seconds):
-        yield
-
+__all__ = ["open_run_dir", "train_flow"]
 
 def _write_settings(run: RunDir, cfg: Settings) -> None:
     """Write the run's settings file (only when it changed).
@@ -155,8 +123,10 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
     """
     cfg = load_settings(overrides)
     stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
+    if cfg.train.devices > 1 and environment() is None:
+        return _launch(cfg, overrides, stop)
     with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
-        summary = _train(cfg, stop, overrides)
+        summary = _train(cfg, stop)
     if stop():
         return Cancelled(
             message=f"{stop.reason}: stopped at step {summary['global_step']}; "
@@ -165,19 +135,65 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
     return summary
 
 
-def _train(cfg: Settings, stop: StopRequest, overrides: dict[str, Any] | None) -> dict[str, Any]:
+def _launch(cfg: Settings, overrides: dict[str, Any] | None, stop: StopRequest) -> Any:
+    """Train on train.devices processes started by torch's elastic launcher (flows.launch):
+    rank 0 runs train_flow in a flow run of its own; this one waits and returns its result."""
+    devices, restarts = cfg.train.devices, cfg.train.max_restarts
+    get_run_logger().info(
+        "starting %d ranks through torch's elastic launcher (train.max_restarts %d); rank 0 "
+        "trains in a train-flow run of its own", devices, restarts,
+    )  # fmt: skip
+    outcome = launch(
+        devices, restarts, cfg.run.stop_timeout, overrides or {}, PREFECT_API_URL.value()
+    )
+    code, message = outcome["exit_code"], outcome["message"]
+    if code == 0:
+        return outcome["summary"]
+    if code >= 128:  # the launcher was signalled; every rank stopped after the same step
+        stop.request(f"{signal.Signals(code - 128).name} received", code, deadline=False)
+        return Cancelled(message=message)
+    raise LaunchError(message, code)
+
+
+@contextlib.contextmanager
+def _group(config: Config) -> Iterator[Group | None]:
+    """This process's data-parallel group when a launcher started it as one rank (rank 0
+    here), else None.
+
+    Raises:
+        SettingsError: if train.devices differs from the size of the launcher's group.
+    """
+    env = environment()
+    if env is None:
+        yield None
+        return
+    if config.train.devices not in (1, env["world_size"]):
+        raise SettingsError(
+            [("train.devices", f"{config.train.devices} differs from the launcher's WORLD_SIZE "
+              f"({env['world_size']}); leave it out under torchrun")]
+        )  # fmt: skip
+    group = join(config.train.device, config.train.rank_timeout)
+    try:
+        yield group
+    finally:
+        group.leave()
+
+
+def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
     logger = get_run_logger()
     config, resolved = core_config(cfg), cfg.model_dump(mode="json")
     if config.eval.every:  # missing Inception weights fail now, not after the first epoch
         inception_weights(config.eval.weights)
-    with open_run_dir(cfg) as run, training_group(config, overrides) as group:
+    with _group(config) as group, open_run_dir(cfg) as run:
         logger.info("run %s; settings %s", run.path, json.dumps(resolved))
         if group is not None:  # this process is rank 0: its device is cuda:LOCAL_RANK
-            config = group.place(config)
+            device = group.device(config.train.device)
+            config = dataclasses.replace(
+                config, train=dataclasses.replace(config.train, device=device)
+            )
             logger.info(
-                "training data-parallel on %d processes (%s); this is rank 0%s",
-                group.world_size, "NCCL" if config.train.device.startswith("cuda") else "gloo",
-                "".join(f"; rank {r}: pid {p.pid}" for r, p in group.followers.items()),
+                "training data-parallel on %d processes (%s); this is rank 0 (pid %d)",
+                group.world_size, "NCCL" if device.startswith("cuda") else "gloo", os.getpid(),
             )  # fmt: skip
         where = config.data
         download_args = (
@@ -189,9 +205,7 @@ def _train(cfg: Settings, stop: StopRequest, overrides: dict[str, Any] | None) -
         data_path = download_task(*download_args)
         if not Path(data_path).exists():  # cached, but deleted since: fetch again
             data_path = download_task.with_options(refresh_cache=True)(*download_args)
-        if group is not None:
-            group.data_path = data_path
-        data = load_data_task(config, data_path)
+        data = load_data_task(config, data_path, group and (group.rank, group.world_size))
         try:
             return _train_epochs(cfg, config, run, data, data_path, stop, resolved, group)
         finally:
@@ -216,6 +230,9 @@ def _train_epochs(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     state = build_model_task(config, run, data.steps_per_epoch, resolved)
+    if group is not None:  # the other ranks start from this state
+        share_start(group, state, data_path)
+    trainer = Trainer(state, data, config.train, run, group=group)
     newest = run.step_checkpoints() or run.epoch_checkpoints()  # an epoch's removes steps'
     summary = {
         "run_dir": str(run.path),
@@ -241,10 +258,10 @@ def _train_epochs(
         # quote(): Prefect would otherwise walk every tensor of the state, the data and the
         # snapshot on each task call, to track dependencies (about 0.16 s per epoch, measured).
         with gpu_slot(config.train.device):  # a CUDA run holds its GPU slot for all its epochs
-            while state.epoch < epochs and not stop():
-                result, snapshot = train_epoch_task(
-                    quote(state), quote(data), config, run, tracker, quote(stop), quote(group)
-                )
+            # A stop request between epochs ends the next one at its first step: in a group,
+            # the other ranks learn of it there.
+            while state.epoch < epochs:
+                result, snapshot = train_epoch_task(quote(trainer), tracker, quote(stop))
                 summary["global_step"] = result.global_step
                 if snapshot is None:  # stopped mid-epoch, saved in a mid-epoch checkpoint
                     summary["checkpoint"] = stop.checkpoint

@@ -214,6 +214,11 @@ class TrainSettings(_Group):
     rank_timeout: float = Field(
         300.0, gt=0, description="seconds a rank may go silent before the run fails"
     )
+    # torchrun's --max-restarts: a group that lost a rank starts again from the newest
+    # checkpoint (run.checkpoint_every bounds the steps done twice).
+    max_restarts: int = Field(
+        3, ge=0, le=100, description="restarts of a data-parallel group after a rank fails"
+    )
 
 
 class SampleSettings(_Group):
@@ -568,6 +573,7 @@ _NOT_RESULT = {
     "train.compile",
     "train.devices",
     "train.rank_timeout",
+    "train.max_restarts",
 }
 
 

@@ -49,7 +49,7 @@ def core_config(settings: Settings) -> Config:
         diffusion=DiffusionConfig(**settings.diffusion.model_dump()),
         optim=OptimConfig(**settings.optim.model_dump()),
         train=TrainConfig(
-            **train.model_dump(exclude={"device", "precision", "compile"}),
+            **train.model_dump(exclude={"device", "precision", "compile", "max_restarts"}),
             device=str(device),
             precision=resolve_precision(train.precision, device),
             compile=train.compile == "on" or (train.compile == "auto" and on_cuda),

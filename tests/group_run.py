@@ -1,12 +1,14 @@
 """A data-parallel training group of real processes for the tests: `train_group` starts ranks
-as spawned processes on the CPU (gloo) through the core alone, rank 0 training with
-run_epoch(group=...) and the others in `follow`; `train_alone` is the same run in one process.
+as spawned processes on the CPU (gloo) through the core alone, every rank running the same
+Trainer loop (rank 0 shares its start, the others take it in train_rank); `train_alone` is
+the same run in one process.
 
 Importable from any test module (pyproject puts tests/ on the path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -17,11 +19,12 @@ import torch.multiprocessing as mp
 
 import ddpm.run
 from ddpm.config import Config
-from ddpm.data import TrainingData, load_dataset, locate_dataset
-from ddpm.distributed import Shard, free_port, join
-from ddpm.run import build_training, follow, run_epoch
-from ddpm.training import TrainingDiverged
+from ddpm.data import TrainingData, load_dataset, locate_dataset, shard_bounds
+from ddpm.distributed import Shard, join
+from ddpm.run import build_training, share_start, train_rank
+from ddpm.trainer import Trainer, TrainingDiverged
 from ddpm.unet import UNet
+from flows.launch import free_port
 
 
 def train_alone(config: Config, parts: int = 1) -> dict[str, Any]:
@@ -39,13 +42,14 @@ def train_alone(config: Config, parts: int = 1) -> dict[str, Any]:
         diffusion, whole = state.diffusion, state.diffusion.forward
 
         def in_parts(x0: torch.Tensor) -> torch.Tensor:
+            n = x0.shape[0]
             t, eps = diffusion.draw_training_noise(x0)
             shards = [Shard(r, parts, whole) for r in range(parts)]  # type: ignore[arg-type]
-            return sum(shard.loss(x0, t, eps) for shard in shards) / parts
+            slices = [x0[slice(*shard_bounds(n, r, parts))] for r in range(parts)]
+            return sum(s.loss(x, n, t, eps) for s, x in zip(shards, slices, strict=True)) / parts
 
         diffusion.forward = in_parts  # type: ignore[method-assign]
-    while state.epoch < config.train.epochs:
-        run_epoch(state, data, config.train)
+    Trainer(state, data, config.train).fit()
     return state.snapshot()
 
 
@@ -67,34 +71,37 @@ def _rank(
     rank: int, world_size: int, port: int, config: Config, out: str, nan: tuple[int, int] | None
 ) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )  # fmt: skip
     if nan is not None and nan[0] == rank:
         ddpm.run.UNet, _NanAfter.calls = _NanAfter, nan[1]
-    group = join(rank, world_size, rank, "cpu", timeout=60)
+    group = join("cpu", timeout=60)
     try:
         if rank:
-            follow(group, config)
+            with contextlib.suppress(TrainingDiverged):  # rank 0 records it
+                train_rank(group, config)
             return
         path = str(locate_dataset(config.data))
-        group.data_path = path
-        data = TrainingData(load_dataset(config, path), config)
+        data = TrainingData(load_dataset(config, path), config, rank, world_size)
         state = build_training(config, data.steps_per_epoch * config.train.epochs)
+        share_start(group, state, path)
         try:
-            while state.epoch < config.train.epochs:
-                run_epoch(state, data, config.train, group=group)
+            Trainer(state, data, config.train, group=group).fit()
         except TrainingDiverged as err:
             state.settings["diverged"] = str(err)
-        group.end()
         torch.save(state.snapshot(), out)
     finally:
-        group.close()
+        group.leave()
 
 
 def train_group(
     config: Config, world_size: int, out: Path, nan: tuple[int, int] | None = None
 ) -> dict[str, Any]:
-    """Rank 0's final snapshot of the same run trained by world_size spawned processes (each
-    of which must exit 0). nan = (rank, calls): that rank's U-Net returns NaN after `calls`
-    training calls; rank 0 then records the divergence in the snapshot's settings."""
+    """Rank 0's final snapshot of the same run trained by world_size spawned processes, each
+    running the same loop (SPMD); each must exit 0. nan = (rank, calls): that rank's U-Net
+    returns NaN after `calls` training calls; rank 0 then records the divergence in the
+    snapshot's settings."""
     mp.spawn(_rank, (world_size, free_port(), config, str(out), nan), nprocs=world_size)
     return torch.load(out, weights_only=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddpm.config import Config
+from ddpm.config import Config, TrainConfig
+from ddpm.trainer import EpochResult, Hooks, StepMetrics, Trainer, list_batches
+from ddpm.training import TrainingState
 
 # A run that trains in milliseconds on a CPU: an 8-wide U-Net, T = 20, batch 4.
 TINY = {
@@ -91,3 +93,37 @@ def smooth_batch(seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1
     return F.interpolate(low, size=32, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+class Calls(Hooks):
+    """Loop hooks that call plain functions: on_step(step, metrics), after_step() and
+    stop() -> bool, each optional."""
+
+    def __init__(
+        self,
+        on_step: Callable[[int, StepMetrics], None] | None = None,
+        after_step: Callable[[], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self._on_step, self._after_step, self._stop = on_step, after_step, stop
+
+    def should_stop(self) -> bool:
+        return self._stop is not None and self._stop()
+
+    def on_step(self, step: int, metrics: StepMetrics) -> None:
+        if self._on_step is not None:
+            self._on_step(step, metrics)
+
+    def after_step(self, step: int) -> None:
+        if self._after_step is not None:
+            self._after_step()
+
+
+def train_on(
+    state: TrainingState, batches: Iterable[torch.Tensor], hooks: Hooks | None = None, **train: Any
+) -> EpochResult:
+    """One Trainer epoch of `state` on a list of batches (read every step, never failing on
+    bad steps unless train.max_bad_steps is given), train.* changes as keywords."""
+    train = {"log_every": 1, "max_bad_steps": None, "device": str(state.device), **train}
+    config = TrainConfig(**train)
+    return Trainer(state, list_batches(list(batches)), config, hooks=hooks).epoch()

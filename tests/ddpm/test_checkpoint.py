@@ -16,13 +16,13 @@ from ddpm.checkpoint import (
 from ddpm.data import EpochLoader, TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.images import save_grid
+from ddpm.trainer import train_step
 from ddpm.training import (
     TrainingState,
     build_ema,
     build_lr_scheduler,
     build_optimizer,
     seed_everything,
-    train_step,
 )
 from ddpm.unet import UNet
 

@@ -15,9 +15,10 @@ from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel
 from ddpm.generate import generate, load_trained_model
-from ddpm.run import build_training, draw_samples, run_epoch
+from ddpm.run import build_training, draw_samples
 from ddpm.run_dir import RunDir
-from ddpm.training import TrainingState, train_step
+from ddpm.trainer import Trainer, train_step
+from ddpm.training import TrainingState
 
 
 def test_cifar10_network_has_the_papers_35_7_million_parameters() -> None:
@@ -107,7 +108,7 @@ def test_a_paper_network_run_trains_in_bf16_samples_from_its_ema_and_generates(
     )
     data = TrainingData(load_dataset(config, locate_dataset(config.data)), config)
     state = build_training(config, data.steps_per_epoch)
-    run_epoch(state, data, config.train)
+    Trainer(state, data, config.train).epoch()
     grid = draw_samples(state, config.sample, config.image_shape, seed=0)
     assert grid.shape == (2, 3, 32, 32) and torch.isfinite(grid).all()
     run = RunDir(tmp_path / "run")

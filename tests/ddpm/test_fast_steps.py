@@ -7,21 +7,15 @@ import statistics
 
 import pytest
 import torch
-from tiny_run import smooth_batch
+from tiny_run import Calls, smooth_batch, train_on
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.run import build_training, run_epoch
-from ddpm.training import (
-    TrainingState,
-    build_ema,
-    build_optimizer,
-    resolve_precision,
-    train_epoch,
-    train_step,
-)
+from ddpm.run import build_training
+from ddpm.trainer import Trainer, train_step
+from ddpm.training import TrainingState, build_ema, build_optimizer, resolve_precision
 from ddpm.unet import UNet
 
 
@@ -62,11 +56,11 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_counted_as_divergence() -> N
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
     before = [p.detach().clone() for p in model.parameters()]
     seen = []
-    result = train_epoch(
+    result = train_on(
         TrainingState(model, optimizer, precision="fp16", scaler=scaler),
         [smooth_batch(i) for i in range(12)],
+        Calls(on_step=lambda i, m: seen.append(m.skipped)),
         max_bad_steps=0,
-        on_step=lambda i, m: seen.append(m.skipped),
     )
     assert result.bad_steps == 0 and seen[0] and not seen[-1]
     assert scaler.get_scale() < 2.0**24
@@ -77,7 +71,7 @@ def test_fp16_scaler_state_is_checkpointed(tiny_config) -> None:
     """An fp16 run's snapshot carries its scaler, and restoring puts the scale back."""
     config = tiny_config({"train.precision": "fp16", "data.random_flip": False})
     state = build_training(config, 10)
-    run_epoch(state, random_data(config), config.train)
+    Trainer(state, random_data(config), config.train).epoch()
     state.scaler.update(new_scale=123.0)  # as if overflows had lowered it
     snapshot = state.snapshot()
     assert snapshot["scaler"]["scale"] == 123.0
@@ -121,7 +115,7 @@ def test_compiled_and_eager_steps_agree() -> None:
             model.eps_model.compile()
         optimizer = build_optimizer(model.parameters(), "sgd", lr=0.1, momentum=0.0)
         x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-        loss = train_step(TrainingState(model, optimizer), x)
+        loss = train_step(TrainingState(model, optimizer), x).loss.item()
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         return loss, before, after, list(model.state_dict())
 
@@ -141,10 +135,10 @@ def test_fused_run_resumed_from_a_cpu_checkpoint_trains_on_cuda(tiny_config) -> 
     config = tiny_config({"train.precision": "bf16", "train.fused": True, "train.device": "cuda"})
     data = random_data(config)
     first = build_training(config, 10)
-    run_epoch(first, data, config.train)
+    Trainer(first, data, config.train).epoch()
     resumed = build_training(config, 10)
     resumed.restore(first.snapshot())
-    run_epoch(resumed, data, config.train)
+    Trainer(resumed, data, config.train).epoch()
     assert all(
         t.device.type == "cuda" for s in resumed.optimizer.state.values() for t in s.values()
     )
@@ -184,12 +178,8 @@ def test_training_steps_read_nothing_from_the_device_between_reads(tiny_config) 
     calls = []
     reads = HostReads()
     with reads:
-        run_epoch(
-            state,
-            data,
-            config.train,
-            on_step=lambda step, m: calls.append((step, state.global_step)),
-        )
+        hooks = Calls(on_step=lambda step, m: calls.append((step, state.global_step)))
+        Trainer(state, data, config.train, hooks=hooks).epoch()
     assert reads.seen == ["tolist"] * 3
     assert [step for step, _ in calls] == list(range(1, 11))
     assert [at for _, at in calls] == [4] * 4 + [8] * 4 + [10] * 2
@@ -230,12 +220,12 @@ def test_restore_keeps_this_machines_optimizer_kernels(
     built_config = tiny_config({"train.fused": built_fused, "data.random_flip": False})
     data = random_data(saved_config)
     saved = build_training(saved_config, 10)
-    run_epoch(saved, data, saved_config.train)
+    Trainer(saved, data, saved_config.train).epoch()
     resumed = build_training(built_config, 10)
     resumed.restore(saved.snapshot())
     assert all(bool(g["fused"]) == built_fused for g in resumed.optimizer.param_groups)
     before = torch.cat([p.detach().flatten().clone() for p in resumed.diffusion.parameters()])
-    result = run_epoch(resumed, data, built_config.train)
+    result = Trainer(resumed, data, built_config.train).epoch()
     assert result.bad_steps == 0 and resumed.global_step == 4
     assert not torch.equal(before, torch.cat([p.flatten() for p in resumed.diffusion.parameters()]))
 
@@ -253,7 +243,7 @@ def test_cuda_training_steps_synchronise_only_at_reads(tiny_config) -> None:
     batches = [smooth_batch(i).cuda() for i in range(8)]
 
     def epoch() -> None:
-        train_epoch(state, batches, read_every=4)
+        train_on(state, batches, log_every=4, fused=True, precision="bf16")
 
     epoch()  # warm-up: optimizer state, kernels chosen
     torch.cuda.synchronize()

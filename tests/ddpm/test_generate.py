@@ -23,7 +23,7 @@ from ddpm.generate import (
 )
 from ddpm.run import build_training
 from ddpm.run_dir import RunDir
-from ddpm.training import train_step
+from ddpm.trainer import train_step
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import make_config
+from tiny_run import Calls, make_config, train_on
 from torch import nn
 
 from ddpm.checkpoint import (
@@ -25,15 +25,10 @@ from ddpm.checkpoint import (
 from ddpm.checkpoint_files import load_newest_valid, save_epoch_checkpoint
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.run import build_or_resume, build_training, run_epoch
+from ddpm.run import build_or_resume, build_training
 from ddpm.run_dir import RunDir
-from ddpm.training import (
-    TrainingDiverged,
-    TrainingState,
-    build_ema,
-    build_optimizer,
-    train_epoch,
-)
+from ddpm.trainer import Trainer, TrainingDiverged
+from ddpm.training import TrainingState, build_ema, build_optimizer
 from ddpm.unet import UNet
 
 CONFIG_CHANGES = {"optim.warmup_steps": 2, "optim.schedule": "cosine"}
@@ -60,7 +55,7 @@ def two_epochs(run: RunDir):
     """Train and checkpoint epochs 1 and 2; returns the state."""
     state = build_training(CONFIG, TOTAL_STEPS)
     for _ in (1, 2):
-        run_epoch(state, DATA, CONFIG.train)
+        Trainer(state, DATA, CONFIG.train).epoch()
         save_epoch_checkpoint(state.snapshot(), run, keep=5)
     return state
 
@@ -179,7 +174,7 @@ def test_nan_steps_are_skipped_and_counted() -> None:
         snapshots.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
 
     batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(5)]
-    result = train_epoch(TrainingState(model, opt), batches, on_step=on_step, max_bad_steps=2)
+    result = train_on(TrainingState(model, opt), batches, Calls(on_step), max_bad_steps=2)
     assert seen == [False, True, True, False, False] and result.bad_steps == 2
     assert torch.equal(snapshots[0], snapshots[1]) and torch.equal(snapshots[1], snapshots[2])
     assert not torch.equal(snapshots[2], snapshots[3])
@@ -213,12 +208,11 @@ def test_a_skipped_step_changes_nothing_without_reading_the_device() -> None:
 
         skipped = []
         batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(4)]
-        train_epoch(
+        train_on(
             TrainingState(model, optimizer, ema=ema, grad_clip=1.0),
             batches,
-            after_step=keep,
-            read_every=4,
-            on_step=lambda i, m: skipped.append(m.skipped),
+            Calls(on_step=lambda i, m: skipped.append(m.skipped), after_step=keep),
+            log_every=4,
         )
         return after, skipped
 
@@ -239,7 +233,7 @@ def test_too_many_nan_steps_in_a_row_fail_clearly() -> None:
     opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
     batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(8)]
     with pytest.raises(TrainingDiverged, match=r"4 steps in a row .*train.max_bad_steps = 3"):
-        train_epoch(TrainingState(model, opt), batches, max_bad_steps=3)
+        train_on(TrainingState(model, opt), batches, max_bad_steps=3)
 
 
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path: Path) -> None:
@@ -247,12 +241,12 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path: Path) -> None:
     state) and finishing gives bit-identical weights to the uninterrupted epochs."""
     straight = build_training(CONFIG, TOTAL_STEPS)
     for _ in (1, 2):
-        run_epoch(straight, DATA, CONFIG.train)
+        Trainer(straight, DATA, CONFIG.train).epoch()
 
     train = dataclasses.replace(CONFIG.train, checkpoint_every=2)
     run = RunDir(tmp_path)
     first = build_training(CONFIG, TOTAL_STEPS)
-    run_epoch(first, DATA, train, run=run)
+    Trainer(first, DATA, train, run).epoch()
     save_epoch_checkpoint(first.snapshot(), run, keep=3)
     assert run.step_checkpoints() == []  # superseded by the epoch checkpoint
     # epoch 2, interrupted after its 3rd step (global step 8): checkpoints at 6 and 8 exist
@@ -263,13 +257,13 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_epoch(partial, DATA, train, on_step=stop, run=run)
+        Trainer(partial, DATA, train, run, Calls(on_step=stop)).epoch()
     assert [p.name for p in run.step_checkpoints()] == ["step_0000006.pt", "step_0000008.pt"]
     assert all(checksum_path(p).is_file() for p in run.step_checkpoints())
     torch.rand(1000)  # disturb the RNG: the checkpoint must restore it
     other_seed = make_config({**CONFIG_CHANGES, "train.seed": 5})
     resumed = build_or_resume(other_seed, TOTAL_STEPS, run)
     assert (resumed.epoch, resumed.epoch_step, resumed.global_step) == (1, 3, 8)
-    run_epoch(resumed, DATA, CONFIG.train)
+    Trainer(resumed, DATA, CONFIG.train).epoch()
     assert resumed.global_step == straight.global_step == 10
     assert torch.equal(weights(resumed), weights(straight))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny_run import Calls
 
 from ddpm.checkpoint_files import load_newest_valid, prune_checkpoints, save_epoch_checkpoint
 from ddpm.config import DataConfig
@@ -21,8 +22,9 @@ from ddpm.data import (
     load_dataset,
     locate_dataset,
 )
-from ddpm.run import build_or_resume, build_training, draw_samples, rewind, run_epoch
+from ddpm.run import build_or_resume, build_training, draw_samples, rewind
 from ddpm.run_dir import RunDir, RunInUse
+from ddpm.trainer import Trainer
 
 
 @pytest.fixture
@@ -49,12 +51,12 @@ def test_build_is_deterministic_from_the_seed(tiny_config) -> None:
     assert not torch.equal(weights(build_training(config, 100)), weights(other))
 
 
-def test_run_epoch_counts_steps_and_calls_back_with_global_steps(data, config) -> None:
-    """An epoch of 10 images at batch 4 is 3 steps; callbacks see global steps 1..3, then 4..6;
+def test_trainer_counts_steps_and_calls_back_with_global_steps(data, config) -> None:
+    """An epoch of 10 images at batch 4 is 3 steps; hooks see global steps 1..3, then 4..6;
     the results are typed, their counts integers."""
     state, seen = build_training(config, 100), []
-    r1 = run_epoch(state, data, config.train, on_step=lambda s, m: seen.append(s))
-    r2 = run_epoch(state, data, config.train, on_step=lambda s, m: seen.append(s))
+    trainer = Trainer(state, data, config.train, hooks=Calls(lambda s, m: seen.append(s)))
+    r1, r2 = trainer.epoch(), trainer.epoch()
     assert seen == [1, 2, 3, 4, 5, 6] and data.steps_per_epoch == 3
     assert (r1.epoch, r1.global_step, r1.steps, r2.epoch, r2.global_step) == (1, 3, 3, 2, 6)
     assert all(type(v) is int for v in (r2.epoch, r2.global_step, r2.steps, r2.images))
@@ -66,13 +68,11 @@ def test_after_step_runs_every_step_between_reads(data, tiny_config) -> None:
     step metrics are read: with reads every 100 steps, all 3 come before the first read."""
     config = tiny_config({"train.log_every": 100})
     state, events = build_training(config, 100), []
-    run_epoch(
-        state,
-        data,
-        config.train,
+    hooks = Calls(
         on_step=lambda s, m: events.append(("read", s)),
         after_step=lambda: events.append(("queued", state.epoch_step)),
     )
+    Trainer(state, data, config.train, hooks=hooks).epoch()
     assert events == [("queued", 1), ("queued", 2), ("queued", 3)] + [
         ("read", s) for s in (1, 2, 3)
     ]
@@ -113,9 +113,9 @@ def test_corrupt_newest_checkpoint_falls_back_with_one_warning(
 ) -> None:
     """A truncated or garbage newest checkpoint is skipped with one warning; the older is used."""
     state, run = build_training(config, 100), RunDir(tmp_path)
-    run_epoch(state, data, config.train)
+    Trainer(state, data, config.train).epoch()
     save_epoch_checkpoint(state.snapshot(), run, keep=3)
-    run_epoch(state, data, config.train)
+    Trainer(state, data, config.train).epoch()
     newest = save_epoch_checkpoint(state.snapshot(), run, keep=3)
     raw = newest.read_bytes()
     newest.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"\x00" * 64)
@@ -134,18 +134,18 @@ def test_resume_and_rewind(tmp_path: Path, data, config) -> None:
     fresh = build_or_resume(config, 100, run)
     assert (fresh.epoch, fresh.global_step) == (0, 0)
     initial = weights(fresh)
-    run_epoch(fresh, data, config.train)
+    Trainer(fresh, data, config.train).epoch()
     fresh.dirty = True  # as if epoch 2 had failed midway
     assert rewind(fresh, run) == "the initial weights"
     assert torch.equal(weights(fresh), initial) and fresh.epoch == 0 and not fresh.dirty
 
-    run_epoch(fresh, data, config.train)
+    Trainer(fresh, data, config.train).epoch()
     after_one = weights(fresh)
     save_epoch_checkpoint(fresh.snapshot(), run, keep=3)
     resumed = build_or_resume(config, 100, run)
     assert (resumed.epoch, resumed.global_step) == (1, 3)
     assert torch.equal(weights(resumed), after_one)
-    run_epoch(resumed, data, config.train)
+    Trainer(resumed, data, config.train).epoch()
     assert rewind(resumed, run) == str(run.epoch_checkpoint(1))
     assert torch.equal(weights(resumed), after_one) and resumed.global_step == 3
 
@@ -157,24 +157,22 @@ def test_stop_request_ends_the_epoch_between_steps_and_the_resume_is_exact(
     step_0000002.pt, and resuming from that file ends epoch 2 bit for bit like a run that was
     never stopped (no step lost, none repeated)."""
     straight = build_training(config, 100)
-    run_epoch(straight, data, config.train)
-    run_epoch(straight, data, config.train)
+    Trainer(straight, data, config.train).epoch()
+    Trainer(straight, data, config.train).epoch()
 
     run = RunDir(tmp_path / "run")
     state, steps = build_or_resume(config, 100, run), []
-    result = run_epoch(
-        state, data, config.train, on_step=lambda s, m: steps.append(s), run=run,
-        stop=lambda: len(steps) == 2,
-    )  # fmt: skip
+    hooks = Calls(on_step=lambda s, m: steps.append(s), stop=lambda: len(steps) == 2)
+    result = Trainer(state, data, config.train, run, hooks).epoch()
     assert result.stopped and (result.epoch, result.steps, result.global_step) == (1, 2, 2)
     assert (state.epoch, state.epoch_step, state.dirty) == (0, 2, False)
     assert run.step_checkpoints() == [run.step_checkpoint(2)]
 
     resumed = build_or_resume(config, 100, run)
     assert (resumed.epoch, resumed.global_step, resumed.epoch_step) == (0, 2, 2)
-    first = run_epoch(resumed, data, config.train)
+    first = Trainer(resumed, data, config.train).epoch()
     assert (first.epoch, first.steps, first.stopped) == (1, 1, False)
-    run_epoch(resumed, data, config.train)
+    Trainer(resumed, data, config.train).epoch()
     assert torch.equal(weights(resumed), weights(straight))
     for ours, theirs in zip(resumed.ema.parameters(), straight.ema.parameters(), strict=True):
         assert torch.equal(ours, theirs)

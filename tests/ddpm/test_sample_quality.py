@@ -17,7 +17,8 @@ from ddpm.config import (
 )
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.generate import to_uint8
-from ddpm.run import build_training, draw_samples, run_epoch
+from ddpm.run import build_training, draw_samples
+from ddpm.trainer import Trainer
 from ddpm.training import TrainingState
 
 
@@ -82,7 +83,7 @@ def test_a_trained_model_draws_images_like_its_training_images() -> None:
     state = build_training(config, total_steps=960)
     dataset = TrainingData(TensorImageDataset(data), config)
     for _ in range(60):
-        run_epoch(state, dataset, config.train)
+        Trainer(state, dataset, config.train).epoch()
     assert state.global_step == 960
 
     samples = draw_samples(state, SampleConfig(num=100), (3, 32, 32), seed=1)  # the defaults
@@ -115,7 +116,7 @@ def train_digits(epochs: int, **diffusion) -> TrainingState:
     data = TrainingData(TensorImageDataset(digit_images()), config)
     state = build_training(config, total_steps=data.steps_per_epoch * epochs)
     for _ in range(epochs):
-        run_epoch(state, data, config.train)
+        Trainer(state, data, config.train).epoch()
     return state
 
 

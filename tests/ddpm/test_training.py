@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+from tiny_run import Calls, train_on
 from torch import nn
 
 from ddpm.data import EpochLoader, TensorImageDataset
 from ddpm.diffusion import DiffusionModel
+from ddpm.trainer import train_step
 from ddpm.training import (
     TrainingState,
     build_ema,
@@ -18,8 +20,6 @@ from ddpm.training import (
     resolve_device,
     run_warmup_steps,
     seed_everything,
-    train_epoch,
-    train_step,
 )
 from ddpm.unet import UNet
 
@@ -159,8 +159,8 @@ def test_gradient_clipping_bounds_the_update() -> None:
     assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_train_epoch_reports_metrics_and_steps_everything() -> None:
-    """train_epoch steps the optimizer, scheduler and EMA per batch, counts the state's steps,
+def test_trainer_epoch_reports_metrics_and_steps_everything() -> None:
+    """Trainer.epoch steps the optimizer, scheduler and EMA per batch, counts the state's steps,
     and reports typed numbers."""
     model = tiny_model()
     opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
@@ -169,11 +169,10 @@ def test_train_epoch_reports_metrics_and_steps_everything() -> None:
     state = TrainingState(model, opt, sched, ema, grad_clip=1.0, epoch=4, global_step=40)
     dataset = TensorImageDataset(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8))
     seen = []
-    result = train_epoch(
-        state, EpochLoader(dataset, 4, seed=0).epoch(0), on_step=lambda i, m: seen.append((i, m))
-    )
+    batches = EpochLoader(dataset, 4, seed=0).epoch(0)
+    result = train_on(state, batches, Calls(on_step=lambda i, m: seen.append((i, m))))
     assert (result.epoch, result.global_step, result.steps, result.images) == (5, 43, 3, 10)
-    assert (state.global_step, state.epoch_step, state.epoch) == (43, 3, 4)  # epoch: run_epoch's
+    assert (state.global_step, state.epoch_step, state.epoch) == (43, 0, 5)
     assert result.lr == pytest.approx(1e-3 * 3 / 10)  # three warm-up steps taken
     assert result.images_per_s > 0 and result.seconds > 0
     assert result.loss == pytest.approx(sum(m.loss for _, m in seen) / 3)
@@ -205,9 +204,11 @@ def test_resolve_device() -> None:
             resolve_device("cuda:0")
 
 
-def test_train_step_loss_is_finite_float() -> None:
-    """Regression: train_step returns a Python float (it returned a tensor)."""
+def test_train_step_returns_the_step_on_the_device() -> None:
+    """train_step reads nothing on the host: its loss, gradient norm and outcome are device
+    tensors (finite here, the step taken), for the loop to read in batches."""
     model = tiny_model()
     state = TrainingState(model, torch.optim.Adam(model.parameters()))
-    loss = train_step(state, torch.zeros(2, 3, 32, 32))
-    assert type(loss) is float and math.isfinite(loss)
+    step = train_step(state, torch.zeros(2, 3, 32, 32))
+    assert all(isinstance(v, torch.Tensor) for v in (step.loss, step.grad_norm, step.taken))
+    assert math.isfinite(step.loss.item()) and step.taken.item() and not step.bad.item()

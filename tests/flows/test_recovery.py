@@ -24,7 +24,8 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.checkpoint_files import load_newest_valid
 from ddpm.run_dir import RunDir
 from ddpm.unet import UNet
-from flows.train_flow import main, train_flow
+from flows.cli import main
+from flows.train_flow import train_flow
 from settings import Settings, SettingsError, env_name, flag_name, flatten, load_settings
 
 

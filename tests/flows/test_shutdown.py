@@ -193,7 +193,7 @@ def test_errors_the_user_fixes_exit_2_with_one_line(
     """A missing image folder and a subset larger than the data: exit 2, the last line names
     the setting, and no run folder is left behind. (In-process, so the console may hold an
     earlier test's closed stream: the offline test above checks for tracebacks.)"""
-    from flows.train_flow import main
+    from flows.cli import main
 
     for key, value in {**tiny, **change}.items():
         monkeypatch.setenv("DDPM_" + key.upper().replace(".", "__"), str(value))

@@ -19,12 +19,13 @@ from prefect import flow, get_client
 import flows.tasks
 from ddpm.checkpoint import load_checkpoint
 from ddpm.run_dir import RunDir
+from flows.gpu import GPU_SLOT, gpu_slot
 from flows.tasks import (
     checkpoint_task,
     sample_and_log_task,
     train_epoch_task,
 )
-from flows.train_flow import GPU_SLOT, gpu_slot, train_flow
+from flows.train_flow import train_flow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,20 +110,15 @@ def test_transient_failure_in_train_epoch_is_retried_from_the_checkpoint(
     """A failure one step into epoch 2 is retried; the retry rewinds to epoch 1's checkpoint,
     so the global step has no gap or double count and the weights equal an uninterrupted run."""
     _, clean = run({**tiny, "run.dir": tiny["run.dir"] + "-clean"})
-    real_run_epoch, failed = flows.tasks.run_epoch, []
+    real_on_step, failed = flows.tasks._EpochHooks.on_step, []
 
-    def flaky(state, data, train, *, on_step, **kwargs):
-        epoch = state.epoch + 1
+    def flaky(hooks, global_step: int, metrics) -> None:
+        real_on_step(hooks, global_step, metrics)
+        if global_step > 2 and not failed:  # epoch 2 is steps 3 and 4
+            failed.append(global_step)
+            raise RuntimeError("injected transient failure")
 
-        def step(global_step: int, metrics) -> None:
-            on_step(global_step, metrics)
-            if epoch == 2 and not failed:
-                failed.append(global_step)
-                raise RuntimeError("injected transient failure")
-
-        return real_run_epoch(state, data, train, on_step=step, **kwargs)
-
-    monkeypatch.setattr(flows.tasks, "run_epoch", flaky)
+    monkeypatch.setattr(flows.tasks._EpochHooks, "on_step", flaky)
     state, summary = run(tiny)
     assert state.is_completed(), state.message
     assert failed == [3]  # one step of epoch 2 was taken, then it failed
