@@ -165,9 +165,9 @@ def project_config(data_folder: Path, overrides: dict[str, Any]):
 
 def train(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Train at the budget with the project's path; save the state and the time taken."""
+    from ddpm.build import build_training
     from ddpm.checkpoint import save_checkpoint
     from ddpm.data import TrainingData, load_dataset
-    from ddpm.run import build_training
     from ddpm.trainer import Trainer
 
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ _EXPORTS = {
         "SampleConfig", "TrainConfig",
     ],
     "ddpm.checkpoint": ["CheckpointError", "load_checkpoint", "save_checkpoint"],
-    "ddpm.checkpoint_files": ["load_newest_valid", "save_epoch_checkpoint"],
+    "ddpm.run_dir": ["RunDir", "load_newest_valid", "save_epoch_checkpoint"],
     "ddpm.data": [
         "DatasetError", "ImageFolderDataset", "TensorImageDataset", "TrainingData",
         "EpochLoader", "denormalize", "download_cifar10", "load_cifar10", "load_dataset",
@@ -26,8 +26,8 @@ _EXPORTS = {
     "ddpm.samplers": ["Ancestral", "DDIM", "DPMSolverPP2M", "make_sampler"],
     "ddpm.schedules": ["linear_beta_schedule", "named_betas", "schedule_constants"],
     "ddpm.images": ["save_grid"],
-    "ddpm.run": ["build_or_resume", "build_training", "draw_samples", "rewind"],
-    "ddpm.run_dir": ["RunDir"],
+    "ddpm.build": ["build_or_resume", "build_training", "rewind"],
+    "ddpm.generate": ["draw_samples", "load_trained_model"],
     "ddpm.trainer": ["EpochResult", "Hooks", "StepMetrics", "Trainer", "train_step"],
     "ddpm.training": [
         "TrainingState", "build_ema", "build_lr_scheduler", "build_optimizer", "resolve_device",

@@ -44,6 +44,7 @@ class ModelConfig:
     num_res_blocks: int = 2  # residual blocks per resolution
     attention_resolutions: tuple[int, ...] = (16,)  # sides at which blocks attend
     dropout: float = 0.1
+    checkpointing: bool = False  # recompute activations in the backward pass (less memory)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = off
     keep: int = 3  # epoch checkpoints kept
     devices: int = 1  # data-parallel processes (ddpm.distributed); 1 = this process alone
+    accumulate: int = 1  # micro-batches per batch (gradient accumulation); 1 = the whole batch
     rank_timeout: float = 300.0  # seconds a rank may go silent before the run fails
 
 

@@ -8,6 +8,7 @@ Timesteps are 0-indexed: t in {0, ..., T-1}. The network is given (t + 1) / T, a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -231,12 +232,10 @@ class DiffusionModel(nn.Module):
         size: Sequence[int],
         sampler: str = "ddpm",
         *,
-        steps: int | None = None,
-        eta: float = 0.0,
         generator: Generators = None,
         compile: bool = False,
-        clip_denoised: bool = True,
         progress: Callable[[], None] | None = None,
+        **options: Any,
     ) -> torch.Tensor:
         """Draw samples on the module's device with a sampler of ddpm.samplers.
 
@@ -244,24 +243,23 @@ class DiffusionModel(nn.Module):
             num_samples: B.
             size: (C, H, W) of one image.
             sampler: ddpm (Algorithm 2, all T steps), ddim or dpmpp_2m.
-            steps: network calls for ddim and dpmpp_2m, in [1, T] (default T).
-            eta: DDIM's share of fresh noise per step, in [0, 1] (0 = deterministic).
             generator: source of all noise; the same seed gives the same samples on one kind
                 of device. x_T is drawn from it wherever it is; the per-step noise on the
                 module's device (see _step_generator). A sequence of B generators gives each
                 image noise of its own (see _noise).
             compile: run the network through torch.compile (a CUDA graph on CUDA); the first
                 call compiles.
-            clip_denoised: clip each step's x0 estimate to [-1, 1], as the DDPM reference code
-                does (see schedules.split_prediction); off gives the samplers as printed.
             progress: called after each step is queued (nothing is read from the device).
+            options: the sampler's (ddpm.samplers.make_sampler): steps (network calls of ddim
+                and dpmpp_2m, in [1, T], default T), eta (DDIM's share of fresh noise per
+                step, in [0, 1], default 0), clip_denoised (clip each step's x0 estimate to
+                [-1, 1], as the DDPM reference code does; default on, off gives the samplers
+                as printed).
 
         Returns:
             (B, C, H, W) float samples clamped to [-1, 1].
         """
-        method = make_sampler(
-            sampler, self.alphas_cumprod_f64, self.prediction, clip_denoised, steps, eta
-        )
+        method = make_sampler(sampler, self.alphas_cumprod_f64, self.prediction, **options)
         network = self.network(compile)
         x = self._noise((num_samples, *size), generator)  # x_T ~ N(0, I)
         step_generator = self._step_generator(generator) if method.stochastic else None

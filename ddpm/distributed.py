@@ -34,7 +34,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm.data import shard_bounds
 from ddpm.errors import first_line
 
 # Rank 0 may sample grids and evaluate FID between epochs (minutes to hours) while the other
@@ -53,26 +52,7 @@ class Shard:
 
     rank: int
     world_size: int
-    model: nn.Module  # the DiffusionModel, inside DistributedDataParallel
-
-    def loss(self, x0: torch.Tensor, n: int, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the global batch's loss, weighted so that DDP's average of
-        the ranks' gradients is the gradient of the global mean.
-
-        Args:
-            x0: (m, C, H, W) this rank's slice of the global batch (m = 0 for an empty one).
-            n: the global batch's size.
-            t, eps: (n,) timesteps and (n, C, H, W) noise for the whole global batch,
-                identical on every rank; this rank takes its slice of them.
-
-        Returns:
-            scalar: the slice's mean loss x (m * k / n); an empty slice runs one blank image
-            with weight 0, so every rank joins the gradient all-reduce.
-        """
-        lo, hi = shard_bounds(n, self.rank, self.world_size)
-        if hi == lo:
-            return self.model(torch.zeros_like(eps[:1]), t[:1], eps[:1]) * 0.0
-        return self.model(x0, t[lo:hi], eps[lo:hi]) * ((hi - lo) * self.world_size / n)
+    model: nn.Module  # the DiffusionModel, inside DistributedDataParallel (its slices: trainer)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean over ranks of a weighted loss: the global batch's loss, on every rank."""

@@ -1,5 +1,6 @@
-"""Images from a trained run: its network from a checkpoint, noise seeded per image, numbered PNG
-files that an interrupted generation resumes, and the .npz that FID tools read.
+"""Images from a model: a training run's grid (draw_samples) and, from a trained run, its
+network from a checkpoint, noise seeded per image, numbered PNG files that an interrupted
+generation resumes, and the .npz that FID tools read.
 
 Image i is drawn from noise seeded by (seed, i) alone (image_seed). Batches cover the indices
 [k B, (k + 1) B) and are always full, so image i is computed in the same batch, with the same
@@ -21,14 +22,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ddpm.checkpoint import CheckpointError, atomic_write, check_compatible, load_checkpoint
-from ddpm.checkpoint_files import load_newest_valid
+from ddpm.build import build_diffusion
+from ddpm.checkpoint import CheckpointError, atomic_write, check_compatible, load_checkpoint, to_cpu
 from ddpm.config import DiffusionConfig, ModelConfig, Precision, SampleConfig
 from ddpm.data import denormalize
-from ddpm.diffusion import DiffusionModel
+from ddpm.diffusion import DiffusionModel, Generators
 from ddpm.errors import UserError, first_line
-from ddpm.run import build_diffusion, run_sampler
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, load_newest_valid
+from ddpm.samplers import make_sampler
+from ddpm.schedules import named_betas, schedule_constants
+from ddpm.training import TrainingState, autocast
 
 OPTIONS_FILE = "generation.json"  # what drew a folder's images; a re-run must match it
 
@@ -302,3 +305,79 @@ class ImageFiles(Dataset):
             return
         text = json.dumps(dict(options), indent=2, sort_keys=True) + "\n"
         atomic_write(record, lambda f: f.write(text.encode()))
+
+
+def draw_samples(
+    state: TrainingState,
+    sample: SampleConfig,
+    image_shape: tuple[int, int, int],
+    seed: int,
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Sample a batch from fixed noise, on the state's device: the same seed gives the same
+    noise every epoch.
+
+    x_T comes from a CPU generator, so it is the same on any device, and the global RNG (which
+    training draws from) is left untouched; the per-step noise comes from a generator on the
+    device seeded from it. The network runs in the run's precision.
+
+    Args:
+        sample: num, sampler (ddpm, or ddim / dpmpp_2m with steps), use_ema, clip_denoised and
+            compile (the sampler's steps through torch.compile; CUDA graphs on CUDA).
+        image_shape: (C, H, W).
+        progress: called after each sampler step (nothing is read from the device).
+
+    Returns:
+        (sample.num, C, H, W) samples in [-1, 1], on the CPU.
+    """
+    model = state.ema.module if sample.use_ema and state.ema is not None else state.diffusion
+    generator = torch.Generator().manual_seed(seed)
+    x = run_sampler(model, sample, sample.num, image_shape, generator, state.precision, progress)
+    return to_cpu(x.float())
+
+
+def run_sampler(
+    model: DiffusionModel,
+    sample: SampleConfig,
+    num: int,
+    image_shape: tuple[int, int, int],
+    generator: Generators,
+    precision: Precision = "fp32",
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Draw `num` images with sample's sampler (ddpm, or ddim / dpmpp_2m with steps), in eval
+    mode (the model's mode is put back after) and in `precision`, on the model's device.
+
+    Args:
+        generator: the noise's source, one for the batch or one per image (see
+            DiffusionModel._noise).
+
+    Returns:
+        (num, C, H, W) float samples in [-1, 1] on the model's device.
+    """
+    was_training = model.training
+    model.eval()
+    options = {
+        "sampler": sample.sampler,
+        "steps": sample.steps,
+        "eta": sample.eta,
+        "generator": generator,
+        "compile": sample.compile,
+        "clip_denoised": sample.clip_denoised,
+        "progress": progress,
+    }
+    try:
+        with autocast(model.betas.device.type, precision):
+            return model.sample(num, image_shape, **options)
+    finally:
+        model.train(was_training)
+
+
+def network_calls(diffusion: DiffusionConfig, sample: SampleConfig) -> int:
+    """How many times sample's sampler calls the network for one batch (all T for ddpm)."""
+    betas = named_betas(
+        diffusion.schedule, diffusion.num_timesteps, diffusion.beta_start, diffusion.beta_end
+    )
+    abar = schedule_constants(betas)["alphas_cumprod"]
+    sampler = make_sampler(sample.sampler, abar, diffusion.prediction, steps=sample.steps)
+    return len(sampler.timesteps)

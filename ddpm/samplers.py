@@ -70,7 +70,7 @@ class Sampler:
     Args:
         alphas_cumprod: (T,) abar_t, float64 (a tensor or a sequence of floats).
         prediction: what the network outputs: eps, v or x0.
-        clip: clip each step's x0 estimate to [-1, 1].
+        clip_denoised: clip each step's x0 estimate to [-1, 1].
     """
 
     stochastic = False  # whether step takes fresh noise (then it is given for every step
@@ -276,7 +276,7 @@ def make_sampler(
     name: str,
     alphas_cumprod: Sequence[float] | torch.Tensor,
     prediction: str,
-    clip: bool = True,
+    clip_denoised: bool = True,
     steps: int | None = None,
     eta: float = 0.0,
 ) -> Sampler:
@@ -286,7 +286,7 @@ def make_sampler(
         name: ddpm (all T steps), ddim or dpmpp_2m.
         alphas_cumprod: (T,) abar_t, float64.
         prediction: eps, v or x0.
-        clip: clip each step's x0 estimate to [-1, 1].
+        clip_denoised: clip each step's x0 estimate to [-1, 1].
         steps: network calls for ddim and dpmpp_2m (default T); ddpm takes all T.
         eta: DDIM's share of fresh noise.
 
@@ -295,9 +295,9 @@ def make_sampler(
     """
     steps = len(alphas_cumprod) if steps is None else steps
     if name == "ddpm":
-        return Ancestral(alphas_cumprod, prediction, clip)
+        return Ancestral(alphas_cumprod, prediction, clip_denoised)
     if name == "ddim":
-        return DDIM(alphas_cumprod, prediction, clip, steps, eta)
+        return DDIM(alphas_cumprod, prediction, clip_denoised, steps, eta)
     if name == "dpmpp_2m":
-        return DPMSolverPP2M(alphas_cumprod, prediction, clip, steps)
+        return DPMSolverPP2M(alphas_cumprod, prediction, clip_denoised, steps)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")

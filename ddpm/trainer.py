@@ -14,21 +14,24 @@ stay there and are read together every train.log_every steps (one sync per read)
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
+from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointWriter
-from ddpm.checkpoint_files import save_step_checkpoint
-from ddpm.config import TrainConfig
+from ddpm.config import Config, TrainConfig
+from ddpm.data import TrainingData, load_dataset, locate_dataset, shard_bounds
 from ddpm.distributed import Group, Shard, collectives
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, save_step_checkpoint
 from ddpm.training import TrainingState, autocast
 
 
@@ -151,20 +154,15 @@ class Trainer:
         try:
             with collectives(self.group):
                 for x0 in self.data.epoch(state.epoch + 1, start_batch=state.epoch_step):
-                    wanted = hooks.should_stop()
-                    if self.group.agree(wanted) if self.group else wanted:
-                        stopped = True
+                    if stopped := self._stop_agreed():  # rank 0's answer, on every rank
                         break
                     n = self.data.batch_size_at(state.epoch_step)
                     x0 = x0.to(state.device, memory_format=layout, non_blocking=True)
-                    reader.queue(train_step(state, x0, shard, n))
+                    reader.queue(train_step(state, x0, shard, n, train.accumulate))
                     state.global_step, state.epoch_step, images = (
                         state.global_step + 1, state.epoch_step + 1, images + n,
                     )  # fmt: skip
-                    if writer is not None:
-                        writer.wait()  # the previous write overlapped this step
-                        if state.global_step % train.checkpoint_every == 0:
-                            writer.submit(self._checkpoint_writer())
+                    self._checkpoint(writer)  # every train.checkpoint_every steps
                     hooks.after_step(state.global_step)
                     if len(reader.pending) >= train.log_every:
                         reader.read()
@@ -191,9 +189,19 @@ class Trainer:
             state.compiled = True
         return (self.group.shard(state.diffusion) if self.group else None), layout
 
-    def _checkpoint_writer(self):
-        snapshot, run = self.state.snapshot(), self.run
-        return lambda: save_step_checkpoint(snapshot, run)
+    def _stop_agreed(self) -> bool:
+        wanted = self.hooks.should_stop()
+        return self.group.agree(wanted) if self.group else wanted
+
+    def _checkpoint(self, writer: CheckpointWriter | None) -> None:
+        """Wait for the previous write (it overlapped this step); every checkpoint_every
+        steps, hand the writer a snapshot to save as a mid-epoch checkpoint."""
+        if writer is None:
+            return
+        writer.wait()
+        if self.state.global_step % self.train.checkpoint_every == 0:
+            snapshot, run = self.state.snapshot(), self.run
+            writer.submit(lambda: save_step_checkpoint(snapshot, run))
 
     def _end_epoch(
         self, reader: _Reader, images: int, seconds: float, stopped: bool
@@ -221,16 +229,17 @@ class Trainer:
 
 
 def train_step(
-    state: TrainingState, x0: torch.Tensor, shard: Shard | None = None, n: int | None = None
+    state: TrainingState,
+    x0: torch.Tensor,
+    shard: Shard | None = None,
+    n: int = 0,
+    parts: int = 1,
 ) -> StepResult:
     """One optimizer step on a batch, skipped when the loss or the gradient is not finite.
 
     The forward runs under autocast for bf16/fp16; fp16 needs the state's scaler, which also
     skips (and lowers its scale) when the scaled gradient overflows. A skipped step changes no
     weight, optimizer moment or EMA; the lr schedule advances with every batch, taken or not.
-    With a fused optimizer nothing here waits for the device: the skip is a device-side flag
-    (`found_inf`) the fused kernel and the EMA update read. Other optimizers (the CPU default,
-    where waiting costs nothing) check finiteness on the host.
 
     Args:
         state: the model (on x0's device), optimizer, and the optional scheduler, EMA,
@@ -240,35 +249,31 @@ def train_step(
         shard, n: data-parallel: t and eps are drawn for all n images on every rank alike,
             the rank trains its slice, and the loss reported (and checked) is the global one,
             so every rank takes or skips the step alike.
+        parts: gradient accumulation: the (slice of the) batch runs forward and backward in
+            this many micro-batches, the gradients adding up to the whole batch's (a group
+            all-reduces only after the last).
     """
     diffusion, optimizer, scaler = state.diffusion, state.optimizer, state.scaler
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
-    with autocast(x0.device.type, state.precision):
-        if shard is None:
-            loss = diffusion(x0)  # draws t ~ U{0..T-1} and eps ~ N(0, I) (DDPM Algorithm 1)
-        else:
-            global_shape = (n or x0.shape[0], *x0.shape[1:])
-            t, eps = diffusion.draw_training_noise(x0.new_empty(global_shape))
-            loss = shard.loss(x0, global_shape[0], t, eps)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    # DDPM Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), drawn for the whole global batch of n.
+    t, eps = diffusion.draw_training_noise(x0.new_empty((n or len(x0), *x0.shape[1:])))
+    model, pieces = (shard.model if shard else diffusion), micro_batches(x0, t, eps, shard, parts)
+    loss = torch.zeros((), device=x0.device)
+    for i, (x, t_i, eps_i, weight) in enumerate(pieces):
+        alone = shard is None or i == len(pieces) - 1  # else DDP skips the all-reduce
+        with contextlib.nullcontext() if alone else shard.model.no_sync():
+            with autocast(x0.device.type, state.precision):
+                part = model(x, t_i, eps_i) * weight  # the weighted mean loss, L_simple
+            (scaler.scale(part) if scaler is not None else part).backward()
+        loss = loss + part.detach().float()
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(
         diffusion.parameters(), state.grad_clip if state.grad_clip > 0 else math.inf
     )
-    loss = loss.detach() if shard is None else shard.mean(loss.detach().float())
-    loss_finite = torch.isfinite(loss)
-    taken = loss_finite & torch.isfinite(grad_norm)
-    if scaler is not None:
-        # The scaler finds the same non-finite gradients, skips, and lowers its scale; a
-        # finite loss with overflowing fp16 gradients is its business, not divergence.
-        scaler.step(optimizer)
-        scaler.update()
-        bad = ~loss_finite
-    else:
-        bad = ~taken
-        _step_unless(optimizer, bad, taken)
+    loss = loss if shard is None else shard.mean(loss)
+    taken, bad = _update(state, loss, grad_norm)
     if state.scheduler is not None:
         state.scheduler.step()
     if state.ema is not None:
@@ -276,18 +281,59 @@ def train_step(
     return StepResult(loss, grad_norm, taken, bad, lr)
 
 
-def _step_unless(optimizer: Optimizer, bad: torch.Tensor, taken: torch.Tensor) -> None:
-    """optimizer.step() unless `bad`: on the device through `found_inf` where the optimizer's
-    fused kernel reads it (torch.amp.GradScaler's mechanism), else checked on the host."""
+def micro_batches(
+    x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, shard: Shard | None, parts: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    """This rank's slice of the global batch (all of it in one process) in `parts` pieces of
+    torch.chunk's sizes, each (x0, t, eps, weight) with the weight size * k / n that makes
+    the sum of the pieces' mean losses, averaged over the k ranks by DDP, the mean loss of
+    the global batch of n. An empty slice gives one blank piece of weight 0, so the rank
+    still joins the gradient all-reduce.
+
+    Args:
+        x0: (m, C, H, W) this rank's slice; t (n,) and eps (n, C, H, W) the global batch's.
+    """
+    n, k = len(t), shard.world_size if shard else 1
+    lo, hi = shard_bounds(n, shard.rank, k) if shard else (0, n)
+    if hi == lo:
+        return [(torch.zeros_like(eps[:1]), t[:1], eps[:1], 0.0)]
+    size = -(-(hi - lo) // parts)
+    starts = range(lo, hi, size)
+    return [
+        (x0[a - lo : b - lo], t[a:b], eps[a:b], (b - a) * k / n)
+        for a, b in zip(starts, [*starts[1:], hi], strict=True)
+    ]
+
+
+def _update(
+    state: TrainingState, loss: torch.Tensor, grad_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step the optimizer unless the loss or the gradient is not finite; returns (taken, bad)
+    as device flags.
+
+    With fp16 the scaler finds the same non-finite gradients, skips, and lowers its scale: a
+    finite loss with overflowing fp16 gradients is its business, not divergence (not bad).
+    A fused optimizer skips on a device-side flag (`found_inf`, GradScaler's mechanism), so
+    nothing here waits for the device; others (the CPU default, where waiting costs nothing)
+    are checked on the host.
+    """
+    optimizer, scaler = state.optimizer, state.scaler
+    loss_finite = torch.isfinite(loss)
+    taken = loss_finite & torch.isfinite(grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+        return taken, ~loss_finite
     fused = bool(optimizer.param_groups[0].get("fused"))
     if fused and getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.found_inf, optimizer.grad_scale = bad.float(), None
+        optimizer.found_inf, optimizer.grad_scale = (~taken).float(), None
         try:
             optimizer.step()
         finally:
             optimizer.found_inf = None
     elif taken:
         optimizer.step()
+    return taken, ~taken
 
 
 class _Reader:
@@ -339,3 +385,42 @@ class _ListBatches:
 
     def batch_size_at(self, index: int) -> int:
         return self.batches[index].shape[0]
+
+
+def share_start(group: Group, state: TrainingState, data_path: str) -> None:
+    """(rank 0) Send the other ranks what they start from: where the data is, and the state
+    built or resumed here (EMA aside: it is rank 0's alone), RNGs included."""
+    start = {"data_path": data_path, "state": {**state.snapshot(), "ema": None}}
+    if state.device.type == "cuda":  # training draws on each rank's own device
+        start["device_rng"] = torch.cuda.get_rng_state(state.device)
+    group.broadcast(start)
+
+
+def train_rank(group: Group, config: Config) -> EpochResult | None:
+    """Train as rank > 0 of a data-parallel group (ddpm.distributed): take rank 0's start
+    (share_start), load this rank's slices of the data (from rank 0's path, or fetched here
+    when this machine does not have it), then run the same epochs as rank 0, until they are
+    done or rank 0 stops the run. No files, no tracking: those are rank 0's.
+
+    Raises:
+        RankFailed: if another rank is gone.
+        TrainingDiverged: as on rank 0, at the same step (the loss is the global one).
+    """
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, device=group.device(config.train.device))
+    )
+    with collectives(group):
+        start = group.broadcast(None)
+    path = Path(start["data_path"])
+    if not path.exists():
+        path = locate_dataset(config.data)
+    data = TrainingData(load_dataset(config, path), config, group.rank, group.world_size)
+    state = build_training(config, data.steps_per_epoch * config.train.epochs)
+    state.ema = None
+    state.restore(start["state"])
+    if "device_rng" in start:
+        torch.cuda.set_rng_state(start["device_rng"], torch.device(config.train.device))
+    try:
+        return Trainer(state, data, config.train, group=group).fit()
+    finally:
+        data.close()

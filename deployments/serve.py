@@ -3,32 +3,33 @@ worker:
 
     python deployments/serve.py
     prefect deployment run 'train-flow/ddpm-smoke'
-    prefect deployment run 'sample-flow/ddpm-sample' --param run=runs/NAME --param num=64 \
-        --param out=samples/NAME
+    prefect deployment run 'sample-flow/ddpm-sample' \
+        --param options='{"run": "runs/NAME", "num": 64, "out": "samples/NAME"}'
 
 The deployments are the ones in deployments/prefect.yaml. Served runs execute in this process's
 environment, so each deployment's DDPM_* job variables become its default `overrides` here; as
 with any parameter, run-time `overrides` replace them as a whole.
 """
 
+import argparse
 from pathlib import Path
 
 import yaml
-from prefect import serve
 
-from flows.sample_flow import sample_flow
-from flows.train_flow import train_flow
 from settings import setting_name
 
 PREFECT_FILE = Path(__file__).with_name("prefect.yaml")
-FLOWS = {
-    "flows/train_flow.py:train_flow": train_flow,
-    "flows/sample_flow.py:sample_flow": sample_flow,
-}
 
 
 def served_deployments() -> list:
     """prefect.yaml's deployments, with their DDPM_* env folded into `overrides`."""
+    from flows.sample_flow import sample_flow  # prefect, torch: seconds
+    from flows.train_flow import train_flow
+
+    flows = {
+        "flows/train_flow.py:train_flow": train_flow,
+        "flows/sample_flow.py:sample_flow": sample_flow,
+    }
     deployments = []
     for spec in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]:
         env = spec.get("work_pool", {}).get("job_variables", {}).get("env", {})
@@ -40,7 +41,7 @@ def served_deployments() -> list:
         if overrides:
             parameters["overrides"] = overrides
         deployments.append(
-            FLOWS[spec["entrypoint"]].to_deployment(
+            flows[spec["entrypoint"]].to_deployment(
                 name=spec["name"],
                 description=spec.get("description"),
                 tags=spec.get("tags"),
@@ -50,5 +51,15 @@ def served_deployments() -> list:
     return deployments
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """`ddpm-serve` / `python deployments/serve.py`: serve the deployments until Ctrl-C."""
+    argparse.ArgumentParser(prog="ddpm-serve", description=__doc__.split("\n\n")[0]).parse_args(
+        argv
+    )
+    from prefect import serve
+
     serve(*served_deployments())
+
+
+if __name__ == "__main__":
+    main()

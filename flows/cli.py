@@ -25,7 +25,7 @@ from ddpm.errors import UserError
 from flows.launch import launched_overrides, rank_main, write_outcome
 from flows.shutdown import StopRequest
 from settings import Settings, SettingsError, load_settings, parse_flags
-from settings.generate import GenerateOptions, OptionsError, flag, generate_options
+from settings.sampling import GenerateOptions, OptionsError, flag, generate_options
 
 if TYPE_CHECKING:
     from prefect.states import State
@@ -71,13 +71,13 @@ def sample_main(argv: list[str] | None = None) -> int:
     def load() -> Callable[[], State]:
         from flows.sample_flow import sample_flow  # torch, prefect: seconds
 
-        return lambda: sample_flow(**options, overrides=overrides or None, return_state=True)
+        return lambda: sample_flow(options, overrides=overrides or None, return_state=True)
 
     return run_flow(cfg, load)
 
 
-def parse_sample_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """sample_flow's options (validated, as flow parameters) and its settings flags (eval.*,
+def parse_sample_args(argv: list[str]) -> tuple[GenerateOptions, dict[str, Any]]:
+    """sample_flow's options (validated) and its settings flags (eval.*,
     run.debug, run.stop_timeout, run.server_timeout) as dotted overrides.
 
     Raises:
@@ -120,8 +120,7 @@ def parse_sample_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     for key in overrides:
         if not key.startswith(SAMPLE_SETTINGS):
             raise SettingsError([(key, "not a setting of sample_flow (see --help)")])
-    options = generate_options(vars(known))
-    return options.model_dump(mode="json"), overrides
+    return generate_options(vars(known)), overrides
 
 
 def run_flow(cfg: Settings, load: Callable[[], Callable[[], State]]) -> int:

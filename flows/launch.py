@@ -152,7 +152,7 @@ def launched_overrides() -> dict[str, Any]:
 
 
 def rank_main(settings: Any) -> int:
-    """A rank other than 0: join the group, train with it (ddpm.run.train_rank), leave.
+    """A rank other than 0: join the group, train with it (ddpm.trainer.train_rank), leave.
 
     SIGINT and SIGTERM are rank 0's to act on: it stops every rank after the same step.
     Exit status: 0 when the run ended (done, stopped, diverged, or rank 0 recorded an end no
@@ -160,8 +160,7 @@ def rank_main(settings: Any) -> int:
     """
     from ddpm.distributed import RankFailed, join
     from ddpm.errors import first_line
-    from ddpm.run import train_rank
-    from ddpm.trainer import TrainingDiverged
+    from ddpm.trainer import TrainingDiverged, train_rank
     from settings import core_config
 
     for sig in (signal.SIGINT, signal.SIGTERM):

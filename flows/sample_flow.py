@@ -16,7 +16,7 @@ if __name__ == "__main__":
     sys.exit(sample_main())
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -24,20 +24,23 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, State
 from prefect.utilities.annotations import quote
 
+from ddpm.config import Config
 from ddpm.errors import UserError
 from ddpm.evaluation import inception_weights
-from ddpm.generate import ImageFiles
+from ddpm.generate import ImageFiles, TrainedModel
+from flows.download import download_task
 from flows.gpu import gpu_slot
 from flows.sample_tasks import (
     evaluate_images_task,
     generate_images_task,
     load_model_task,
+    sampler_steps,
     write_npz_task,
 )
 from flows.shutdown import StopRequest, active_stop_request
-from flows.tasks import download_task, sampler_steps
+from flows.tracking import route_core_logs
 from settings import core_config, load_settings
-from settings.generate import generate_options, sampling_settings
+from settings.sampling import GenerateOptions, sampling_settings
 
 __all__ = ["sample_flow"]
 
@@ -46,66 +49,29 @@ SUMMARY_KEY = "generation-summary"
 
 @flow(name="sample-flow", description="Draw images from a trained DDPM run; score them.")
 def sample_flow(
-    run: str,
-    num: int,
-    out: str,
-    seed: int = 0,
-    sampler: Literal["ddim", "dpmpp_2m", "ddpm"] | None = None,
-    steps: int | None = None,
-    eta: float | None = None,
-    batch_size: int = 128,
-    device: str = "auto",
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    ema: bool = True,
-    npz: bool = False,
-    evaluate: bool = False,
-    overrides: dict[str, Any] | None = None,
+    options: GenerateOptions, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any] | State:
     """Draw images 0 .. num-1 of a run into `out` (those already there are kept), then
-    optionally write the .npz and score them (see settings.generate.GenerateOptions).
+    optionally write the .npz and score them.
 
     Args:
+        options: what to draw, from which run, how and where to (GenerateOptions; a
+            deployment run gives them as JSON, e.g. {"run": "runs/NAME", "num": 64,
+            "out": "samples/NAME"}).
         overrides: dotted settings for the evaluation and the command (eval.*, run.debug...).
 
     Returns:
         the checkpoint, the folder, images written now and in all, the .npz and the metrics;
         a Cancelled state when a stop request ended it early.
     """
-    options = generate_options({k: v for k, v in locals().items() if k != "overrides"})
+    route_core_logs()
     stop = active_stop_request() or StopRequest(load_settings(overrides).run.stop_timeout)
     with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
         trained = load_model_task(str(options.run), options.ema)
-        cfg = sampling_settings(trained.settings, options, overrides)
-        config = core_config(cfg)
-        data_path = None
-        if options.evaluate:  # the weights and training images are found before drawing
-            if not trained.settings:
-                raise UserError(
-                    f"{trained.checkpoint} records no settings: the training images to "
-                    "evaluate against are unknown"
-                )
-            inception_weights(config.eval.weights)
-            where = config.data
-            data_path = download_task(
-                where.dataset, str(where.root), where.url, where.folder and str(where.folder)
-            )
+        config = core_config(sampling_settings(trained.settings, options, overrides))
+        data_path = _training_images(trained, config) if options.evaluate else None
         files = ImageFiles(options.out, options.num)
-        sample = config.sample
-        files.claim(
-            {
-                "checkpoint": str(trained.checkpoint.resolve()),
-                "global_step": trained.global_step,
-                "ema": trained.ema,
-                "seed": options.seed,
-                "sampler": sample.sampler,
-                "steps": sampler_steps(config),
-                "eta": sample.eta if sample.sampler == "ddim" else None,
-                "clip_denoised": sample.clip_denoised,
-                "batch_size": options.batch_size,
-                "precision": config.train.precision,
-                "device": config.train.device.split(":")[0],
-            }
-        )
+        files.claim(_generation_record(trained, options, config))
         with gpu_slot(config.train.device):
             written = generate_images_task(
                 quote(trained), config, files, options.seed, options.batch_size, quote(stop)
@@ -131,6 +97,45 @@ def sample_flow(
     _publish(summary)
     get_run_logger().info("%s", summary)
     return summary
+
+
+def _training_images(trained: TrainedModel, config: Config) -> str:
+    """Where the run's training images are (fetched if need be), and the Inception weights
+    found, before anything is drawn.
+
+    Raises:
+        UserError: if the checkpoint records no settings, or the weights cannot be had.
+    """
+    if not trained.settings:
+        raise UserError(
+            f"{trained.checkpoint} records no settings: the training images to evaluate "
+            "against are unknown"
+        )
+    inception_weights(config.eval.weights)
+    where = config.data
+    return download_task(
+        where.dataset, str(where.root), where.url, where.folder and str(where.folder)
+    )
+
+
+def _generation_record(
+    trained: TrainedModel, options: GenerateOptions, config: Config
+) -> dict[str, Any]:
+    """What makes the images in `out` what they are: a re-run must match it to add to them."""
+    sample = config.sample
+    return {
+        "checkpoint": str(trained.checkpoint.resolve()),
+        "global_step": trained.global_step,
+        "ema": trained.ema,
+        "seed": options.seed,
+        "sampler": sample.sampler,
+        "steps": sampler_steps(config),
+        "eta": sample.eta if sample.sampler == "ddim" else None,
+        "clip_denoised": sample.clip_denoised,
+        "batch_size": options.batch_size,
+        "precision": config.train.precision,
+        "device": config.train.device.split(":")[0],
+    }
 
 
 def _publish(summary: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ the CPU. The model is carried between tasks, never hashed or persisted (NO_CACHE
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -17,12 +18,35 @@ from ddpm.checkpoint import atomic_write
 from ddpm.config import Config
 from ddpm.data import load_dataset
 from ddpm.evaluation import compute_metrics
-from ddpm.generate import ImageFiles, TrainedModel, generate, load_trained_model
+from ddpm.generate import ImageFiles, TrainedModel, generate, load_trained_model, network_calls
+from flows.download import data_reference_key
 from flows.progress import ProgressBar
 from flows.shutdown import StopRequest
-from flows.tasks import SamplingStopped, data_reference_key, sampler_steps, stop_check
 
 PROGRESS_KEY = "generation-progress"
+
+
+class SamplingStopped(Exception):
+    """A stop request arrived while sampling: what was being drawn is dropped."""
+
+
+def stop_check(stop: StopRequest, bar: ProgressBar | None = None) -> Callable[[], None]:
+    """A sampler's progress callback: advances the bar, and raises SamplingStopped once a stop
+    is requested (so a stop never waits for a whole batch of sampler steps)."""
+
+    def progress() -> None:
+        if bar is not None:
+            bar.advance()
+        if stop():
+            raise SamplingStopped
+
+    return progress
+
+
+def sampler_steps(config: Config) -> int:
+    """Network evaluations per sampled batch: the sampler's steps (all T for ddpm)."""
+    return network_calls(config.diffusion, config.sample)
+
 
 
 @task(name="load-model", cache_policy=NO_CACHE, persist_result=False)

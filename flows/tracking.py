@@ -11,6 +11,7 @@ Prefect: artifacts with stable keys, so the UI shows their history across epochs
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -36,6 +37,15 @@ PROGRESS_KEY, METRICS_KEY, SUMMARY_KEY, LINK_KEY = (
     "run-summary",
     "wandb-run",
 )
+
+
+def route_core_logs() -> None:
+    """Send the core's log lines (logger `ddpm`: a skipped checkpoint, an unreadable image) to
+    the flow run's logs, as Prefect does for PREFECT_LOGGING_EXTRA_LOGGERS (once per process)."""
+    core = logging.getLogger("ddpm")
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in core.handlers:
+            core.addHandler(handler)
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -30,25 +30,23 @@ from prefect.states import Cancelled, State
 from prefect.utilities.annotations import quote
 
 from ddpm.config import Config
-from ddpm.data import TrainingData
 from ddpm.distributed import Group, environment, join
 from ddpm.evaluation import inception_weights
-from ddpm.run import share_start
 from ddpm.run_dir import RunDir
-from ddpm.trainer import Trainer
+from ddpm.trainer import EpochResult, Trainer, share_start
+from flows.download import download_task
 from flows.gpu import gpu_slot
 from flows.launch import LaunchError, launch
 from flows.shutdown import StopRequest, active_stop_request
-from flows.tasks import (
+from flows.tracking import RunArtifacts, Tracker, publish_summary, route_core_logs
+from flows.train_tasks import (
     build_model_task,
     checkpoint_task,
-    download_task,
     evaluate_task,
     load_data_task,
     sample_and_log_task,
     train_epoch_task,
 )
-from flows.tracking import RunArtifacts, Tracker, publish_summary
 from settings import Settings, SettingsError, core_config, load_settings, result_changes, run_path
 
 __all__ = ["open_run_dir", "train_flow"]
@@ -121,6 +119,7 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
         the run folder, epochs and steps done, the last checkpoint and the last epoch's
         result; a Cancelled state naming the checkpoint when a stop request ended it early.
     """
+    route_core_logs()
     cfg = load_settings(overrides)
     stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
     if cfg.train.devices > 1 and environment() is None:
@@ -207,7 +206,11 @@ def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
             data_path = download_task.with_options(refresh_cache=True)(*download_args)
         data = load_data_task(config, data_path, group and (group.rank, group.world_size))
         try:
-            return _train_epochs(cfg, config, run, data, data_path, stop, resolved, group)
+            state = build_model_task(config, run, data.steps_per_epoch, resolved)
+            if group is not None:  # the other ranks start from this state
+                share_start(group, state, data_path)
+            trainer = Trainer(state, data, config.train, run, group=group)
+            return _train_epochs(cfg, config, trainer, data_path, stop)
         finally:
             data.close()  # DataLoader workers, if any, stop with the run
 
@@ -219,20 +222,10 @@ def _due(every: int, epoch: int, epochs: int) -> bool:
 
 
 def _train_epochs(
-    cfg: Settings,
-    config: Config,
-    run: RunDir,
-    data: TrainingData,
-    data_path: str,
-    stop: StopRequest,
-    resolved: dict[str, Any],
-    group: Group | None,
+    cfg: Settings, config: Config, trainer: Trainer, data_path: str, stop: StopRequest
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    state = build_model_task(config, run, data.steps_per_epoch, resolved)
-    if group is not None:  # the other ranks start from this state
-        share_start(group, state, data_path)
-    trainer = Trainer(state, data, config.train, run, group=group)
+    state, run, epochs = trainer.state, trainer.run, config.train.epochs
     newest = run.step_checkpoints() or run.epoch_checkpoints()  # an epoch's removes steps'
     summary = {
         "run_dir": str(run.path),
@@ -241,7 +234,6 @@ def _train_epochs(
         "checkpoint": str(newest[-1]) if newest else None,
         "metrics": {},
     }
-    epochs = config.train.epochs
     if state.epoch >= epochs:
         logger.info(
             "run %s already finished %d of %d epochs; nothing to do", run.path, state.epoch, epochs
@@ -269,16 +261,9 @@ def _train_epochs(
                 summary["checkpoint"] = checkpoint_task(quote(snapshot), run, config.train.keep)
                 stop.checkpoint = summary["checkpoint"]
                 stop.unsaved(None)
-                evaluation = None
-                if _due(config.eval.every, result.epoch, epochs) and not stop():
-                    evaluation = evaluate_task(
-                        quote(state), quote(data), config, run, result, summary["checkpoint"],
-                        data_path, tracker, quote(stop),
-                    )  # fmt: skip
-                if _due(config.sample.every, result.epoch, epochs) and not stop():
-                    sample_and_log_task(quote(state), config, run, result, tracker, quote(stop))
-                else:
-                    tracker.log_epoch(result, None)
+                evaluation = _evaluate_and_sample(
+                    config, trainer, result, summary["checkpoint"], data_path, tracker, stop
+                )
                 artifacts.epoch_done(result, evaluation)
                 summary.update(epochs=result.epoch, metrics=dataclasses.asdict(result))
         exit_code = stop.exit_code
@@ -286,3 +271,26 @@ def _train_epochs(
         tracker.finish(exit_code)
         publish_summary(cfg, run, summary, tracker.url)
     return summary
+
+
+def _evaluate_and_sample(
+    config: Config,
+    trainer: Trainer,
+    result: EpochResult,
+    checkpoint: str,
+    data_path: str,
+    tracker: Tracker,
+    stop: StopRequest,
+) -> dict[str, float] | None:
+    """After an epoch: evaluate, and draw the sample grid, where due (a stop request skips
+    them); the epoch's result goes to tracking with its grid or alone. Returns the metrics."""
+    epochs, evaluation = config.train.epochs, None
+    if _due(config.eval.every, result.epoch, epochs) and not stop():
+        evaluation = evaluate_task(
+            quote(trainer), config, result, checkpoint, data_path, tracker, quote(stop)
+        )
+    if _due(config.sample.every, result.epoch, epochs) and not stop():
+        sample_and_log_task(quote(trainer.state), config, trainer.run, result, tracker, quote(stop))
+    else:
+        tracker.log_epoch(result, None)
+    return evaluation

@@ -13,11 +13,11 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _PydanticSettingsError
 
 from ddpm.config import CIFAR10_URL, LEGACY_DIFFUSION
@@ -42,6 +42,24 @@ class _FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+def list_value(value: Any, example: str) -> Any:
+    """A list setting as any source gives it: '1,2,2,2' or JSON '[1, 2, 2, 2]' (env, .env,
+    flags, overrides alike), one value, or a list.
+
+    Raises:
+        ValueError: for text that is neither, naming the forms with `example`.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("["):
+            return [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"give a list as {example}, got {value!r}") from None
+    return value if isinstance(value, (list, tuple)) else [value]
 
 
 class DataSettings(_Group):
@@ -86,14 +104,18 @@ class ModelSettings(_Group):
         "assignment", description="assignment (11.4 M parameters) or ddpm (the paper's U-Net)"
     )
     # The DDPM paper's CIFAR-10 network (model.arch=ddpm only):
-    channel_mult: list[int] = Field(
+    channel_mult: Annotated[list[int], NoDecode] = Field(
         [1, 2, 2, 2], min_length=1, max_length=8, description="ddpm: width multipliers per level"
     )
     num_res_blocks: int = Field(2, ge=1, le=8, description="ddpm: residual blocks per level")
-    attention_resolutions: list[int] = Field(
+    attention_resolutions: Annotated[list[int], NoDecode] = Field(
         [16], max_length=8, description="ddpm: image sides at which blocks attend"
     )
     dropout: float = Field(0.1, ge=0, lt=1, description="ddpm: dropout in residual blocks")
+    # For 128-256 px image folders whose networks do not fit a GPU at the paper's batch sizes.
+    checkpointing: bool = Field(
+        False, description="ddpm: activation checkpointing (less memory, ~1/3 more compute)"
+    )
 
     @field_validator("hidden_size")
     @classmethod
@@ -104,11 +126,8 @@ class ModelSettings(_Group):
 
     @field_validator("channel_mult", "attention_resolutions", mode="before")
     @classmethod
-    def _comma_separated(cls, v: Any) -> Any:
-        """'1,2,2,2' or 16 (an override, as a flag gives them) -> a list."""
-        if isinstance(v, str) and not v.lstrip().startswith("["):
-            return [int(x) for x in v.split(",") if x.strip()]
-        return [v] if isinstance(v, int) else v
+    def _list_of_ints(cls, v: Any) -> Any:
+        return list_value(v, "1,2,2,2 or [1, 2, 2, 2]")
 
     @field_validator("channel_mult", "attention_resolutions")
     @classmethod
@@ -219,6 +238,10 @@ class TrainSettings(_Group):
     max_restarts: int = Field(
         3, ge=0, le=100, description="restarts of a data-parallel group after a rank fails"
     )
+    # Big images on small GPUs: the gradient of a whole batch from smaller forward passes.
+    accumulate: int = Field(
+        1, ge=1, le=4096, description="micro-batches per batch (gradient accumulation)"
+    )
 
 
 class SampleSettings(_Group):
@@ -262,7 +285,7 @@ class EvalSettings(_Group):
     num_samples: int = Field(
         50_000, ge=2, le=10_000_000, description="images drawn for one evaluation"
     )
-    metrics: list[Literal["fid", "kid"]] = Field(
+    metrics: Annotated[list[Literal["fid", "kid"]], NoDecode] = Field(
         ["fid", "kid"], min_length=1, description="metrics to compute: fid, kid"
     )
     # No machine without internet can fetch torch-fidelity's Inception weights.
@@ -277,6 +300,11 @@ class EvalSettings(_Group):
     cache_dir: Path | None = Field(
         None, description="cache of the training images' statistics; empty = run.dir/fid-stats"
     )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _list_of_names(cls, v: Any) -> Any:
+        return list_value(v, 'fid,kid or ["fid", "kid"]')
 
     @field_validator("weights", "cache_dir", mode="before")
     @classmethod
@@ -377,6 +405,14 @@ class Settings(BaseSettings):
                     f"{len(model.channel_mult)} levels (model.channel_mult) the network sees "
                     f"{reached}",
                 )
+        if model.checkpointing and model.arch != "ddpm":
+            raise _FieldError("model.checkpointing", "applies to model.arch=ddpm only")
+        if self.train.accumulate > self.train.batch_size:
+            raise _FieldError(
+                "train.accumulate",
+                f"must be at most train.batch_size ({self.train.batch_size}): each micro-batch "
+                "takes a share of a batch",
+            )
         if self.train.batch_size < self.train.devices:
             raise _FieldError(
                 "train.devices",
@@ -427,13 +463,17 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
         if isinstance(cause, _FieldError):
             problems.append((cause.field, str(cause)))
             continue
-        field = ".".join(str(part) for part in e["loc"])
+        names = [str(part) for part in e["loc"] if not isinstance(part, int)]
+        entries = [part for part in e["loc"] if isinstance(part, int)]  # a list's items
+        field = ".".join(names)
         if e["type"] == "extra_forbidden":
             problems.append((field, "unknown setting (see --help for the list)"))
             continue
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] != "value_error" and not isinstance(e.get("input"), (dict, list)):
             message += f", got {e.get('input')!r}"
+        if entries:
+            message = f"entry {entries[0] + 1}: {message}"
         problems.append((field, message))
     return problems
 
@@ -517,18 +557,19 @@ def load_settings(
 
 
 def _undecodable(err: _PydanticSettingsError, given: Sequence[str]) -> SettingsError:
-    """pydantic-settings' error for a value it cannot decode (a list that is not JSON), which
-    names only a group: the error for the settings given in that group."""
+    """pydantic-settings' error for a value it cannot decode, which names only a group: a
+    whole group given as text that is not JSON (every list setting takes its own forms, see
+    list_value). The error names the group's settings given, else the group."""
     match = re.search(r'field "(\w+)"', str(err))
     group = match[1] if match else ""
-    fields = sorted({f for f in given if f.startswith(f"{group}.")}) or [group]
+    inside = sorted({f for f in given if f.startswith(f"{group}.")})
+    fields = [group] if group in given or not inside else inside
     cause = " ".join(str(err.__cause__ or err).split())
+    example = f'{{"{next(iter(Settings.model_fields[group].annotation.model_fields))}": ...}}'
     return SettingsError(
-        [
-            (f, f'cannot be decoded ({cause}); give a list as JSON, e.g. ["fid", "kid"]')
-            for f in fields
-        ]
-    )
+        [(f, f"cannot be decoded ({cause}); give a whole group as JSON, e.g. {example}")
+         for f in fields]
+    )  # fmt: skip
 
 
 def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
@@ -574,6 +615,8 @@ _NOT_RESULT = {
     "train.devices",
     "train.rank_timeout",
     "train.max_restarts",
+    "train.accumulate",
+    "model.checkpointing",
 }
 
 

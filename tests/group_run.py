@@ -17,38 +17,27 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-import ddpm.run
+import ddpm.build
+from ddpm.build import build_training
 from ddpm.config import Config
-from ddpm.data import TrainingData, load_dataset, locate_dataset, shard_bounds
-from ddpm.distributed import Shard, join
-from ddpm.run import build_training, share_start, train_rank
-from ddpm.trainer import Trainer, TrainingDiverged
+from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.distributed import join
+from ddpm.trainer import Trainer, TrainingDiverged, share_start, train_rank
 from ddpm.unet import UNet
 from flows.launch import free_port
 
 
-def train_alone(config: Config, parts: int = 1) -> dict[str, Any]:
+def train_alone(config: Config) -> dict[str, Any]:
     """The final snapshot of config.train.epochs epochs in this process.
 
-    With parts k > 1, each batch's loss is the mean of the k weighted slice losses that k
-    ranks would compute (ddpm.distributed.Shard.loss, t and eps drawn once for the batch):
-    the same gradient summed in another order, with no second process. The distance of
-    that run from the plain one is the spread of summation order on this machine.
+    With train.accumulate = k, each batch's gradient is the sum of the k weighted slice
+    gradients that k ranks would compute (ddpm.trainer.micro_batches, t and eps drawn once for
+    the batch): the same gradient summed in another order, with no second process. The
+    distance of that run from the plain one is the spread of summation order on this machine.
     """
     torch.set_num_threads(1)
     data = TrainingData(load_dataset(config, locate_dataset(config.data)), config)
     state = build_training(config, data.steps_per_epoch * config.train.epochs)
-    if parts > 1:
-        diffusion, whole = state.diffusion, state.diffusion.forward
-
-        def in_parts(x0: torch.Tensor) -> torch.Tensor:
-            n = x0.shape[0]
-            t, eps = diffusion.draw_training_noise(x0)
-            shards = [Shard(r, parts, whole) for r in range(parts)]  # type: ignore[arg-type]
-            slices = [x0[slice(*shard_bounds(n, r, parts))] for r in range(parts)]
-            return sum(s.loss(x, n, t, eps) for s, x in zip(shards, slices, strict=True)) / parts
-
-        diffusion.forward = in_parts  # type: ignore[method-assign]
     Trainer(state, data, config.train).fit()
     return state.snapshot()
 
@@ -76,7 +65,7 @@ def _rank(
         WORLD_SIZE=str(world_size),
     )  # fmt: skip
     if nan is not None and nan[0] == rank:
-        ddpm.run.UNet, _NanAfter.calls = _NanAfter, nan[1]
+        ddpm.build.UNet, _NanAfter.calls = _NanAfter, nan[1]
     group = join("cpu", timeout=60)
     try:
         if rank:

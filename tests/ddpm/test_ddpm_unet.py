@@ -9,14 +9,13 @@ import pytest
 import torch
 from tiny_run import make_config, smooth_batch
 
+from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointError
-from ddpm.checkpoint_files import save_epoch_checkpoint
 from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel
-from ddpm.generate import generate, load_trained_model
-from ddpm.run import build_training, draw_samples
-from ddpm.run_dir import RunDir
+from ddpm.generate import draw_samples, generate, load_trained_model
+from ddpm.run_dir import RunDir, save_epoch_checkpoint
 from ddpm.trainer import Trainer, train_step
 from ddpm.training import TrainingState
 
@@ -44,6 +43,41 @@ def test_attention_at_an_unreached_resolution_and_odd_widths_are_refused() -> No
         DDPMUNet(3, 3, hidden_size=32, attention_resolutions=(12,))
     with pytest.raises(ValueError, match="multiple of 32"):
         DDPMUNet(3, 3, hidden_size=48)
+
+
+def gradients(checkpointing: bool, dropout: float) -> list[torch.Tensor]:
+    """Every parameter's gradient of one training loss of a small paper network, seeded."""
+    torch.manual_seed(0)
+    net = DDPMUNet(3, 3, hidden_size=32, channel_mult=(1, 2), dropout=dropout)
+    net.enable_gradient_checkpointing(checkpointing)
+    model = DiffusionModel(net, num_timesteps=50)
+    model(smooth_batch(0)).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_the_same_gradients(dropout: float) -> None:
+    """model.checkpointing recomputes each stage's activations in the backward pass instead
+    of keeping them, replaying its dropout masks: every gradient is the one kept activations
+    give, bit for bit (with dropout too)."""
+    kept, recomputed = gradients(False, dropout), gradients(True, dropout)
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed, strict=True))
+
+
+def test_activation_checkpointing_recomputes_in_training_only() -> None:
+    """Checkpointed stages run twice per training step (forward, then again in the backward
+    pass) and once in eval mode or without gradients (sampling)."""
+    net = DDPMUNet(3, 3, hidden_size=32, channel_mult=(1, 2))
+    net.enable_gradient_checkpointing()
+    calls = []
+    net.mid[1].register_forward_hook(lambda *_: calls.append(1))  # the middle attention
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    net(x, t).sum().backward()
+    assert len(calls) == 2
+    net.eval()
+    with torch.no_grad():
+        net(x, t)
+    assert len(calls) == 3
 
 
 @pytest.mark.slow

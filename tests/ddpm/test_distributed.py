@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 from group_run import train_alone, train_group
 from tiny_run import make_config, write_cifar10
 
+from ddpm.build import build_training
+from ddpm.config import Config
 from ddpm.data import shard_bounds
-from ddpm.run import build_training
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -34,9 +36,10 @@ def test_shards_cover_the_batch_once_in_order(n: int, k: int) -> None:
 @pytest.mark.slow
 def test_two_processes_train_the_weights_and_ema_of_one(tmp_path: Path) -> None:
     """Two gloo processes sharing each global batch end 2 epochs (12 steps) with the weights
-    and EMA of one process that sums each batch's loss from the same two slices (t and eps
-    drawn once for the batch), to rounding: 41 images in batches of 8 give even splits and a
-    last batch of 1 that leaves rank 1 nothing. Measured (AMD EPYC): identical, 0.0.
+    and EMA of one process that accumulates each batch's gradient from the same two slices
+    (train.accumulate 2; t and eps drawn once for the batch), to rounding: 41 images in
+    batches of 8 give even splits and a last batch of 1 that leaves rank 1 nothing. Measured
+    (AMD EPYC): identical, 0.0.
 
     Against the plain one-process run (each batch's mean in one piece) the group is only as
     close as a change of summation order allows, which this tiny fp32 network amplifies and
@@ -55,7 +58,8 @@ def test_two_processes_train_the_weights_and_ema_of_one(tmp_path: Path) -> None:
             "train.log_every": 3,
         }
     )
-    alone, in_two_parts = train_alone(config), train_alone(config, parts=2)
+    in_two = dataclasses.replace(config, train=dataclasses.replace(config.train, accumulate=2))
+    alone, in_two_parts = train_alone(config), train_alone(in_two)
     group = train_group(config, 2, tmp_path / "rank0.pt")
     assert group["global_step"] == alone["global_step"] == 12
     for weights in ("model", "ema"):
@@ -65,6 +69,17 @@ def test_two_processes_train_the_weights_and_ema_of_one(tmp_path: Path) -> None:
     initial = build_training(config, 12).snapshot()["model"]
     assert max_difference(alone["model"], initial) > 1e-3  # it trained (by 1.9e-3)
     assert max_difference(in_two_parts["model"], initial) > 1e-3
+
+    # Each rank accumulating its slice in 2 micro-batches (DDP all-reducing after the second
+    # only) trains what one process accumulating the same 4 pieces trains, to the spread.
+    def accumulating(k: int) -> Config:
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, accumulate=k))
+
+    group_of_two = train_group(accumulating(2), 2, tmp_path / "rank0-accumulating.pt")
+    in_four_parts = train_alone(accumulating(4))
+    for weights in ("model", "ema"):
+        spread = max_difference(in_four_parts[weights], alone[weights])
+        assert max_difference(group_of_two[weights], in_four_parts[weights]) <= spread + 1e-6
 
 
 @pytest.mark.slow

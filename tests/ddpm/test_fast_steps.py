@@ -11,9 +11,9 @@ from tiny_run import Calls, smooth_batch, train_on
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ddpm.build import build_training
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.run import build_training
 from ddpm.trainer import Trainer, train_step
 from ddpm.training import TrainingState, build_ema, build_optimizer, resolve_precision
 from ddpm.unet import UNet

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ddpm.checkpoint_files import keep_best, load_newest_valid, save_epoch_checkpoint
 from ddpm.generate import (
     GenerationError,
     ImageFiles,
@@ -21,8 +21,7 @@ from ddpm.generate import (
     load_trained_model,
     sample_set,
 )
-from ddpm.run import build_training
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, keep_best, load_newest_valid, save_epoch_checkpoint
 from ddpm.trainer import train_step
 
 

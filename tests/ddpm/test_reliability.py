@@ -15,6 +15,7 @@ import torch
 from tiny_run import Calls, make_config, train_on
 from torch import nn
 
+from ddpm.build import build_or_resume, build_training
 from ddpm.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -22,11 +23,9 @@ from ddpm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from ddpm.checkpoint_files import load_newest_valid, save_epoch_checkpoint
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.run import build_or_resume, build_training
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, load_newest_valid, save_epoch_checkpoint
 from ddpm.trainer import Trainer, TrainingDiverged
 from ddpm.training import TrainingState, build_ema, build_optimizer
 from ddpm.unet import UNet

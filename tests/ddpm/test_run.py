@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tiny_run import Calls
 
-from ddpm.checkpoint_files import load_newest_valid, prune_checkpoints, save_epoch_checkpoint
+from ddpm.build import build_or_resume, build_training, rewind
 from ddpm.config import DataConfig
 from ddpm.data import (
     DatasetError,
@@ -22,8 +22,14 @@ from ddpm.data import (
     load_dataset,
     locate_dataset,
 )
-from ddpm.run import build_or_resume, build_training, draw_samples, rewind
-from ddpm.run_dir import RunDir, RunInUse
+from ddpm.generate import draw_samples
+from ddpm.run_dir import (
+    RunDir,
+    RunInUse,
+    load_newest_valid,
+    prune_checkpoints,
+    save_epoch_checkpoint,
+)
 from ddpm.trainer import Trainer
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ddpm.build import build_training
 from ddpm.config import (
     Config,
     DataConfig,
@@ -16,8 +17,7 @@ from ddpm.config import (
     TrainConfig,
 )
 from ddpm.data import TensorImageDataset, TrainingData
-from ddpm.generate import to_uint8
-from ddpm.run import build_training, draw_samples
+from ddpm.generate import draw_samples, to_uint8
 from ddpm.trainer import Trainer
 from ddpm.training import TrainingState
 

@@ -3,6 +3,7 @@ from deployments/prefect.yaml, run ddpm-smoke through the CLI, execute it with a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -138,9 +139,10 @@ def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cif
     assert '"hidden_size": 16' in settings and '"subset": 256' in settings  # smoke env
 
     # The trained run's images through the ddpm-sample deployment and the same worker.
+    options = {"run": str(run_dir), "num": 3, "out": str(tmp_path / "images")}
     out = prefect(
-        server, "deployment", "run", "sample-flow/ddpm-sample", "--param", f"run={run_dir}",
-        "--param", "num=3", "--param", f"out={tmp_path / 'images'}",
+        server, "deployment", "run", "sample-flow/ddpm-sample",
+        "--param", f"options={json.dumps(options)}",
     )  # fmt: skip
     sample_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out)[1]
     prefect(server, "worker", "start", "--pool", "ddpm-local", "--run-once", timeout=300)

@@ -19,10 +19,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-import ddpm.run
+import ddpm.build
 from ddpm.checkpoint import load_checkpoint
-from ddpm.checkpoint_files import load_newest_valid
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, load_newest_valid
 from ddpm.unet import UNet
 from flows.cli import main
 from flows.train_flow import train_flow
@@ -100,7 +99,7 @@ def test_divergence_fails_without_retry_and_keeps_the_last_good_checkpoint(
     """NaN losses past train.max_bad_steps in a row fail train-epoch at once (no retry) with a
     message naming the setting; epoch 1's checkpoint stays and loads."""
     Diverging.training_calls = 0
-    monkeypatch.setattr(ddpm.run, "UNet", Diverging)
+    monkeypatch.setattr(ddpm.build, "UNet", Diverging)
     state = train_flow(overrides={**tiny, "train.max_bad_steps": 1}, return_state=True)
     assert state.is_failed()
     assert "train.max_bad_steps = 1" in state.message

@@ -22,7 +22,7 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.run_dir import RunDir
 from flows.sample_flow import sample_flow
 from flows.train_flow import train_flow
-from settings.generate import GenerateOptions
+from settings.sampling import GenerateOptions
 
 SCRIPT = str(REPO / "flows" / "sample_flow.py")
 
@@ -78,14 +78,16 @@ def pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
 
 
-def test_flow_defaults_are_the_options_defaults() -> None:
-    """sample_flow's parameter defaults (what a deployment run gets) are GenerateOptions'."""
-    import inspect
-
-    params = inspect.signature(sample_flow.fn).parameters
-    for name, field in GenerateOptions.model_fields.items():
-        if not field.is_required():
-            assert params[name].default == field.default, name
+def test_options_are_one_typed_parameter(trained, tmp_path: Path) -> None:
+    """sample_flow takes its options as one GenerateOptions: a deployment run's JSON object
+    (a dict here) is validated into one; a bad value fails the run naming the option."""
+    out = tmp_path / "from-json"
+    given = {"run": str(trained["run_dir"]), "num": 2, "out": str(out), "batch_size": 2}
+    state = sample_flow(options=given, return_state=True)
+    assert state.is_completed(), state.message
+    assert len(pngs(out)) == 2
+    bad = sample_flow(options={**given, "num": 0}, return_state=True)
+    assert bad.is_failed() and "num" in bad.message, bad.message
 
 
 def test_training_evaluates_and_keeps_the_best_checkpoint(
@@ -118,7 +120,7 @@ def test_generate_resume_and_repeat(trained, tmp_path: Path, task_runs) -> None:
     3 files of the 5; the record names the checkpoint; a changed seed is refused."""
     out = tmp_path / "out"
     args = {"run": str(trained["run_dir"]), "out": str(out), "batch_size": 4}
-    state = sample_flow(num=5, **args, return_state=True)
+    state = sample_flow(GenerateOptions(num=5, **args), return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["written"] == 5 and summary["images"] == 5
@@ -127,12 +129,12 @@ def test_generate_resume_and_repeat(trained, tmp_path: Path, task_runs) -> None:
     assert set(runs) == {"load-model", "generate-images"}
     first = pngs(out)
     assert list(first) == [f"{i:06d}.png" for i in range(5)]
-    again = sample_flow(num=5, **args)
+    again = sample_flow(GenerateOptions(num=5, **args))
     assert again["written"] == 0 and pngs(out) == first
     three = tmp_path / "three"
-    sample_flow(num=3, **{**args, "out": str(three)})
+    sample_flow(GenerateOptions(num=3, **{**args, "out": str(three)}))
     assert pngs(three) == {k: first[k] for k in list(first)[:3]}
-    refused = sample_flow(num=5, seed=1, **args, return_state=True)
+    refused = sample_flow(GenerateOptions(num=5, seed=1, **args), return_state=True)
     assert refused.is_failed() and "seed: 0 -> 1" in refused.message
 
 
@@ -142,7 +144,7 @@ def test_command_line_matches_the_flow_and_evaluates(
     """`python flows/sample_flow.py ... --npz --evaluate` in a child process writes the same
     bytes as the in-process flow, the .npz, and metrics.json with finite FID and KID."""
     flow_out, cli_out = tmp_path / "flow", tmp_path / "cli"
-    sample_flow(run=str(trained["run_dir"]), num=6, out=str(flow_out), batch_size=4)
+    sample_flow(GenerateOptions(run=trained["run_dir"], num=6, out=flow_out, batch_size=4))
     args = [
         "--run", str(trained["run_dir"]), "--num", "6", "--out", str(cli_out),
         "--batch-size", "4", "--npz", "--evaluate", "--eval.weights", str(weights),
@@ -187,8 +189,9 @@ def test_sigterm_stops_generation_and_a_rerun_completes_it(
     assert "re-run to resume" in cli.output.strip().splitlines()[-1]
     done = len(pngs(out))
     assert 8 <= done < 200
-    sample_flow(run=str(trained["run_dir"]), num=200, out=str(whole), batch_size=4)
-    resumed = sample_flow(run=str(trained["run_dir"]), num=200, out=str(out), batch_size=4)
+    run = trained["run_dir"]
+    sample_flow(GenerateOptions(run=run, num=200, out=whole, batch_size=4))
+    resumed = sample_flow(GenerateOptions(run=run, num=200, out=out, batch_size=4))
     assert resumed["written"] == 200 - done
     assert pngs(out) == pngs(whole)
 

@@ -17,8 +17,7 @@ import torch
 from cli_run import REPO, Cli, signal_group
 
 from ddpm.checkpoint import load_checkpoint
-from ddpm.checkpoint_files import load_newest_valid
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, load_newest_valid
 from flows.server import temporary_server
 from flows.shutdown import EXIT_API_LOST, api_answers
 
@@ -219,15 +218,23 @@ def test_temporary_server_is_out_of_the_run_group_and_sends_no_telemetry() -> No
 
 def test_help_and_bad_flags_answer_before_torch_and_prefect_are_imported() -> None:
     """--help and a bad setting import neither torch nor prefect (which took 7 s to import
-    before the flags were read): the answer comes at once."""
-    for args, code in ((["--help"], 0), (["--train.epochs", "x"], 2)):
-        result = subprocess.run(
-            [sys.executable, "-X", "importtime", str(REPO / "flows" / "train_flow.py"), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == code, result.stderr[-2000:]
-        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
-        assert {"torch", "prefect", "wandb"}.isdisjoint(imported), sorted(imported)[:50]
-        assert "settings" in imported
+    before the flags were read): the answer comes at once, from the script and from the
+    console scripts ddpm-train and ddpm-sample alike."""
+    bin_dir = Path(sys.executable).parent
+    commands = [
+        (str(REPO / "flows" / "train_flow.py"), ["--train.epochs", "x"]),
+        (str(bin_dir / "ddpm-train"), ["--train.epochs", "x"]),
+        (str(bin_dir / "ddpm-sample"), ["--num", "x"]),
+    ]
+    for command, bad in commands:
+        for args, code in ((["--help"], 0), (bad, 2)):
+            result = subprocess.run(
+                [sys.executable, "-X", "importtime", command, *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == code, (command, args, result.stderr[-2000:])
+            imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+            assert {"torch", "prefect", "wandb"}.isdisjoint(imported), sorted(imported)[:50]
+            assert "settings" in imported

@@ -16,16 +16,16 @@ import pytest
 import torch
 from prefect import flow, get_client
 
-import flows.tasks
+import flows.train_tasks
 from ddpm.checkpoint import load_checkpoint
 from ddpm.run_dir import RunDir
 from flows.gpu import GPU_SLOT, gpu_slot
-from flows.tasks import (
+from flows.train_flow import train_flow
+from flows.train_tasks import (
     checkpoint_task,
     sample_and_log_task,
     train_epoch_task,
 )
-from flows.train_flow import train_flow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +110,7 @@ def test_transient_failure_in_train_epoch_is_retried_from_the_checkpoint(
     """A failure one step into epoch 2 is retried; the retry rewinds to epoch 1's checkpoint,
     so the global step has no gap or double count and the weights equal an uninterrupted run."""
     _, clean = run({**tiny, "run.dir": tiny["run.dir"] + "-clean"})
-    real_on_step, failed = flows.tasks._EpochHooks.on_step, []
+    real_on_step, failed = flows.train_tasks._EpochHooks.on_step, []
 
     def flaky(hooks, global_step: int, metrics) -> None:
         real_on_step(hooks, global_step, metrics)
@@ -118,7 +118,7 @@ def test_transient_failure_in_train_epoch_is_retried_from_the_checkpoint(
             failed.append(global_step)
             raise RuntimeError("injected transient failure")
 
-    monkeypatch.setattr(flows.tasks._EpochHooks, "on_step", flaky)
+    monkeypatch.setattr(flows.train_tasks._EpochHooks, "on_step", flaky)
     state, summary = run(tiny)
     assert state.is_completed(), state.message
     assert failed == [3]  # one step of epoch 2 was taken, then it failed

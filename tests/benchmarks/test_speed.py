@@ -1,11 +1,11 @@
-"""The benchmark's CPU smoke path (`python -m ddpm.bench --quick`): every key, sane numbers."""
+"""The benchmark's CPU smoke path (`python -m benchmarks.speed --quick`): keys, sane numbers."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from ddpm.bench import forward_gflops_per_image, main
+from benchmarks.speed import forward_gflops_per_image, main
 
 KEYS = {
     "device", "baseline_img_per_s", "project_img_per_s", "speedup", "model_gflops_per_img",

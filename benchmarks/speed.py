@@ -1,7 +1,7 @@
 """Training and sampling throughput: the seed pipeline against this project's, in one run.
 
-    python -m ddpm.bench [--device cuda] [--json results.json]
-    python -m ddpm.bench --quick --device cpu      # a CPU smoke run in under a minute
+    python -m benchmarks.speed [--device cuda] [--json results.json]
+    python -m benchmarks.speed --quick --device cpu      # a CPU smoke run in under a minute
 
 (a) baseline, the course assignment's pipeline with its bugs fixed: a torchvision DataLoader
     decoding PIL images with RandomHorizontalFlip/ToTensor/Normalize in worker processes, fp32
@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddpm.build import build_network, build_training
 from ddpm.config import (
     Config,
     DataConfig,
@@ -39,7 +40,6 @@ from ddpm.config import (
 )
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
-from ddpm.run import build_network, build_training
 from ddpm.trainer import Trainer
 from ddpm.training import autocast, resolve_device, resolve_precision
 
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
-        prog="python -m ddpm.bench", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.speed", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of one session, in one call (the device tool lends a GPU machine for minutes):
 # the bench, the CUDA tests, and real epochs of train_flow on CIFAR-10-sized data through
-# flows.overhead. Run from the repository root on a machine whose python3 has torch; the rest
+# benchmarks.overhead. Run from the repository root on a machine whose python3 has torch; the rest
 # of the project's packages come from wheels in .whl (see ../shared or the device README).
-#     OUT=/tmp/gpu bash ddpm/bench_results/gpu_checks.sh
+#     OUT=/tmp/gpu bash benchmarks/results/gpu/gpu_checks.sh
 set -u
 OUT=${OUT:-/tmp/gpu-checks}
 BUDGET=${BUDGET:-570}  # seconds for the whole script; the flow run gets what is left
@@ -27,7 +27,7 @@ echo "setup done at $(elapsed) s: $(tail -1 "$OUT/env.txt")"
 python3 -c "import sys; sys.path.insert(0, 'tests'); from tiny_run import write_cifar10; write_cifar10('/tmp/cifar', images_per_batch=10000)" &
 writer=$!
 
-timeout 230 python3 -m ddpm.bench --device cuda --json "$OUT/${gpu:-gpu}.json" --profile "$OUT/profile.txt" > "$OUT/bench.log" 2>&1
+timeout 230 python3 -m benchmarks.speed --device cuda --json "$OUT/${gpu:-gpu}.json" --profile "$OUT/profile.txt" > "$OUT/bench.log" 2>&1
 echo "bench rc $? at $(elapsed) s"
 
 timeout 130 python3 -m pytest -m cuda --no-cov -p no:cacheprovider -q -rA tests > "$OUT/cuda_tests.log" 2>&1
@@ -35,7 +35,7 @@ echo "cuda tests rc $? at $(elapsed) s: $(grep -E '^(=+ )?[0-9]+ (passed|failed)
 
 wait $writer
 left=$((BUDGET - $(elapsed)))
-timeout $left python3 -m flows.overhead --epochs 2 --json "$OUT/overhead.json" --data.root /tmp/cifar --train.device cuda > "$OUT/overhead.log" 2>&1
+timeout $left python3 -m benchmarks.overhead --epochs 2 --json "$OUT/overhead.json" --data.root /tmp/cifar --train.device cuda > "$OUT/overhead.log" 2>&1
 echo "overhead rc $? at $(elapsed) s"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv >> "$OUT/env.txt" 2>&1
 cat "$OUT/${gpu:-gpu}.json" "$OUT/overhead.json" 2>/dev/null

@@ -1,6 +1,6 @@
 """Prefect's share of a training run's wall time, measured in one process.
 
-    python -m flows.overhead [--epochs 10] [--json PATH] [--group.field value ...]
+    python -m benchmarks.overhead [--epochs 10] [--json PATH] [--group.field value ...]
 
 The same run twice, from empty run folders: (a) through train_flow (every task, artifact and
 state change), (b) as a plain loop of the same core calls the tasks make (Trainer.epoch, the
@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from ddpm.checkpoint_files import save_epoch_checkpoint
+from ddpm.build import build_or_resume
 from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.generate import draw_samples
 from ddpm.images import save_grid
-from ddpm.run import build_or_resume, draw_samples
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, save_epoch_checkpoint
 from ddpm.trainer import Trainer
 from flows.train_flow import train_flow
 from settings import core_config, load_settings, parse_flags
@@ -110,11 +110,11 @@ def measure(overrides: dict[str, Any], epochs: int, workdir: Path) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m flows.overhead", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    overrides = parse_flags(flags, prog="python -m flows.overhead")
+    overrides = parse_flags(flags, prog="python -m benchmarks.overhead")
     with tempfile.TemporaryDirectory(prefix="ddpm-overhead-") as tmp:
         workdir = Path(tmp)
         if not any(key.startswith("data.") for key in overrides):

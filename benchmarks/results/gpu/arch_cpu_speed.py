@@ -1,14 +1,14 @@
 """Parameters, forward FLOPs and CPU training img/s of both networks at batch 16, base 128.
 
-    PYTHONPATH=. python ddpm/bench_results/arch_cpu_speed.py
+    PYTHONPATH=. python benchmarks/results/gpu/arch_cpu_speed.py
 
-The project's training path (ddpm.bench.project_img_per_s: fp32 on a CPU), one intra-op
+The project's training path (benchmarks.speed.project_img_per_s: fp32 on a CPU), one intra-op
 thread, 8 timed steps after 2 warm-up steps, on random uint8 images.
 """
 
 import torch
 
-from ddpm.bench import forward_gflops_per_image, network, project_img_per_s
+from benchmarks.speed import forward_gflops_per_image, network, project_img_per_s
 
 torch.set_num_threads(1)
 images = torch.randint(0, 256, (10 * 16, 3, 32, 32), dtype=torch.uint8)

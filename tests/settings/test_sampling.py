@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from settings import SettingsError, load_settings
-from settings.generate import GenerateOptions, OptionsError, generate_options, sampling_settings
+from settings.sampling import GenerateOptions, OptionsError, generate_options, sampling_settings
 
 
 def test_bad_options_are_named_by_their_flags() -> None:

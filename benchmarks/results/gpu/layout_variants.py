@@ -1,6 +1,6 @@
 """Training img/s of the project's path on CUDA under layout variants, each in its own process.
 
-    python ddpm/bench_results/layout_variants.py compiled|forced|eager
+    python benchmarks/results/gpu/layout_variants.py compiled|forced|eager
 
 compiled: torch.compile, contiguous (inductor skips its channels-last layout optimisation when
 the graph has a transposed convolution); forced: the same with TORCHINDUCTOR_FORCE_LAYOUT_OPT=1
@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from ddpm.bench import project_img_per_s
+from benchmarks.speed import project_img_per_s
 
 variant = sys.argv[1]
 images = torch.randint(0, 256, (100 * 128, 3, 32, 32), dtype=torch.uint8)

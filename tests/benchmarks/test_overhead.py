@@ -1,4 +1,4 @@
-"""`python -m flows.overhead`: the same run through train_flow and as a plain loop."""
+"""`python -m benchmarks.overhead`: the same run through train_flow and as a plain loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.overhead import main
+from benchmarks.overhead import main
 
 
 @pytest.mark.slow

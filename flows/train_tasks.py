@@ -9,27 +9,27 @@ result files).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
-from prefect.tasks import exponential_backoff
+from prefect.cache_policies import NO_CACHE
 
-from ddpm.checkpoint_files import keep_best, save_epoch_checkpoint
-from ddpm.config import Config, DataConfig
-from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.build import build_or_resume, rewind
+from ddpm.config import Config
+from ddpm.data import TrainingData, load_dataset
 from ddpm.distributed import Group, RankFailed
 from ddpm.errors import UserError, first_line
-from ddpm.evaluation import compute_metrics, reference_key
-from ddpm.generate import sample_set
+from ddpm.evaluation import compute_metrics
+from ddpm.generate import draw_samples, sample_set
 from ddpm.images import save_grid
-from ddpm.run import build_or_resume, draw_samples, network_calls, rewind
-from ddpm.run_dir import RunDir
+from ddpm.run_dir import RunDir, keep_best, save_epoch_checkpoint
 from ddpm.trainer import EpochResult, Hooks, StepMetrics, Trainer, TrainingDiverged
 from ddpm.training import TrainingState
+from flows.download import data_reference_key
 from flows.progress import ProgressBar
+from flows.sample_tasks import SamplingStopped, sampler_steps, stop_check
 from flows.shutdown import StopRequest
 from flows.tracking import Tracker
 
@@ -39,72 +39,6 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     (train.max_bad_steps), a rank of the group lost, or one the user must fix (an
     incompatible checkpoint, an unwritable folder)."""
     return not isinstance(state.data, (TrainingDiverged, RankFailed, UserError))
-
-
-def _download_may_recover(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a download only after a failure that may pass (a timeout, an HTTP 5xx); a name
-    that does not resolve, a missing folder or a checksum failed twice fail every time."""
-    return bool(getattr(state.data, "transient", False))
-
-
-class SamplingStopped(Exception):
-    """A stop request arrived while sampling: what was being drawn is dropped."""
-
-
-def stop_check(stop: StopRequest, bar: ProgressBar | None = None) -> Callable[[], None]:
-    """A sampler's progress callback: advances the bar, and raises SamplingStopped once a stop
-    is requested (so a stop never waits for a whole batch of sampler steps)."""
-
-    def progress() -> None:
-        if bar is not None:
-            bar.advance()
-        if stop():
-            raise SamplingStopped
-
-    return progress
-
-
-def sampler_steps(config: Config) -> int:
-    """Network evaluations per sampled batch: the sampler's steps (all T for ddpm)."""
-    return network_calls(config.diffusion, config.sample)
-
-
-def data_reference_key(config: Config, data_path: str) -> str:
-    """The cache key of the training images' FID/KID statistics: the dataset, where it is,
-    its subset (chosen by the seed), the image size and channels, and the Inception weights."""
-    data = config.data
-    return reference_key(
-        data.dataset,
-        str(Path(data_path).resolve()),
-        data.subset,
-        config.train.seed if data.subset else None,
-        data.image_size,
-        config.model.channels,
-        weights=config.eval.weights,
-    )
-
-
-@task(
-    name="download",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),  # 1 s, 2 s, 4 s
-    retry_condition_fn=_download_may_recover,
-    cache_policy=INPUTS + TASK_SOURCE,
-    persist_result=True,
-)
-def download_task(dataset: str, root: str, url: str, folder: str | None) -> str:
-    """Fetch and verify the dataset (or find the image folder); returns its path.
-
-    Cached on its inputs and this source: a second run, even a new flow run, is `Cached` and
-    touches no network. Pass absolute paths, so the key does not depend on the working folder.
-    """
-    where = DataConfig(
-        dataset=dataset,  # type: ignore[arg-type]
-        root=Path(root),
-        folder=Path(folder) if folder else None,
-        url=url,
-    )
-    return str(locate_dataset(where))
 
 
 @task(name="load-data", cache_policy=NO_CACHE, persist_result=False)
@@ -282,10 +216,8 @@ def sample_and_log_task(
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_task(
-    state: TrainingState,
-    data: TrainingData,
+    trainer: Trainer,
     config: Config,
-    run: RunDir,
     result: EpochResult,
     checkpoint: str,
     data_path: str,
@@ -297,6 +229,7 @@ def evaluate_task(
     images (statistics cached), log eval/* and keep checkpoints/best.pt at the lowest FID.
     A stop request drops the evaluation (None)."""
     logger = get_run_logger()
+    state, data, run = trainer.state, trainer.data, trainer.run
     ev, sample = config.eval, config.sample
     model = state.ema.module if sample.use_ema and state.ema is not None else state.diffusion
     steps = -(-ev.num_samples // ev.batch_size) * sampler_steps(config)

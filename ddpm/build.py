@@ -1,0 +1,138 @@
+"""What a run trains, built from its config: the network, the DiffusionModel around it, and
+the whole training state (optimizer, lr schedule, EMA), fresh or resumed from the run folder.
+
+A run is then: build_or_resume -> (Trainer.epoch -> save_epoch_checkpoint -> draw_samples)*,
+which a notebook, a script or an orchestrator drives alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddpm.config import (
+    Config,
+    DiffusionConfig,
+    ModelConfig,
+)
+from ddpm.ddpm_unet import DDPMUNet
+from ddpm.diffusion import DiffusionModel
+from ddpm.run_dir import RunDir, load_newest_valid
+from ddpm.training import (
+    TrainingState,
+    build_ema,
+    build_lr_scheduler,
+    build_optimizer,
+    run_warmup_steps,
+    seed_everything,
+)
+from ddpm.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+def build_network(model: ModelConfig, image_size: int) -> nn.Module:
+    """model.arch's U-Net for images of image_size px, with torch's current random weights."""
+    if model.arch == "ddpm":
+        network = DDPMUNet(
+            model.channels, model.channels, model.hidden_size, model.channel_mult,
+            model.num_res_blocks, model.attention_resolutions, model.dropout, image_size,
+        )  # fmt: skip
+        network.enable_gradient_checkpointing(model.checkpointing)
+        return network
+    return UNet(model.channels, model.channels, model.hidden_size)
+
+
+def build_diffusion(
+    model: ModelConfig, diffusion: DiffusionConfig, image_size: int = 32
+) -> DiffusionModel:
+    """The U-Net inside its DiffusionModel, on the CPU, with torch's current random weights."""
+    return DiffusionModel(
+        build_network(model, image_size),
+        (diffusion.beta_start, diffusion.beta_end),
+        diffusion.num_timesteps,
+        schedule=diffusion.schedule,
+        prediction=diffusion.prediction,
+        loss_weighting=diffusion.loss_weighting,
+        min_snr_gamma=diffusion.min_snr_gamma,
+    )
+
+
+def build_training(
+    config: Config, total_steps: int, settings: Mapping[str, Any] | None = None
+) -> TrainingState:
+    """Build a fresh run's U-Net, DiffusionModel, optimizer, lr schedule and EMA on the CPU.
+
+    The weights come from config.train.seed, so two builds of one config are identical.
+
+    Args:
+        config: model, diffusion, optim and train (seed, EMA decay, precision, device for
+            fused kernels and the fp16 scaler) are read.
+        total_steps: the run's steps; the lr warm-up is cut to a tenth of them where longer
+            (see run_warmup_steps) and a cosine schedule ends there.
+        settings: stored in every snapshot of the state (the resolved settings, for people).
+    """
+    model, optim, train = config.model, config.optim, config.train
+    seed_everything(train.seed, train.deterministic)
+    diffusion = build_diffusion(model, config.diffusion, config.data.image_size)
+    opt = build_optimizer(
+        diffusion.parameters(), optim.name, optim.lr, optim.momentum, optim.weight_decay,
+        train.fused,
+    )  # fmt: skip
+    # Decided once, when the run starts: a resumed run restores the schedule from its
+    # checkpoint (see LRSchedule), so raising the epochs later keeps its warm-up.
+    warmup = run_warmup_steps(optim.warmup_steps, total_steps)
+    state = TrainingState(
+        diffusion,
+        opt,
+        scheduler=build_lr_scheduler(opt, warmup, total_steps, optim.schedule),
+        ema=build_ema(diffusion, train.ema_decay),
+        grad_clip=optim.grad_clip,
+        precision=train.precision,
+        settings=dict(settings or {}),
+        architecture={
+            "model": dataclasses.asdict(model),
+            "diffusion": dataclasses.asdict(config.diffusion),
+            "image_shape": list(config.image_shape),
+        },
+    )
+    if train.precision == "fp16":
+        state.scaler = torch.amp.GradScaler(torch.device(train.device).type)
+    state.initial = state.snapshot()
+    return state
+
+
+def build_or_resume(
+    config: Config, total_steps: int, run: RunDir, settings: Mapping[str, Any] | None = None
+) -> TrainingState:
+    """build_training, then restore the run's newest valid checkpoint if any.
+
+    Raises:
+        CheckpointError: if that checkpoint is of another format or model shape.
+    """
+    state = build_training(config, total_steps, settings)
+    found = load_newest_valid(run)
+    if found is not None:
+        path, checkpoint = found
+        state.restore(checkpoint, str(path))
+        log.info("resuming from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
+    return state
+
+
+def rewind(state: TrainingState, run: RunDir) -> str:
+    """Put a dirty state back to the run's newest valid checkpoint (or its initial weights).
+
+    Returns:
+        what it was restored from, for the log.
+    """
+    found = load_newest_valid(run)
+    if found is not None:
+        state.restore(found[1], str(found[0]))
+        return str(found[0])
+    state.restore(state.initial)
+    return "the initial weights"

@@ -1,0 +1,1 @@
+"""Deployment configuration (prefect.yaml) and the serve entry point."""
