@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import uuid
@@ -59,13 +58,14 @@ def launch(
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.utils.distributed import get_free_port
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     with tempfile.TemporaryDirectory(prefix="ddpm-launch-") as folder:
         outcome = Path(folder) / "outcome.json"
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=uuid.uuid4().hex,
-            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
+            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{get_free_port()}",
             local_addr="127.0.0.1", max_restarts=max_restarts, monitor_interval=0.2,
             shutdown_timeout=int(stop_timeout) + 10, logs_specs=DefaultLogsSpecs(folder),
         )  # fmt: skip
@@ -78,13 +78,6 @@ def launch(
             except ChildFailedError as err:
                 raise LaunchError(_failure(err, max_restarts)) from None
         return _read(outcome) or {"exit_code": 1, "message": "rank 0 left no outcome"}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the launcher's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read(path: Path) -> dict[str, Any] | None:

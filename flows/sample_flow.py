@@ -38,7 +38,7 @@ from flows.sample_tasks import (
     write_npz_task,
 )
 from flows.shutdown import StopRequest, active_stop_request
-from flows.tracking import route_core_logs
+from flows.tracking import core_logs_routed
 from settings import core_config, load_settings
 from settings.sampling import GenerateOptions, sampling_settings
 
@@ -64,39 +64,39 @@ def sample_flow(
         the checkpoint, the folder, images written now and in all, the .npz and the metrics;
         a Cancelled state when a stop request ended it early.
     """
-    route_core_logs()
-    stop = active_stop_request() or StopRequest(load_settings(overrides).run.stop_timeout)
-    with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
-        trained = load_model_task(str(options.run), options.ema)
-        config = core_config(sampling_settings(trained.settings, options, overrides))
-        data_path = _training_images(trained, config) if options.evaluate else None
-        files = ImageFiles(options.out, options.num)
-        files.claim(_generation_record(trained, options, config))
-        with gpu_slot(config.train.device):
-            written = generate_images_task(
-                quote(trained), config, files, options.seed, options.batch_size, quote(stop)
-            )
-        summary: dict[str, Any] = {
-            "checkpoint": str(trained.checkpoint),
-            "out": str(Path(options.out)),
-            "written": written,
-            "images": options.num - files.missing(),
-            "npz": None,
-            "metrics": None,
-        }
-        if stop():
-            return Cancelled(
-                message=f"{stop.reason}: {summary['images']} of {options.num} images in "
-                f"{options.out}; re-run to resume"
-            )
-        if options.npz:
-            summary["npz"] = write_npz_task(files)
-        if data_path is not None:
+    with core_logs_routed():
+        stop = active_stop_request() or StopRequest(load_settings(overrides).run.stop_timeout)
+        with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
+            trained = load_model_task(str(options.run), options.ema)
+            config = core_config(sampling_settings(trained.settings, options, overrides))
+            data_path = _training_images(trained, config) if options.evaluate else None
+            files = ImageFiles(options.out, options.num)
+            files.claim(_generation_record(trained, options, config))
             with gpu_slot(config.train.device):
-                summary["metrics"] = evaluate_images_task(files, config, data_path)
-    _publish(summary)
-    get_run_logger().info("%s", summary)
-    return summary
+                written = generate_images_task(
+                    quote(trained), config, files, options.seed, options.batch_size, quote(stop)
+                )
+            summary: dict[str, Any] = {
+                "checkpoint": str(trained.checkpoint),
+                "out": str(Path(options.out)),
+                "written": written,
+                "images": options.num - files.missing(),
+                "npz": None,
+                "metrics": None,
+            }
+            if stop():
+                return Cancelled(
+                    message=f"{stop.reason}: {summary['images']} of {options.num} images in "
+                    f"{options.out}; re-run to resume"
+                )
+            if options.npz:
+                summary["npz"] = write_npz_task(files)
+            if data_path is not None:
+                with gpu_slot(config.train.device):
+                    summary["metrics"] = evaluate_images_task(files, config, data_path)
+        _publish(summary)
+        get_run_logger().info("%s", summary)
+        return summary
 
 
 def _training_images(trained: TrainedModel, config: Config) -> str:

@@ -11,9 +11,11 @@ Prefect: artifacts with stable keys, so the UI shows their history across epochs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +41,20 @@ PROGRESS_KEY, METRICS_KEY, SUMMARY_KEY, LINK_KEY = (
 )
 
 
-def route_core_logs() -> None:
-    """Send the core's log lines (logger `ddpm`: a skipped checkpoint, an unreadable image) to
-    the flow run's logs, as Prefect does for PREFECT_LOGGING_EXTRA_LOGGERS (once per process)."""
+@contextlib.contextmanager
+def core_logs_routed() -> Iterator[None]:
+    """While inside, send the core's log lines (logger `ddpm`: a skipped checkpoint, an
+    unreadable image) to the flow run's logs, as Prefect does for the loggers named in
+    PREFECT_LOGGING_EXTRA_LOGGERS (without setting that variable for the whole process)."""
     core = logging.getLogger("ddpm")
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in core.handlers:
-            core.addHandler(handler)
+    added = [h for h in logging.getLogger("prefect.extra").handlers if h not in core.handlers]
+    for handler in added:
+        core.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            core.removeHandler(handler)
 
 
 def resolve_wandb_mode(mode: str) -> str:

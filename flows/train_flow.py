@@ -38,7 +38,7 @@ from flows.download import download_task
 from flows.gpu import gpu_slot
 from flows.launch import LaunchError, launch
 from flows.shutdown import StopRequest, active_stop_request
-from flows.tracking import RunArtifacts, Tracker, publish_summary, route_core_logs
+from flows.tracking import RunArtifacts, Tracker, core_logs_routed, publish_summary
 from flows.train_tasks import (
     build_model_task,
     checkpoint_task,
@@ -119,19 +119,19 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
         the run folder, epochs and steps done, the last checkpoint and the last epoch's
         result; a Cancelled state naming the checkpoint when a stop request ended it early.
     """
-    route_core_logs()
-    cfg = load_settings(overrides)
-    stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
-    if cfg.train.devices > 1 and environment() is None:
-        return _launch(cfg, overrides, stop)
-    with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
-        summary = _train(cfg, stop)
-    if stop():
-        return Cancelled(
-            message=f"{stop.reason}: stopped at step {summary['global_step']}; "
-            f"newest checkpoint {summary['checkpoint']}; re-run to resume"
-        )
-    return summary
+    with core_logs_routed():
+        cfg = load_settings(overrides)
+        stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
+        if cfg.train.devices > 1 and environment() is None:
+            return _launch(cfg, overrides, stop)
+        with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
+            summary = _train(cfg, stop)
+        if stop():
+            return Cancelled(
+                message=f"{stop.reason}: stopped at step {summary['global_step']}; "
+                f"newest checkpoint {summary['checkpoint']}; re-run to resume"
+            )
+        return summary
 
 
 def _launch(cfg: Settings, overrides: dict[str, Any] | None, stop: StopRequest) -> Any:
