@@ -538,9 +538,35 @@ def load_settings(
         overrides: dotted setting names to values, e.g. {"train.epochs": 3}; highest precedence.
         env_file: the dotenv file to read (missing is fine); None reads none.
 
+    The settings are validated once per process for the same inputs (the overrides, the
+    DDPM_* environment and the `.env` file's text): the command line validates them before
+    heavy imports, and the flow it runs gets the same object back.
+
     Raises:
         SettingsError: naming every invalid field with its env variable and flag.
     """
+    key = _inputs(overrides, env_file)
+    if key not in _VALIDATED:
+        _VALIDATED.clear()  # one entry: a process runs one set of settings at a time
+        _VALIDATED[key] = _validate(overrides, env_file)
+    return _VALIDATED[key].model_copy(deep=True)
+
+
+_VALIDATED: dict[str, Settings] = {}
+
+
+def _inputs(overrides: Mapping[str, Any] | None, env_file: str | Path | None) -> str:
+    """Everything load_settings reads, as one string."""
+    env = sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX))
+    text = Path(env_file).read_text() if env_file is not None and Path(env_file).is_file() else None
+    given = {
+        "overrides": dict(overrides or {}), "env": env, "file": [str(env_file), text],
+        "cwd": os.getcwd(),  # relative paths (eval.weights) are checked from here
+    }  # fmt: skip
+    return json.dumps(given, sort_keys=True, default=str)
+
+
+def _validate(overrides: Mapping[str, Any] | None, env_file: str | Path | None) -> Settings:
     unknown = _unknown_env_names(env_file)
     if unknown:
         raise SettingsError(unknown)

@@ -287,6 +287,32 @@ def test_a_list_setting_takes_the_same_forms_everywhere(
     assert err.value.fields == [field] and example in str(err.value), str(err.value)
 
 
+def test_settings_are_validated_once_per_process_for_the_same_inputs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The command line validates the settings and the flow it runs asks again with the same
+    overrides: the second call validates nothing and returns equal settings (a copy); another
+    override, environment variable or `.env` text validates afresh."""
+    import settings.config
+
+    calls = []
+    real = settings.config._validate
+    monkeypatch.setattr(
+        settings.config, "_validate", lambda *a: calls.append(a) or real(*a)
+    )
+    dotenv = tmp_path / "run.env"
+    first = load_settings({"optim.lr": 1e-3}, env_file=dotenv)
+    again = load_settings({"optim.lr": 1e-3}, env_file=dotenv)
+    assert again == first and again is not first and len(calls) == 1
+    load_settings({"optim.lr": 2e-3}, env_file=dotenv)
+    monkeypatch.setenv("DDPM_TRAIN__EPOCHS", "3")
+    assert load_settings({"optim.lr": 2e-3}, env_file=dotenv).train.epochs == 3
+    dotenv.write_text("DDPM_TRAIN__EPOCHS=4\n")
+    monkeypatch.delenv("DDPM_TRAIN__EPOCHS")
+    assert load_settings({"optim.lr": 2e-3}, env_file=dotenv).train.epochs == 4
+    assert len(calls) == 4
+
+
 def test_env_var_sets_field(monkeypatch: pytest.MonkeyPatch) -> None:
     """DDPM_OPTIM__LR sets optim.lr and leaves the rest of the group at its defaults."""
     monkeypatch.setenv("DDPM_OPTIM__LR", "1e-3")
