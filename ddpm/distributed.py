@@ -22,6 +22,7 @@ in the stop-flag broadcast, which has no practical deadline (BETWEEN_EPOCHS).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ddpm.config import Config
 from ddpm.errors import first_line
 
 # Rank 0 may sample grids and evaluate FID between epochs (minutes to hours) while the other
@@ -79,9 +81,12 @@ class Group:
     def leader(self) -> bool:
         return self.rank == 0
 
-    def device(self, device: str) -> str:
-        """This rank's training device: cuda:LOCAL_RANK for cuda, else as given."""
-        return f"cuda:{self.local_rank}" if torch.device(device).type == "cuda" else device
+    def place(self, config: Config) -> Config:
+        """config with this rank's training device: cuda:LOCAL_RANK for cuda, else as is."""
+        device = config.train.device
+        if torch.device(device).type == "cuda":
+            device = f"cuda:{self.local_rank}"
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
 
     def shard(self, diffusion: nn.Module) -> Shard:
         """This rank's Shard, its DDP wrapper made once per model (making it broadcasts rank

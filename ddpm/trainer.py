@@ -15,7 +15,6 @@ stay there and are read together every train.log_every steps (one sync per read)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -406,9 +405,7 @@ def train_rank(group: Group, config: Config) -> EpochResult | None:
         RankFailed: if another rank is gone.
         TrainingDiverged: as on rank 0, at the same step (the loss is the global one).
     """
-    config = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, device=group.device(config.train.device))
-    )
+    config = group.place(config)
     with collectives(group):
         start = group.broadcast(None)
     path = Path(start["data_path"])

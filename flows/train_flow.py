@@ -186,10 +186,8 @@ def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
     with _group(config) as group, open_run_dir(cfg) as run:
         logger.info("run %s; settings %s", run.path, json.dumps(resolved))
         if group is not None:  # this process is rank 0: its device is cuda:LOCAL_RANK
-            device = group.device(config.train.device)
-            config = dataclasses.replace(
-                config, train=dataclasses.replace(config.train, device=device)
-            )
+            config = group.place(config)
+            device = config.train.device
             logger.info(
                 "training data-parallel on %d processes (%s); this is rank 0 (pid %d)",
                 group.world_size, "NCCL" if device.startswith("cuda") else "gloo", os.getpid(),

@@ -60,6 +60,15 @@ def rank_pid(cli: Cli, rank: int) -> int:
     return int(re.findall(pattern, cli.output)[-1])
 
 
+def two_ranks(tiny: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """The command-line runs' settings: 2 CPU processes, 80 images in batches of 8 (10 steps
+    per epoch), no grids; `changes` as dotted keys with `__` for the dot."""
+    return {
+        **tiny, "data.subset": 80, "train.devices": 2, "train.batch_size": 8,
+        "sample.every": 0, **{k.replace("__", "."): v for k, v in changes.items()},
+    }  # fmt: skip
+
+
 def test_a_killed_rank_is_restarted_and_the_run_finishes_as_if_never_killed(
     tiny: dict[str, Any], tmp_path: Path, cli_env
 ) -> None:
@@ -67,16 +76,7 @@ def test_a_killed_rank_is_restarted_and_the_run_finishes_as_if_never_killed(
     newest mid-epoch checkpoint and finishes by itself (exit 0), in one run folder and one W&B
     run; it repeats at most run.checkpoint_every steps, and its final weights and EMA equal
     those of the same run never killed (measured: identical)."""
-    run = {
-        **tiny,
-        "data.subset": 80,
-        "train.devices": 2,
-        "train.batch_size": 8,  # 10 steps per epoch
-        "train.epochs": 3,
-        "run.checkpoint_every": 3,
-        "sample.every": 0,
-        "wandb.mode": "offline",
-    }
+    run = two_ranks(tiny, train__epochs=3, run__checkpoint_every=3, wandb__mode="offline")
     cli = Cli(cli_env(run), tmp_path)
     killed = rank_pid(cli, 1)
     cli.wait_for_step(14)  # in the middle of epoch 2
@@ -105,15 +105,7 @@ def test_when_the_restarts_are_spent_the_run_fails_naming_the_killed_rank(
 ) -> None:
     """With train.max_restarts 0, SIGKILL of rank 1 ends the run: exit 1 and one last line
     naming rank 1, its pid and the signal; the same command then resumes and finishes."""
-    run = {
-        **tiny,
-        "data.subset": 80,
-        "train.devices": 2,
-        "train.batch_size": 8,
-        "train.epochs": 2,
-        "train.max_restarts": 0,
-        "sample.every": 0,
-    }
+    run = two_ranks(tiny, train__epochs=2, train__max_restarts=0)
     cli = Cli(cli_env(run), tmp_path)
     pid = rank_pid(cli, 1)
     cli.wait_for_step(4)
@@ -135,14 +127,7 @@ def test_sigterm_stops_the_whole_group_after_a_step_with_a_checkpoint(
     run in sessions of their own, and it passes the signal on) stops both ranks after the same
     step: exit 143, a mid-epoch checkpoint at that step, no rank left; the same command
     resumes from it."""
-    run = {
-        **tiny,
-        "data.subset": 80,
-        "train.devices": 2,
-        "train.batch_size": 8,
-        "train.epochs": 2,
-        "sample.every": 0,
-    }
+    run = two_ranks(tiny, train__epochs=2)
     cli = Cli(cli_env(run), tmp_path)
     follower = rank_pid(cli, 1)
     cli.wait_for_step(13)
