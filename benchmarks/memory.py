@@ -34,14 +34,14 @@ def measure(size: int, batch: int, hidden: int, accumulate: int, checkpointing: 
     import torch
 
     from ddpm.build import build_diffusion
-    from ddpm.config import DiffusionConfig, ModelConfig
+    from ddpm.config import DiffusionConfig, ModelConfig, OptimConfig
     from ddpm.trainer import train_step
     from ddpm.training import TrainingState, build_optimizer
 
     torch.manual_seed(0)
     model = ModelConfig(arch="ddpm", hidden_size=hidden, checkpointing=checkpointing)
     diffusion = build_diffusion(model, DiffusionConfig(), size).to(device)
-    optimizer = build_optimizer(diffusion.parameters(), "adam", lr=2e-4)
+    optimizer = build_optimizer(diffusion.parameters(), OptimConfig())
     state = TrainingState(diffusion, optimizer, precision="bf16" if device == "cuda" else "fp32")
     x0 = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     if device == "cuda":  # kernels and the optimizer's state settle; the CPU's peak is the first

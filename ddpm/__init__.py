@@ -30,7 +30,7 @@ _EXPORTS = {
     "ddpm.generate": ["draw_samples", "load_trained_model"],
     "ddpm.trainer": ["EpochResult", "Hooks", "StepMetrics", "Trainer", "train_step"],
     "ddpm.training": [
-        "TrainingState", "build_ema", "build_lr_scheduler", "build_optimizer", "resolve_device",
+        "EMA", "TrainingState", "build_lr_scheduler", "build_optimizer", "resolve_device",
         "seed_everything",
     ],
     "ddpm.unet": ["UNet"],

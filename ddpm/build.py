@@ -24,8 +24,8 @@ from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel
 from ddpm.run_dir import RunDir, load_newest_valid
 from ddpm.training import (
+    EMA,
     TrainingState,
-    build_ema,
     build_lr_scheduler,
     build_optimizer,
     run_warmup_steps,
@@ -80,10 +80,7 @@ def build_training(
     model, optim, train = config.model, config.optim, config.train
     seed_everything(train.seed, train.deterministic)
     diffusion = build_diffusion(model, config.diffusion, config.data.image_size)
-    opt = build_optimizer(
-        diffusion.parameters(), optim.name, optim.lr, optim.momentum, optim.weight_decay,
-        train.fused,
-    )  # fmt: skip
+    opt = build_optimizer(diffusion.parameters(), optim, train.fused)
     # Decided once, when the run starts: a resumed run restores the schedule from its
     # checkpoint (see LRSchedule), so raising the epochs later keeps its warm-up.
     warmup = run_warmup_steps(optim.warmup_steps, total_steps)
@@ -91,7 +88,7 @@ def build_training(
         diffusion,
         opt,
         scheduler=build_lr_scheduler(opt, warmup, total_steps, optim.schedule),
-        ema=build_ema(diffusion, train.ema_decay),
+        ema=EMA(diffusion, train.ema_decay),
         grad_clip=optim.grad_clip,
         precision=train.precision,
         settings=dict(settings or {}),

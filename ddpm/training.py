@@ -22,7 +22,7 @@ from ddpm.checkpoint import (
     restore_rng_state,
     to_cpu,
 )
-from ddpm.config import Precision
+from ddpm.config import OptimConfig, Precision
 from ddpm.diffusion import DiffusionModel
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,7 +43,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return name  # type: ignore[return-value]
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
+def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python's and torch's generators (CPU and every CUDA device).
 
     Args:
@@ -57,7 +57,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' as given.
 
     Raises:
@@ -72,38 +72,32 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter],
-    name: Literal["adam", "adamw", "sgd"] = "adam",
-    lr: float = 2e-4,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    fused: bool = False,
+    params: Iterable[nn.Parameter], optim: OptimConfig, fused: bool = False
 ) -> Optimizer:
-    """An optimizer by name.
+    """optim.name's optimizer with optim.lr, optim.momentum and optim.weight_decay.
 
     Args:
         params: parameters to optimize.
-        name: adam, adamw or sgd.
-        lr: learning rate.
-        momentum: SGD momentum, or beta1 of Adam/AdamW (beta2 stays 0.999).
-        weight_decay: L2 penalty (Adam, SGD) or decoupled decay (AdamW).
+        optim: name (adam, adamw or sgd), lr, momentum (SGD momentum, or beta1 of Adam/AdamW;
+            beta2 stays 0.999) and weight_decay (L2 penalty for Adam and SGD, decoupled for
+            AdamW).
         fused: one fused kernel per step for all parameters (fast on CUDA).
     """
-    common = {"lr": lr, "weight_decay": weight_decay, "fused": fused or None}
-    if name == "adam":
-        return torch.optim.Adam(params, betas=(momentum, 0.999), **common)
-    if name == "adamw":
-        return torch.optim.AdamW(params, betas=(momentum, 0.999), **common)
-    if name == "sgd":
-        return torch.optim.SGD(params, momentum=momentum, **common)
-    raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or sgd")
+    common = {"lr": optim.lr, "weight_decay": optim.weight_decay, "fused": fused or None}
+    if optim.name == "adam":
+        return torch.optim.Adam(params, betas=(optim.momentum, 0.999), **common)
+    if optim.name == "adamw":
+        return torch.optim.AdamW(params, betas=(optim.momentum, 0.999), **common)
+    if optim.name == "sgd":
+        return torch.optim.SGD(params, momentum=optim.momentum, **common)
+    raise ValueError(f"unknown optimizer {optim.name!r}; expected adam, adamw or sgd")
 
 
 def lr_factor(
     step: int,
     warmup_steps: int,
     total_steps: int,
-    schedule: Literal["constant", "cosine"] = "constant",
+    schedule: Literal["constant", "cosine"],
 ) -> float:
     """Multiplier of the peak lr at a step: linear warm-up, then constant or cosine to 0.
 
@@ -142,9 +136,9 @@ class LRSchedule:
 
 def build_lr_scheduler(
     optimizer: Optimizer,
-    warmup_steps: int = 0,
-    total_steps: int = 1,
-    schedule: Literal["constant", "cosine"] = "constant",
+    warmup_steps: int,
+    total_steps: int,
+    schedule: Literal["constant", "cosine"],
 ) -> LambdaLR:
     """A per-step LambdaLR following `lr_factor`; call `.step()` after each optimizer step."""
     return LambdaLR(optimizer, LRSchedule(warmup_steps, total_steps, schedule))
@@ -182,7 +176,7 @@ class EMA(AveragedModel):
         decay: d in ema = d * ema + (1 - d) * weights, once warmed up.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+    def __init__(self, model: nn.Module, decay: float) -> None:
         super().__init__(model, use_buffers=True)
         self.decay = decay
 
@@ -219,15 +213,6 @@ class EMA(AveragedModel):
         torch._foreach_mul_(delta, weight)  # a tensor weight: no host read (lerp would read it)
         torch._foreach_add_(averaged, delta)
         self.n_averaged += 1 if taken is None else taken.long()
-
-
-def build_ema(model: nn.Module, decay: float = 0.9999) -> EMA:
-    """An exponential moving average of model's weights and buffers (see EMA).
-
-    ema.module is a copy of the model holding the averaged weights; update it with
-    `ema.update_parameters(model)` after each optimizer step.
-    """
-    return EMA(model, decay)
 
 
 @dataclass

@@ -48,7 +48,6 @@ def sampler_steps(config: Config) -> int:
     return network_calls(config.diffusion, config.sample)
 
 
-
 @task(name="load-model", cache_policy=NO_CACHE, persist_result=False)
 def load_model_task(path: str, ema: bool) -> TrainedModel:
     """The network of a run folder's newest valid checkpoint, or of a checkpoint file, on the

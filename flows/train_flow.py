@@ -51,6 +51,7 @@ from settings import Settings, SettingsError, core_config, load_settings, result
 
 __all__ = ["open_run_dir", "train_flow"]
 
+
 def _write_settings(run: RunDir, cfg: Settings) -> None:
     """Write the run's settings file (only when it changed).
 

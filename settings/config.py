@@ -3,6 +3,11 @@
 Precedence, highest first: overrides (dotted keys, e.g. from a flow's parameters or parsed
 flags) > environment > `.env` > defaults. `DDPM_OPTIM__LR=2e-4`, `--optim.lr 2e-4` and the
 override `{"optim.lr": 2e-4}` all set the same field.
+
+Each default is written once, in the core's configuration (`ddpm.config`); a settings group
+adds what the command line needs around it: bounds, a description, the reason for the value.
+Settings with no core counterpart (`auto` choices resolved per machine, run.*, wandb.*) have
+their defaults here.
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _PydanticSettingsError
 
-from ddpm.config import CIFAR10_URL, LEGACY_DIFFUSION
+from ddpm.config import (
+    LEGACY_DIFFUSION,
+    DataConfig,
+    DiffusionConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from ddpm.errors import UserError
 
 ENV_PREFIX = "DDPM_"
@@ -66,22 +80,32 @@ class DataSettings(_Group):
     """What to train on."""
 
     dataset: Literal["cifar10", "folder"] = Field(
-        "cifar10", description="cifar10 (downloaded to data.root) or folder (data.folder)"
+        DataConfig.dataset, description="cifar10 (downloaded to data.root) or folder (data.folder)"
     )
     # The assignment kept datasets under ./data.
-    root: Path = Field(Path("data"), description="where CIFAR-10 is downloaded and extracted")
-    folder: Path | None = Field(None, description="image folder (PNG/JPEG) for dataset=folder")
-    url: str = Field(CIFAR10_URL, description="CIFAR-10 python archive URL (a mirror may go here)")
+    root: Path = Field(DataConfig.root, description="where CIFAR-10 is downloaded and extracted")
+    folder: Path | None = Field(
+        DataConfig.folder, description="image folder (PNG/JPEG) for dataset=folder"
+    )
+    url: str = Field(
+        DataConfig.url, description="CIFAR-10 python archive URL (a mirror may go here)"
+    )
     # CIFAR-10's native size; the U-Net needs a multiple of 32.
-    image_size: int = Field(32, ge=32, le=1024, description="image side in px, multiple of 32")
-    subset: int = Field(0, ge=0, description="train on N images chosen from the seed; 0 = all")
+    image_size: int = Field(
+        DataConfig.image_size, ge=32, le=1024, description="image side in px, multiple of 32"
+    )
+    subset: int = Field(
+        DataConfig.subset, ge=0, description="train on N images chosen from the seed; 0 = all"
+    )
     # Horizontal flips, as in the DDPM paper's CIFAR-10 runs.
-    random_flip: bool = Field(True, description="random horizontal flip")
+    random_flip: bool = Field(DataConfig.random_flip, description="random horizontal flip")
     # In-memory CIFAR-10 needs no workers; raise it for large image folders.
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    num_workers: int = Field(
+        DataConfig.num_workers, ge=0, le=64, description="DataLoader worker processes"
+    )
     # Device-resident batches skip the DataLoader and the per-step host-to-device copy.
     loader: Literal["auto", "device", "dataloader"] = Field(
-        "auto", description="auto: keep cifar10 on the training device if it fits"
+        DataConfig.loader, description="auto: keep cifar10 on the training device if it fits"
     )
 
     @field_validator("image_size")
@@ -96,25 +120,37 @@ class ModelSettings(_Group):
     """The U-Net."""
 
     # The assignment's config trained hidden 128.
-    hidden_size: int = Field(128, ge=8, le=4096, description="U-Net base width, multiple of 8")
+    hidden_size: int = Field(
+        ModelConfig.hidden_size, ge=8, le=4096, description="U-Net base width, multiple of 8"
+    )
     # RGB.
-    channels: int = Field(3, ge=1, le=4, description="image channels")
+    channels: int = Field(ModelConfig.channels, ge=1, le=4, description="image channels")
     # The assignment's small U-Net is the default; ddpm is Ho et al. 2020's (35.7 M parameters).
     arch: Literal["assignment", "ddpm"] = Field(
-        "assignment", description="assignment (11.4 M parameters) or ddpm (the paper's U-Net)"
+        ModelConfig.arch, description="assignment (11.4 M parameters) or ddpm (the paper's U-Net)"
     )
     # The DDPM paper's CIFAR-10 network (model.arch=ddpm only):
     channel_mult: Annotated[list[int], NoDecode] = Field(
-        [1, 2, 2, 2], min_length=1, max_length=8, description="ddpm: width multipliers per level"
+        list(ModelConfig.channel_mult),
+        min_length=1,
+        max_length=8,
+        description="ddpm: width multipliers per level",
     )
-    num_res_blocks: int = Field(2, ge=1, le=8, description="ddpm: residual blocks per level")
+    num_res_blocks: int = Field(
+        ModelConfig.num_res_blocks, ge=1, le=8, description="ddpm: residual blocks per level"
+    )
     attention_resolutions: Annotated[list[int], NoDecode] = Field(
-        [16], max_length=8, description="ddpm: image sides at which blocks attend"
+        list(ModelConfig.attention_resolutions),
+        max_length=8,
+        description="ddpm: image sides at which blocks attend",
     )
-    dropout: float = Field(0.1, ge=0, lt=1, description="ddpm: dropout in residual blocks")
+    dropout: float = Field(
+        ModelConfig.dropout, ge=0, lt=1, description="ddpm: dropout in residual blocks"
+    )
     # For 128-256 px image folders whose networks do not fit a GPU at the paper's batch sizes.
     checkpointing: bool = Field(
-        False, description="ddpm: activation checkpointing (less memory, ~1/3 more compute)"
+        ModelConfig.checkpointing,
+        description="ddpm: activation checkpointing (less memory, ~1/3 more compute)",
     )
 
     @field_validator("hidden_size")
@@ -142,25 +178,35 @@ class DiffusionSettings(_Group):
     """The noise schedule, the network's prediction target and the loss weighting."""
 
     # DDPM paper, all experiments: T = 1000, linear betas from 1e-4 to 0.02.
-    num_timesteps: int = Field(1000, ge=1, le=100_000, description="diffusion steps T")
-    beta_start: float = Field(1e-4, gt=0, lt=1, description="beta_1 of the linear schedule")
-    beta_end: float = Field(0.02, gt=0, lt=1, description="beta_T of the linear schedule")
+    num_timesteps: int = Field(
+        DiffusionConfig.num_timesteps, ge=1, le=100_000, description="diffusion steps T"
+    )
+    beta_start: float = Field(
+        DiffusionConfig.beta_start, gt=0, lt=1, description="beta_1 of the linear schedule"
+    )
+    beta_end: float = Field(
+        DiffusionConfig.beta_end, gt=0, lt=1, description="beta_T of the linear schedule"
+    )
     # Nichol & Dhariwal 2021: cosine keeps more signal at middle t and spends fewer steps at
     # pure noise. Measured at a fixed budget (README, Samples that look like the data): the
     # DDPM paper's eps drew grey backgrounds with either schedule; v and x0 fixed them and
     # scored level, with either schedule; v with cosine is the default.
     schedule: Literal["linear", "cosine"] = Field(
-        "cosine", description="noise schedule: linear (DDPM paper) or cosine (Nichol & Dhariwal)"
+        DiffusionConfig.schedule,
+        description="noise schedule: linear (DDPM paper) or cosine (Nichol & Dhariwal)",
     )
     # DDPM paper: eps; Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x0.
     prediction: Literal["eps", "v", "x0"] = Field(
-        "v", description="what the network predicts: eps, v or x0"
+        DiffusionConfig.prediction, description="what the network predicts: eps, v or x0"
     )
     # Hang et al. 2023: min-SNR-gamma weighting.
     loss_weighting: Literal["uniform", "min_snr"] = Field(
-        "uniform", description="uniform (L_simple) or min_snr (min(SNR, gamma) on x0's error)"
+        DiffusionConfig.loss_weighting,
+        description="uniform (L_simple) or min_snr (min(SNR, gamma) on x0's error)",
     )
-    min_snr_gamma: float = Field(5.0, gt=0, le=1e6, description="min_snr's gamma (paper: 5)")
+    min_snr_gamma: float = Field(
+        DiffusionConfig.min_snr_gamma, gt=0, le=1e6, description="min_snr's gamma (paper: 5)"
+    )
 
     @field_validator("beta_end")
     @classmethod
@@ -175,47 +221,63 @@ class OptimSettings(_Group):
     """The optimizer and learning-rate schedule."""
 
     # The assignment used Adam.
-    name: Literal["adam", "adamw", "sgd"] = Field("adam", description="optimizer")
+    name: Literal["adam", "adamw", "sgd"] = Field(OptimConfig.name, description="optimizer")
     # DDPM paper, CIFAR-10: 2e-4 (the assignment's 1e-5 trains far slower).
-    lr: float = Field(2e-4, gt=0, le=10, description="peak learning rate")
+    lr: float = Field(OptimConfig.lr, gt=0, le=10, description="peak learning rate")
     # Adam's default beta1; also a common SGD momentum.
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum or Adam/AdamW beta1")
+    momentum: float = Field(
+        OptimConfig.momentum, ge=0, lt=1, description="SGD momentum or Adam/AdamW beta1"
+    )
     # DDPM paper: no weight decay.
-    weight_decay: float = Field(0.0, ge=0, le=1, description="weight decay")
+    weight_decay: float = Field(OptimConfig.weight_decay, ge=0, le=1, description="weight decay")
     # DDPM paper, CIFAR-10: 5000 warm-up steps (of 800k); a shorter run warms up for a tenth.
     warmup_steps: int = Field(
-        5000, ge=0, description="linear warm-up steps from 0 to lr; at most a tenth of the run"
+        OptimConfig.warmup_steps,
+        ge=0,
+        description="linear warm-up steps from 0 to lr; at most a tenth of the run",
     )
     # DDPM paper: constant after warm-up.
     schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="lr after warm-up: constant or cosine decay to 0"
+        OptimConfig.schedule, description="lr after warm-up: constant or cosine decay to 0"
     )
     # DDPM reference code clips the gradient norm to 1.
-    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = no clipping")
+    grad_clip: float = Field(
+        OptimConfig.grad_clip, ge=0, description="max gradient norm; 0 = no clipping"
+    )
 
 
 class TrainSettings(_Group):
     """The training loop."""
 
     # The assignment trained 100 epochs.
-    epochs: int = Field(100, ge=1, le=100_000, description="epochs to train")
+    epochs: int = Field(TrainConfig.epochs, ge=1, le=100_000, description="epochs to train")
     # DDPM paper and the assignment: batch 128.
-    batch_size: int = Field(128, ge=1, le=65_536, description="images per step")
-    seed: int = Field(0, ge=0, lt=2**63, description="seed for weights, data order and noise")
+    batch_size: int = Field(TrainConfig.batch_size, ge=1, le=65_536, description="images per step")
+    seed: int = Field(
+        TrainConfig.seed, ge=0, lt=2**63, description="seed for weights, data order and noise"
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="auto, cpu, cuda or cuda:N"
     )
     # DDPM paper: EMA decay 0.9999.
-    ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay of the weights")
+    ema_decay: float = Field(
+        TrainConfig.ema_decay, ge=0, lt=1, description="EMA decay of the weights"
+    )
     # Each read of the step metrics waits for the GPU: reading every step would stall it.
     log_every: int = Field(
-        100, ge=1, description="steps between log lines and reads of the step metrics"
+        TrainConfig.log_every,
+        ge=1,
+        description="steps between log lines and reads of the step metrics",
     )
     # A few NaN steps (one bad batch) are survivable; a run of them means divergence.
     max_bad_steps: int = Field(
-        10, ge=0, description="non-finite steps in a row (skipped) before the run fails"
+        TrainConfig.max_bad_steps,
+        ge=0,
+        description="non-finite steps in a row (skipped) before the run fails",
     )
-    deterministic: bool = Field(False, description="deterministic kernels (slower)")
+    deterministic: bool = Field(
+        TrainConfig.deterministic, description="deterministic kernels (slower)"
+    )
     # bf16 autocast runs on tensor cores and needs no loss scaling; CPUs train in fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler"
@@ -227,11 +289,16 @@ class TrainSettings(_Group):
     # Data-parallel over torch.distributed: each global batch is shared, so the result is the
     # one-process run's (README, Several GPUs and machines).
     devices: int = Field(
-        1, ge=1, le=1024, description="processes training data-parallel: GPUs, or CPU processes"
+        TrainConfig.devices,
+        ge=1,
+        le=1024,
+        description="processes training data-parallel: GPUs, or CPU processes",
     )
     # Long enough for a first step's compilation; NCCL's own default is 30 minutes.
     rank_timeout: float = Field(
-        300.0, gt=0, description="seconds a rank may go silent before the run fails"
+        TrainConfig.rank_timeout,
+        gt=0,
+        description="seconds a rank may go silent before the run fails",
     )
     # torchrun's --max-restarts: a group that lost a rank starts again from the newest
     # checkpoint (run.checkpoint_every bounds the steps done twice).
@@ -240,34 +307,44 @@ class TrainSettings(_Group):
     )
     # Big images on small GPUs: the gradient of a whole batch from smaller forward passes.
     accumulate: int = Field(
-        1, ge=1, le=4096, description="micro-batches per batch (gradient accumulation)"
+        TrainConfig.accumulate,
+        ge=1,
+        le=4096,
+        description="micro-batches per batch (gradient accumulation)",
     )
 
 
 class SampleSettings(_Group):
     """The sample grid drawn during training."""
 
-    every: int = Field(1, ge=0, description="epochs between sample grids; 0 = never")
+    every: int = Field(
+        SampleConfig.every, ge=0, description="epochs between sample grids; 0 = never"
+    )
     # 8 x 8 grid, as in the assignment.
-    num: int = Field(64, ge=1, le=4096, description="images per grid")
+    num: int = Field(SampleConfig.num, ge=1, le=4096, description="images per grid")
     # Measured on real images at a fixed budget (README, Samples that look like the data):
     # DPM-Solver++(2M) at 20 network calls scores within 5 % of the 1000-step ancestral
     # sampler at a fiftieth of its cost, and within 7 % of stochastic DDIM at 100 calls at a
     # fifth.
     sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = Field(
-        "dpmpp_2m",
+        SampleConfig.sampler,
         description="ddim (steps, eta), dpmpp_2m (DPM-Solver++(2M), steps) or ddpm "
         "(Algorithm 2, all T steps)",
     )
-    steps: int = Field(20, ge=1, description="network calls of ddim and dpmpp_2m (ddpm: all T)")
-    eta: float = Field(
-        1.0, ge=0, le=1, description="DDIM noise per step: 0 = deterministic, 1 = ancestral"
+    steps: int = Field(
+        SampleConfig.steps, ge=1, description="network calls of ddim and dpmpp_2m (ddpm: all T)"
     )
-    use_ema: bool = Field(True, description="sample with the EMA weights")
+    eta: float = Field(
+        SampleConfig.eta,
+        ge=0,
+        le=1,
+        description="DDIM noise per step: 0 = deterministic, 1 = ancestral",
+    )
+    use_ema: bool = Field(SampleConfig.use_ema, description="sample with the EMA weights")
     # The DDPM reference code clips x0_hat when sampling; unclipped, a trained model's samples
     # are mostly noise (errors in eps are multiplied ~150x by 1/sqrt(abar_T)).
     clip_denoised: bool = Field(
-        True, description="clip each sampling step's x0 estimate to [-1, 1]"
+        SampleConfig.clip_denoised, description="clip each sampling step's x0 estimate to [-1, 1]"
     )
     # Compiling takes longer than a 50-step DDIM grid saves; 1000 ancestral steps repay it.
     compile: Literal["auto", "on", "off"] = Field(
@@ -280,22 +357,27 @@ class SampleSettings(_Group):
 class EvalSettings(_Group):
     """FID and KID of samples against the training images (torch-fidelity)."""
 
-    every: int = Field(0, ge=0, description="epochs between FID/KID evaluations; 0 = never")
+    every: int = Field(
+        EvalConfig.every, ge=0, description="epochs between FID/KID evaluations; 0 = never"
+    )
     # DDPM paper: FID of 50,000 samples (fewer samples give a higher, biased FID).
     num_samples: int = Field(
-        50_000, ge=2, le=10_000_000, description="images drawn for one evaluation"
+        EvalConfig.num_samples, ge=2, le=10_000_000, description="images drawn for one evaluation"
     )
     metrics: Annotated[list[Literal["fid", "kid"]], NoDecode] = Field(
-        ["fid", "kid"], min_length=1, description="metrics to compute: fid, kid"
+        list(EvalConfig.metrics), min_length=1, description="metrics to compute: fid, kid"
     )
     # No machine without internet can fetch torch-fidelity's Inception weights.
     weights: Path | None = Field(
-        None,
+        EvalConfig.weights,
         description="local Inception weights (weights-inception-2015-12-05-6726825d.pth); "
         "empty = torch-fidelity downloads them",
     )
     batch_size: int = Field(
-        256, ge=1, le=65_536, description="images per sampling batch and per Inception batch"
+        EvalConfig.batch_size,
+        ge=1,
+        le=65_536,
+        description="images per sampling batch and per Inception batch",
     )
     cache_dir: Path | None = Field(
         None, description="cache of the training images' statistics; empty = run.dir/fid-stats"
@@ -328,9 +410,11 @@ class RunSettings(_Group):
         description="run folder name under run.dir; default: hash of the settings",
     )
     dir: Path = Field(Path("runs"), description="folder holding all runs")
-    keep: int = Field(3, ge=1, description="epoch checkpoints kept")
+    keep: int = Field(TrainConfig.keep, ge=1, description="epoch checkpoints kept")
     checkpoint_every: int = Field(
-        0, ge=0, description="steps between mid-epoch checkpoints; 0 = off"
+        TrainConfig.checkpoint_every,
+        ge=0,
+        description="steps between mid-epoch checkpoints; 0 = off",
     )
     # Schedulers send SIGTERM and SIGKILL after a grace period: SLURM's KillWait and Docker's
     # stop wait 10 s; Kubernetes waits 30 s. A run saves within one training step.

@@ -13,13 +13,14 @@ from ddpm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from ddpm.config import OptimConfig
 from ddpm.data import EpochLoader, TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.images import save_grid
 from ddpm.trainer import train_step
 from ddpm.training import (
+    EMA,
     TrainingState,
-    build_ema,
     build_lr_scheduler,
     build_optimizer,
     seed_everything,
@@ -35,11 +36,11 @@ DATA = TensorImageDataset(
 
 def build(seed: int) -> TrainingState:
     """A full training setup: model, AdamW, warm-up + cosine, EMA, clipping, seeded by `seed`."""
-    seed_everything(seed)
+    seed_everything(seed, deterministic=False)
     model = DiffusionModel(UNet(3, 3, hidden_size=8), num_timesteps=50)
-    opt = build_optimizer(model.parameters(), "adamw", lr=1e-3, weight_decay=0.01)
+    opt = build_optimizer(model.parameters(), OptimConfig(name="adamw", lr=1e-3, weight_decay=0.01))
     sched = build_lr_scheduler(opt, warmup_steps=3, total_steps=12, schedule="cosine")
-    return TrainingState(model, opt, sched, build_ema(model, decay=0.9), grad_clip=1.0)
+    return TrainingState(model, opt, sched, EMA(model, decay=0.9), grad_clip=1.0)
 
 
 def batches(epochs: range):

@@ -12,10 +12,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ddpm.build import build_training
+from ddpm.config import OptimConfig
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
 from ddpm.trainer import Trainer, train_step
-from ddpm.training import TrainingState, build_ema, build_optimizer, resolve_precision
+from ddpm.training import EMA, TrainingState, build_optimizer, resolve_precision
 from ddpm.unet import UNet
 
 
@@ -52,7 +53,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_counted_as_divergence() -> N
     max_bad_steps (7 overflows, then steps are taken, measured on this model)."""
     torch.manual_seed(0)
     model = DiffusionModel(UNet(3, 3, hidden_size=8), num_timesteps=20)
-    optimizer = build_optimizer(model.parameters(), "adam", lr=1e-3)
+    optimizer = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
     before = [p.detach().clone() for p in model.parameters()]
     seen = []
@@ -90,7 +91,9 @@ def test_fused_optimizer_matches_the_unfused_one(name: str) -> None:
     def run(fused: bool) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         param = nn.Parameter(torch.randn(1000, generator=generator))
-        optimizer = build_optimizer([param], name, lr=1e-2, weight_decay=0.01, fused=fused)
+        optimizer = build_optimizer(
+            [param], OptimConfig(name=name, lr=1e-2, weight_decay=0.01), fused=fused
+        )
         for _ in range(5):
             param.grad = torch.randn(1000, generator=generator)
             optimizer.step()
@@ -113,7 +116,9 @@ def test_compiled_and_eager_steps_agree() -> None:
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         if compiled:
             model.eps_model.compile()
-        optimizer = build_optimizer(model.parameters(), "sgd", lr=0.1, momentum=0.0)
+        optimizer = build_optimizer(
+            model.parameters(), OptimConfig(name="sgd", lr=0.1, momentum=0.0)
+        )
         x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
         loss = train_step(TrainingState(model, optimizer), x).loss.item()
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -196,7 +201,7 @@ def test_ema_matches_torch_averaged_model() -> None:
         return decay * averaged + (1 - decay) * current
 
     net = UNet(3, 3, 8)
-    ours = build_ema(net, decay=0.9)
+    ours = EMA(net, decay=0.9)
     reference = AveragedModel(net, avg_fn=warmup_ema, use_buffers=True)
     generator = torch.Generator().manual_seed(0)
     for _ in range(100):

@@ -23,11 +23,12 @@ from ddpm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from ddpm.config import OptimConfig
 from ddpm.data import TensorImageDataset, TrainingData
 from ddpm.diffusion import DiffusionModel
 from ddpm.run_dir import RunDir, load_newest_valid, save_epoch_checkpoint
 from ddpm.trainer import Trainer, TrainingDiverged
-from ddpm.training import TrainingState, build_ema, build_optimizer
+from ddpm.training import EMA, TrainingState, build_optimizer
 from ddpm.unet import UNet
 
 CONFIG_CHANGES = {"optim.warmup_steps": 2, "optim.schedule": "cosine"}
@@ -164,7 +165,7 @@ def test_nan_steps_are_skipped_and_counted() -> None:
     """Steps whose loss is NaN change no weight and are counted; training goes on."""
     torch.manual_seed(0)
     model = DiffusionModel(NaNAfter(UNet(3, 3, 8), bad={1, 2}), num_timesteps=20)
-    opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
+    opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
     seen = []
     snapshots = []
 
@@ -188,8 +189,10 @@ def test_a_skipped_step_changes_nothing_without_reading_the_device() -> None:
     def run(fused: bool) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
         torch.manual_seed(0)
         model = DiffusionModel(NaNAfter(UNet(3, 3, 8), bad={1}), num_timesteps=20)
-        optimizer = build_optimizer(model.parameters(), "adam", lr=1e-3, fused=fused)
-        ema = build_ema(model, decay=0.9)
+        optimizer = build_optimizer(
+            model.parameters(), OptimConfig(name="adam", lr=1e-3), fused=fused
+        )
+        ema = EMA(model, decay=0.9)
         after = []
 
         def keep() -> None:
@@ -229,7 +232,7 @@ def test_too_many_nan_steps_in_a_row_fail_clearly() -> None:
     """More than max_bad_steps non-finite steps in a row raise TrainingDiverged naming it."""
     torch.manual_seed(0)
     model = DiffusionModel(NaNAfter(UNet(3, 3, 8), bad={2, 3, 4, 5}), num_timesteps=20)
-    opt = build_optimizer(model.parameters(), "adam", lr=1e-3)
+    opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
     batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(8)]
     with pytest.raises(TrainingDiverged, match=r"4 steps in a row .*train.max_bad_steps = 3"):
         train_on(TrainingState(model, opt), batches, max_bad_steps=3)

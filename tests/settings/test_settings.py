@@ -297,9 +297,7 @@ def test_settings_are_validated_once_per_process_for_the_same_inputs(
 
     calls = []
     real = settings.config._validate
-    monkeypatch.setattr(
-        settings.config, "_validate", lambda *a: calls.append(a) or real(*a)
-    )
+    monkeypatch.setattr(settings.config, "_validate", lambda *a: calls.append(a) or real(*a))
     dotenv = tmp_path / "run.env"
     first = load_settings({"optim.lr": 1e-3}, env_file=dotenv)
     again = load_settings({"optim.lr": 1e-3}, env_file=dotenv)
