@@ -22,6 +22,18 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first (`slow(seconds=N)`, then other slow ones), so that pytest-xdist
+    starts them at once on separate workers instead of leaving one to run alone at the end;
+    the order is otherwise the collection's."""
+
+    def cost(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("slow")
+        return 0.0 if marker is None else -float(marker.kwargs.get("seconds", 1.0))
+
+    items.sort(key=cost)
+
+
 @pytest.fixture
 def tiny_config() -> Callable[..., Config]:
     """tiny_config(changes=None) -> the Config of a tiny CPU run (see TINY), changed."""

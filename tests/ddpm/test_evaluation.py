@@ -24,6 +24,9 @@ from ddpm.evaluation import (
     reference_key,
 )
 
+# One worker builds the module's shared fixtures once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("evaluation")
+
 # Images per set: Inception runs at 299 px whatever the input size, about 0.25 s an image on
 # one CPU thread, and each FID adds ~3 s for the eigenvalues of a 2048 x 2048 product.
 N = 16

@@ -25,6 +25,7 @@ def random_data(config, n: int = 8) -> TrainingData:
     return TrainingData(TensorImageDataset(images), config)
 
 
+@pytest.mark.slow(seconds=70)
 def test_bf16_training_on_cpu_still_converges() -> None:
     """The assignment's one-batch test under bf16 autocast: 50 Adam steps bring the loss
     (evaluated in fp32, mean of 16) under 0.5."""

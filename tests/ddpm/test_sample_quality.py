@@ -62,7 +62,7 @@ def test_frechet_distance_pins() -> None:
     assert frechet_distance(a, wide) == pytest.approx(2 * (3 - 2 * 2**0.5), rel=0.05)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=190)
 def test_a_trained_model_draws_images_like_its_training_images() -> None:
     """960 steps of the project's training path (hidden 16, the default warm-ups, EMA and
     diffusion: v prediction, cosine schedule) on 8 smooth colour images, then 100 samples with
@@ -120,7 +120,7 @@ def train_digits(epochs: int, **diffusion) -> TrainingState:
     return state
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=350)
 def test_the_default_diffusion_draws_digits_on_black_where_the_old_one_drew_grey() -> None:
     """Issue 25 in small: the digits, hidden 16, 12 epochs (348 steps) each. The defaults (v
     prediction, cosine schedule, DPM-Solver++(2M) in 20 steps) against the DDPM paper's eps

@@ -111,6 +111,7 @@ def read_run(env: dict[str, str], flow_run_id: str):
     return flow_run, {a.key for a in artifacts}
 
 
+@pytest.mark.slow(seconds=65)
 def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cifar_writer) -> None:
     """Deploy all deployments, run ddpm-smoke with train.epochs=1 through a process worker:
     Completed, one epoch's checkpoint and grid, artifacts on the server; ddpm-sample then draws

@@ -25,6 +25,7 @@ def run_folder(runs: str) -> RunDir:
     return RunDir(path)
 
 
+@pytest.mark.slow(seconds=40)
 def test_two_devices_make_one_run_one_wandb_run_and_one_set_of_grids(
     tiny: dict[str, Any],
 ) -> None:
@@ -69,6 +70,7 @@ def two_ranks(tiny: dict[str, Any], **changes: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@pytest.mark.slow(seconds=40)
 def test_a_killed_rank_is_restarted_and_the_run_finishes_as_if_never_killed(
     tiny: dict[str, Any], tmp_path: Path, cli_env
 ) -> None:

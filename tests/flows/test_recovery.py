@@ -40,7 +40,7 @@ def train_cli(env: dict[str, str], cwd: Path, kill_at: int | None = None) -> tup
     return code, cli.last_step
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_sigkill_at_any_step_resumes_and_ends_exactly_like_an_uninterrupted_run(
     tiny: dict[str, Any], tmp_path: Path, cifar_writer, cli_env
 ) -> None:

@@ -24,6 +24,9 @@ from flows.sample_flow import sample_flow
 from flows.train_flow import train_flow
 from settings.sampling import GenerateOptions
 
+# One worker builds the module's shared fixtures once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("sample-flow")
+
 SCRIPT = str(REPO / "flows" / "sample_flow.py")
 
 

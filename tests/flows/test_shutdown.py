@@ -36,7 +36,7 @@ def long_run(tiny: dict[str, Any], tmp_path: Path, cifar_writer) -> dict[str, An
     }
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_sigterm_and_sigint_stop_within_seconds_and_the_resumed_run_is_bitwise_the_same(
     long_run: dict[str, Any], tmp_path: Path, cli_env
 ) -> None:
