@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from inception_weights import write_random_inception_weights
 from tiny_run import make_config, write_cifar10
 
 from ddpm.config import Config
+from ddpm.evaluation import INCEPTION_FILE
 
 # One intra-op thread: with another process on the same two cores, torch's default of one
 # thread per core made a small forward pass 50x slower (../shared/ENVIRONMENT.md). The
@@ -24,14 +26,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest tests first (`slow(seconds=N)`, then other slow ones), so that pytest-xdist
-    starts them at once on separate workers instead of leaving one to run alone at the end;
-    the order is otherwise the collection's."""
+    starts them at once on separate workers instead of leaving one to run alone at the end.
+
+    The tests of one module stay together, in their order (a module-scoped fixture is torn
+    down when another module's test runs between two of its tests), and a module goes where
+    its costliest test would; the order is otherwise the collection's.
+    """
 
     def cost(item: pytest.Item) -> float:
         marker = item.get_closest_marker("slow")
         return 0.0 if marker is None else -float(marker.kwargs.get("seconds", 1.0))
 
-    items.sort(key=cost)
+    def shares_fixtures(item: pytest.Item) -> bool:
+        return item.get_closest_marker("xdist_group") is not None
+
+    unit = {id(i): i.module.__name__ if shares_fixtures(i) else i.nodeid for i in items}
+    unit_cost: dict[str, float] = {}
+    for item in items:
+        unit_cost[unit[id(item)]] = min(unit_cost.get(unit[id(item)], 0.0), cost(item))
+    first = {name: n for n, name in reversed(list(enumerate(unit[id(i)] for i in items)))}
+    items.sort(key=lambda i: (unit_cost[unit[id(i)]], first[unit[id(i)]]))
 
 
 @pytest.fixture
@@ -60,6 +74,13 @@ def plant_pickle() -> Callable[[Path, Path], Path]:
         return path
 
     return plant
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random Inception weights in the official file's layout (no download), written once per
+    session (per pytest-xdist worker): 96 MB."""
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / INCEPTION_FILE)
 
 
 @pytest.fixture

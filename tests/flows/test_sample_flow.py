@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 from cli_run import REPO, Cli, signal_group
-from inception_weights import write_random_inception_weights
 from run_records import flow_artifacts, history
 from tiny_run import tiny_overrides
 
@@ -28,12 +27,6 @@ from settings.sampling import GenerateOptions
 pytestmark = pytest.mark.xdist_group("sample-flow")
 
 SCRIPT = str(REPO / "flows" / "sample_flow.py")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An Inception weights file of torch-fidelity's shapes with random values (no download)."""
-    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +170,7 @@ def test_command_line_errors_are_one_line(tmp_path: Path, cli_env) -> None:
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)  # with the module's trained run
 def test_sigterm_stops_generation_and_a_rerun_completes_it(
     trained, tmp_path: Path, cli_env
 ) -> None:
