@@ -80,6 +80,8 @@ def build_training(
     model, optim, train = config.model, config.optim, config.train
     seed_everything(train.seed, train.deterministic)
     diffusion = build_diffusion(model, config.diffusion, config.data.image_size)
+    if model.init_from is not None:
+        start_from(diffusion, config)
     opt = build_optimizer(diffusion.parameters(), optim, train.fused)
     # Decided once, when the run starts: a resumed run restores the schedule from its
     # checkpoint (see LRSchedule), so raising the epochs later keeps its warm-up.
@@ -93,7 +95,7 @@ def build_training(
         precision=train.precision,
         settings=dict(settings or {}),
         architecture={
-            "model": dataclasses.asdict(model),
+            "model": {k: v for k, v in dataclasses.asdict(model).items() if k != "init_from"},
             "diffusion": dataclasses.asdict(config.diffusion),
             "image_shape": list(config.image_shape),
         },
@@ -102,6 +104,22 @@ def build_training(
         state.scaler = torch.amp.GradScaler(torch.device(train.device).type)
     state.initial = state.snapshot()
     return state
+
+
+def start_from(diffusion: DiffusionModel, config: Config) -> None:
+    """Load the network's weights from the diffusers folder config.model.init_from.
+
+    Raises:
+        FormatError: naming the folder and the first setting it does not match.
+    """
+    from ddpm.diffusers_format import check_start, read_folder
+
+    folder = config.model.init_from
+    model, found, size, weights = read_folder(folder)
+    check_start(folder, (model, found, size), (config.model, config.diffusion,
+                config.data.image_size))  # fmt: skip
+    diffusion.eps_model.load_state_dict(weights)
+    log.info("the network starts from %s", folder)
 
 
 def build_or_resume(

@@ -47,6 +47,7 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] = (16,)  # sides at which blocks attend
     dropout: float = 0.1
     checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+    init_from: Path | None = None  # a diffusers folder whose weights start a new run
 
 
 @dataclass(frozen=True)

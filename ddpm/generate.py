@@ -45,6 +45,8 @@ class TrainedModel:
     """A run's network, ready to sample, and where it came from."""
 
     diffusion: DiffusionModel  # the chosen weights, in eval mode, on the CPU
+    model: ModelConfig  # what builds its network
+    diffusion_config: DiffusionConfig  # and its schedule and prediction
     image_shape: tuple[int, int, int]  # (C, H, W)
     checkpoint: Path
     epoch: int  # epochs completed
@@ -103,7 +105,8 @@ def find_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def load_trained_model(path: Path, use_ema: bool = True) -> TrainedModel:
-    """The network of a run folder (its newest valid checkpoint) or of a checkpoint file.
+    """The network of a run folder (its newest valid checkpoint), of a checkpoint file, or of
+    a diffusers folder (as google/ddpm-cifar10-32 or an export; its weights as they are).
 
     Args:
         path: a run folder or a checkpoint file.
@@ -113,6 +116,8 @@ def load_trained_model(path: Path, use_ema: bool = True) -> TrainedModel:
         CheckpointError: naming the file, if there is none, it is unreadable, of another
             format or model, or holds no EMA weights when they are asked for.
     """
+    if (Path(path) / "model_index.json").is_file() or (Path(path) / "config.json").is_file():
+        return _diffusers_model(Path(path))
     source, state = find_checkpoint(path)
     model, diffusion_config, image_shape = architecture(state, str(source))
     diffusion = build_diffusion(model, diffusion_config, image_shape[-1])
@@ -127,6 +132,8 @@ def load_trained_model(path: Path, use_ema: bool = True) -> TrainedModel:
     diffusion.eval().requires_grad_(False)
     return TrainedModel(
         diffusion=diffusion,
+        model=model,
+        diffusion_config=diffusion_config,
         image_shape=image_shape,  # type: ignore[arg-type]
         checkpoint=source,
         epoch=int(state["epoch"]),
@@ -134,6 +141,19 @@ def load_trained_model(path: Path, use_ema: bool = True) -> TrainedModel:
         ema=use_ema,
         settings=dict(state.get("settings") or {}),
     )
+
+
+def _diffusers_model(folder: Path) -> TrainedModel:
+    """The network of a diffusers folder (ddpm.diffusers_format.read_folder), untrained here:
+    epoch and step 0, the run's default settings."""
+    from ddpm.diffusers_format import read_folder
+
+    model, diffusion_config, size, weights = read_folder(folder)
+    diffusion = build_diffusion(model, diffusion_config, size)
+    diffusion.eps_model.load_state_dict(weights)
+    diffusion.eval().requires_grad_(False)
+    shape = (model.channels, size, size)
+    return TrainedModel(diffusion, model, diffusion_config, shape, folder, 0, 0, False, {})
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -1,5 +1,5 @@
-"""Serve the deployments of train-flow and sample-flow from this process, for users without a
-worker:
+"""Serve the deployments of train-flow, sample-flow and export-flow from this process, for
+users without a worker:
 
     python deployments/serve.py
     prefect deployment run 'train-flow/ddpm-smoke'
@@ -23,12 +23,14 @@ PREFECT_FILE = Path(__file__).with_name("prefect.yaml")
 
 def served_deployments() -> list:
     """prefect.yaml's deployments, with their DDPM_* env folded into `overrides`."""
+    from flows.export_flow import export_flow
     from flows.sample_flow import sample_flow  # prefect, torch: seconds
     from flows.train_flow import train_flow
 
     flows = {
         "flows/train_flow.py:train_flow": train_flow,
         "flows/sample_flow.py:sample_flow": sample_flow,
+        "flows/export_flow.py:export_flow": export_flow,
     }
     deployments = []
     for spec in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]:

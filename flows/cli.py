@@ -76,6 +76,36 @@ def sample_main(argv: list[str] | None = None) -> int:
     return run_flow(cfg, load)
 
 
+EXPORT_PROG = "python flows/export_flow.py"
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """`python flows/export_flow.py --run PATH --out DIR [--no-ema]`: run export_flow;
+    returns the exit status above."""
+    parser = argparse.ArgumentParser(
+        prog=EXPORT_PROG, allow_abbrev=False,
+        description="Write a trained run as a folder diffusers' DDPMPipeline.from_pretrained "
+        "loads (safetensors, scheduler config, model card).",
+    )  # fmt: skip
+    parser.add_argument("--run", required=True, help="a run folder or a checkpoint (best.pt)")
+    parser.add_argument("--out", required=True, help="the folder to write (replaced)")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false",
+                        help="the trained weights instead of their EMA")  # fmt: skip
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_settings({})
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    def load() -> Callable[[], State]:
+        from flows.export_flow import export_flow  # torch, prefect: seconds
+
+        return lambda: export_flow(args.run, args.out, args.use_ema, return_state=True)
+
+    return run_flow(cfg, load)
+
+
 def parse_sample_args(argv: list[str]) -> tuple[GenerateOptions, dict[str, Any]]:
     """sample_flow's options (validated) and its settings flags (eval.*,
     run.debug, run.stop_timeout, run.server_timeout) as dotted overrides.
@@ -132,6 +162,10 @@ def run_flow(cfg: Settings, load: Callable[[], Callable[[], State]]) -> int:
             handlers are made quiet) and returns the call that runs it, returning its state.
     """
     stop = StopRequest(cfg.run.stop_timeout)
+    # Logging's own errors are not printed (the stdlib's setting for production): Prefect's log
+    # worker writes "--- Error logging to API ---" whenever a batch fails, so a lost server
+    # printed it before the watchdog's one line said what happened (flows.shutdown).
+    logging.raiseExceptions = False
     with stop.signals_handled():
         try:
             with _prefect_api(cfg):

@@ -153,6 +153,25 @@ class ModelSettings(_Group):
         description="ddpm: activation checkpointing (less memory, ~1/3 more compute)",
     )
 
+    # Fine-tuning, or sampling without training: google/ddpm-cifar10-32 or an export.
+    init_from: Path | None = Field(
+        ModelConfig.init_from,
+        description="a diffusers folder (UNet2DModel in the paper's layout, or this project's "
+        "export) whose weights start a new run; empty = random weights",
+    )
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("init_from")
+    @classmethod
+    def _is_folder(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"no such folder: {v} (a diffusers folder, e.g. ddpm-cifar10-32)")
+        return v
+
     @field_validator("hidden_size")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
@@ -753,6 +772,8 @@ def result_settings(settings: Settings) -> dict[str, Any]:
             keep.pop(key)
     if settings.diffusion.loss_weighting != "min_snr":
         keep.pop("diffusion.min_snr_gamma")
+    if settings.model.init_from is None:  # runs before the setting existed keep their names
+        keep.pop("model.init_from")
     if settings.diffusion.schedule != "linear":  # the betas are the linear schedule's
         keep.pop("diffusion.beta_start")
         keep.pop("diffusion.beta_end")
@@ -771,11 +792,14 @@ def with_legacy(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_name(settings: Settings) -> str:
-    """run.name, or 'run-' + a 10-hex-digit hash of the result-changing settings."""
+    """run.name, or 'run-' + a 10-hex-digit hash of the result-changing settings, and
+    '-from-' + the folder's name for a run that starts from model.init_from."""
     if settings.run.name:
         return settings.run.name
     blob = json.dumps(result_settings(settings), sort_keys=True).encode()
-    return "run-" + hashlib.sha256(blob).hexdigest()[:10]
+    name = "run-" + hashlib.sha256(blob).hexdigest()[:10]
+    start = settings.model.init_from
+    return f"{name}-from-{re.sub(r'[^A-Za-z0-9._-]+', '-', start.name)[:60]}" if start else name
 
 
 def run_path(settings: Settings) -> Path:

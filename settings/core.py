@@ -42,9 +42,12 @@ def core_config(settings: Settings) -> Config:
             folder=data.folder.resolve() if data.folder else None,
         ),
         model=ModelConfig(
-            **settings.model.model_dump(exclude={"channel_mult", "attention_resolutions"}),
+            **settings.model.model_dump(
+                exclude={"channel_mult", "attention_resolutions", "init_from"}
+            ),
             channel_mult=tuple(settings.model.channel_mult),
             attention_resolutions=tuple(settings.model.attention_resolutions),
+            init_from=settings.model.init_from.resolve() if settings.model.init_from else None,
         ),
         diffusion=DiffusionConfig(**settings.diffusion.model_dump()),
         optim=OptimConfig(**settings.optim.model_dump()),

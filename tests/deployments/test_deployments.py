@@ -115,13 +115,14 @@ def read_run(env: dict[str, str], flow_run_id: str):
 def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cifar_writer) -> None:
     """Deploy all deployments, run ddpm-smoke with train.epochs=1 through a process worker:
     Completed, one epoch's checkpoint and grid, artifacts on the server; ddpm-sample then draws
-    3 images from it; an invalid override ends Failed with a validation message, not Crashed."""
+    3 images from it and ddpm-export writes its diffusers folder; an invalid override ends
+    Failed with a validation message, not Crashed."""
     cifar_writer(tmp_path / "data", images_per_batch=52)  # 260 >= the smoke run's 256
     prefect(server, "work-pool", "create", "ddpm-local", "--type", "process")
     out = prefect(
         server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"
     )
-    assert "ddpm-cifar10" in out and "ddpm-smoke" in out and "ddpm-sample" in out
+    assert all(f"ddpm-{name}" in out for name in ("cifar10", "smoke", "sample", "export"))
 
     paths = {
         "data.root": str(tmp_path / "data"),
@@ -154,6 +155,18 @@ def test_smoke_deployment_end_to_end(server: dict[str, str], tmp_path: Path, cif
     ]  # fmt: skip
     assert {"generation-progress", "generation-summary"} <= artifacts
 
+    # And exported through the ddpm-export deployment: a folder diffusers loads (test_export).
+    out = prefect(
+        server, "deployment", "run", "export-flow/ddpm-export",
+        "--param", f"run={run_dir}", "--param", f"out={tmp_path / 'export'}",
+    )  # fmt: skip
+    export_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out)[1]
+    prefect(server, "worker", "start", "--pool", "ddpm-local", "--run-once", timeout=300)
+    flow_run, artifacts = read_run(server, export_run_id)
+    assert flow_run.state.type.value == "COMPLETED", flow_run.state.message
+    index = json.loads((tmp_path / "export" / "model_index.json").read_text())
+    assert index["unet"] == ["assignment_unet", "AssignmentUNet"] and "export" in artifacts
+
     flow_run, _ = read_run(server, run_deployment(server, {**paths, "optim.lr": -1}))
     assert flow_run.state.type.value == "FAILED"
     assert "optim.lr" in flow_run.state.message and "greater than 0" in flow_run.state.message
@@ -168,9 +181,9 @@ def test_serve_builds_the_same_deployments() -> None:
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
     deployments = {d.name: d for d in serve.served_deployments()}
-    assert set(deployments) == {"ddpm-cifar10", "ddpm-smoke", "ddpm-sample"}
+    assert set(deployments) == {"ddpm-cifar10", "ddpm-smoke", "ddpm-sample", "ddpm-export"}
     assert deployments["ddpm-cifar10"].parameters == {"overrides": {}}
-    assert deployments["ddpm-sample"].parameters == {}
+    assert deployments["ddpm-sample"].parameters == deployments["ddpm-export"].parameters == {}
     smoke = deployments["ddpm-smoke"].parameters["overrides"]
     assert smoke["model.hidden_size"] == "16" and smoke["train.epochs"] == "2"
     from settings import load_settings

@@ -55,6 +55,7 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "model.attention_resolutions": ([8], {}),
     "model.dropout": (0.2, {}),
     "model.checkpointing": (True, {"model.arch": "ddpm"}),
+    "model.init_from": (".", {}),  # a folder that exists (the test's own)
     "diffusion.num_timesteps": (2000, {}),
     "diffusion.beta_start": (0.001, {}),
     "diffusion.beta_end": (0.05, {}),
@@ -151,6 +152,7 @@ def test_documented_defaults() -> None:
         "model.attention_resolutions": [16],
         "model.dropout": 0.1,
         "model.checkpointing": False,
+        "model.init_from": None,
         "diffusion.num_timesteps": 1000,
         "diffusion.beta_start": 1e-4,
         "diffusion.beta_end": 0.02,

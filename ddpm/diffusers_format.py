@@ -1,0 +1,388 @@
+"""The Hugging Face diffusers format: a trained network written as a folder that
+`diffusers.DDPMPipeline.from_pretrained` loads, and a diffusers UNet2DModel read back as the
+DDPM paper's network. Safetensors and JSON only; diffusers itself is not imported here.
+
+A folder holds `model_index.json`, `unet/` (config.json and diffusion_pytorch_model.safetensors)
+and `scheduler/scheduler_config.json`:
+- `model.arch=ddpm` is a `UNet2DModel` in the layout of the paper's CIFAR-10 model
+  (google/ddpm-cifar10-32), every field written; the weights map one to one, except the first
+  layer of the timestep MLP (see `_time_rotation`).
+- the assignment's network is a custom component: its module file (`unet/assignment_unet.py`,
+  this project's ddpm/unet.py with a diffusers wrapper) is in the folder, and diffusers loads
+  it with `trust_remote_code=True`.
+- the scheduler is `DDPMScheduler` with the run's betas, prediction and clipping and the
+  ancestral step's variance (sigma_t^2 = beta_t: "fixed_large").
+
+Shapes: C = base width, L = levels (len(channel_mult)).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.config import DiffusionConfig, ModelConfig
+from ddpm.errors import UserError
+from ddpm.unet import SCALE, timestep_frequencies
+
+DIFFUSERS_VERSION = "0.42.0"  # the version the folders are written for and tested with
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+CUSTOM_MODULE = "assignment_unet"  # unet/assignment_unet.py, class AssignmentUNet
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+# google/ddpm-cifar10-32's fields that fix the paper's layout; diffusers' defaults differ
+# (flip_sin_to_cos, freq_shift, downsample_padding, norm_eps), so each is written.
+PAPER_LAYOUT: dict[str, Any] = {
+    "act_fn": "silu",
+    "add_attention": True,
+    "attention_head_dim": None,  # one head as wide as the block
+    "attn_norm_num_groups": None,
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "downsample_padding": 0,  # pad right and bottom by one, as the reference code
+    "downsample_type": "conv",
+    "flip_sin_to_cos": False,  # sin then cos
+    "freq_shift": 1,  # frequencies 10000^(-i / (C/2 - 1))
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional",
+    "upsample_type": "conv",
+}
+
+
+class FormatError(UserError, ValueError):
+    """A network, schedule or folder that the other side cannot express or read."""
+
+
+def unet2d_config(model: ModelConfig, image_size: int) -> dict[str, Any]:
+    """The UNet2DModel config of model.arch=ddpm's network: the paper's layout with the run's
+    widths, blocks per level, attention sides and dropout."""
+    levels = range(len(model.channel_mult))
+    attends = [image_size >> i in model.attention_resolutions for i in levels]
+    return {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **PAPER_LAYOUT,
+        "block_out_channels": [model.hidden_size * m for m in model.channel_mult],
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attends],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)],
+        "dropout": model.dropout,
+        "in_channels": model.channels,
+        "out_channels": model.channels,
+        "layers_per_block": model.num_res_blocks,
+        "sample_size": image_size,
+    }
+
+
+def model_from_unet2d(config: Mapping[str, Any], source: str) -> tuple[ModelConfig, int]:
+    """The ModelConfig and image size of a UNet2DModel config in the paper's layout.
+
+    Raises:
+        FormatError: naming source and the field that is not the paper's layout.
+    """
+    for field, value in PAPER_LAYOUT.items():
+        if field in config and config[field] != value and field != "attention_head_dim":
+            raise FormatError(f"{source}: {field} is {config[field]!r}; the paper's is {value!r}")
+    widths, down = list(config["block_out_channels"]), list(config["down_block_types"])
+    head = config.get("attention_head_dim")
+    attending = [w for w, d in zip(widths, down, strict=True) if "Attn" in d]
+    if head is not None and any(head != w for w in attending):
+        raise FormatError(f"{source}: attention_head_dim {head} is not one head per block")
+    if config["in_channels"] != config["out_channels"] or widths[0] % 32:
+        raise FormatError(f"{source}: in/out channels or widths are not the paper network's")
+    if any(w % widths[0] for w in widths):
+        raise FormatError(f"{source}: block_out_channels {widths} are not multiples of the first")
+    size = config["sample_size"]
+    size = size if isinstance(size, int) else size[0]
+    model = ModelConfig(
+        arch="ddpm", hidden_size=widths[0], channels=config["in_channels"],
+        channel_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=config["layers_per_block"],
+        attention_resolutions=tuple(size >> i for i, d in enumerate(down) if "Attn" in d),
+        dropout=float(config.get("dropout", 0.0)),
+    )  # fmt: skip
+    if unet2d_config(model, size)["up_block_types"] != list(config["up_block_types"]):
+        raise FormatError(f"{source}: up_block_types do not mirror down_block_types")
+    return model, size
+
+
+def _pairs(model: ModelConfig, image_size: int) -> Iterator[tuple[str, str, str]]:
+    """(our module, diffusers' module, kind) for every module of DDPMUNet with weights."""
+    yield from [("conv_in", "conv_in", ""), ("temb.0", "time_embedding.linear_1", ""),
+                ("temb.2", "time_embedding.linear_2", ""), ("norm_out", "conv_norm_out", ""),
+                ("conv_out", "conv_out", ""), ("mid.0", "mid_block.resnets.0", "resnet"),
+                ("mid.1", "mid_block.attentions.0", "attn"),
+                ("mid.2", "mid_block.resnets.1", "resnet")]  # fmt: skip
+    levels = len(model.channel_mult)
+    attends = [image_size >> i in model.attention_resolutions for i in range(levels)]
+    k = 0
+    for i in range(levels):
+        for j in range(model.num_res_blocks):
+            yield f"down.{k}.0", f"down_blocks.{i}.resnets.{j}", "resnet"
+            if attends[i]:
+                yield f"down.{k}.1", f"down_blocks.{i}.attentions.{j}", "attn"
+            k += 1
+        if i != levels - 1:
+            yield f"down.{k}.0.conv", f"down_blocks.{i}.downsamplers.0.conv", ""
+            k += 1
+    k = 0
+    for n, i in enumerate(reversed(range(levels))):
+        for j in range(model.num_res_blocks + 1):
+            yield f"up.{k}.0", f"up_blocks.{n}.resnets.{j}", "resnet"
+            if attends[i]:
+                yield f"up.{k}.1", f"up_blocks.{n}.attentions.{j}", "attn"
+            k += 1
+        if i != 0:
+            yield f"up.{k}.0.conv", f"up_blocks.{n}.upsamplers.0.conv", ""
+            k += 1
+
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
+           "conv2": "conv2", "shortcut": "conv_shortcut"}  # fmt: skip
+
+
+def _names(ours: str, theirs: str, kind: str) -> Iterator[tuple[str, str]]:
+    """(our parameter, diffusers' parameter) of one module, attention's qkv aside."""
+    parts = _RESNET.items() if kind == "resnet" else [("", "")]
+    if kind == "attn":
+        parts = [("norm", "group_norm")]
+    for a, b in parts:
+        for p in ("weight", "bias"):
+            yield ".".join(filter(None, (ours, a, p))), ".".join(filter(None, (theirs, b, p)))
+
+
+def _time_rotation(width: int, num_timesteps: int) -> torch.Tensor:
+    """(C, C) float64 R with our embedding = R @ diffusers' embedding.
+
+    Our network embeds timestep index t as the angles (t + 1) * SCALE / T * f (DiffusionModel
+    feeds (t + 1) / T); diffusers' as t * f. For T = SCALE the angles differ by f, a rotation of
+    each (sin, cos) pair, which the first linear layer of the timestep MLP absorbs exactly.
+    """
+    if num_timesteps != SCALE:
+        raise FormatError(
+            f"diffusion.num_timesteps is {num_timesteps}: diffusers' UNet2DModel embeds the "
+            f"timestep index itself, which matches this network's embedding only for "
+            f"T = {SCALE:.0f}"
+        )
+    f = timestep_frequencies(width).double()
+    c, s = torch.diag(f.cos()), torch.diag(f.sin())
+    return torch.cat((torch.cat((c, s), 1), torch.cat((-s, c), 1)), 0)
+
+
+def to_unet2d(
+    state: Mapping[str, torch.Tensor], model: ModelConfig, image_size: int, num_timesteps: int
+) -> dict[str, torch.Tensor]:
+    """DDPMUNet's state dict -> UNet2DModel's (float32, contiguous)."""
+    rotation = _time_rotation(model.hidden_size, num_timesteps)
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs, kind in _pairs(model, image_size):
+        out.update({b: state[a] for a, b in _names(ours, theirs, kind) if a in state})
+        if kind == "attn":
+            width = state[f"{ours}.proj_out.bias"].numel()
+            for p in ("weight", "bias"):
+                qkv = state[f"{ours}.qkv.{p}"].reshape(3 * width, -1).squeeze(-1)
+                out.update(zip([f"{theirs}.to_{x}.{p}" for x in "qkv"], qkv.chunk(3), strict=True))
+                out[f"{theirs}.to_out.0.{p}"] = state[f"{ours}.proj_out.{p}"].reshape(width, -1)
+    out = {k: v.squeeze(-1) if k.endswith("to_out.0.bias") else v for k, v in out.items()}
+    w = out["time_embedding.linear_1.weight"]
+    out["time_embedding.linear_1.weight"] = (w.double() @ rotation).to(w.dtype)
+    return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def from_unet2d(
+    state: Mapping[str, torch.Tensor], model: ModelConfig, image_size: int, num_timesteps: int
+) -> dict[str, torch.Tensor]:
+    """UNet2DModel's state dict -> DDPMUNet's (the inverse of to_unet2d).
+
+    Raises:
+        FormatError: if a weight the layout needs is missing or one is left over.
+    """
+    rotation = _time_rotation(model.hidden_size, num_timesteps)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for ours, theirs, kind in _pairs(model, image_size):
+        for a, b in _names(ours, theirs, kind):
+            if b in state:
+                out[a], _ = state[b], used.add(b)
+        if kind == "attn":
+            for p in ("weight", "bias"):
+                names = [f"{theirs}.to_{x}.{p}" for x in ("q", "k", "v", "out.0")]
+                missing = [n for n in names if n not in state]
+                if missing:
+                    raise FormatError(f"the UNet2DModel weights lack {missing[0]}")
+                used.update(names)
+                qkv = torch.cat([state[n] for n in names[:3]])
+                out[f"{ours}.qkv.{p}"] = qkv[..., None, None] if p == "weight" else qkv
+                proj = state[names[3]]
+                out[f"{ours}.proj_out.{p}"] = proj[..., None, None] if p == "weight" else proj
+    left = sorted(set(state) - used)
+    if left:
+        raise FormatError(f"the UNet2DModel weights hold {left[0]}, which the layout lacks")
+    w = out["temb.0.weight"]
+    out["temb.0.weight"] = (w.double() @ rotation.T).to(w.dtype)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def scheduler_config(diffusion: DiffusionConfig, clip_denoised: bool) -> dict[str, Any]:
+    """DDPMScheduler's config that reproduces the project's ancestral sampler: the run's betas,
+    T and prediction, x0 clipped to [-1, 1] where the run's samples are, sigma_t^2 = beta_t."""
+    return {
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": diffusion.num_timesteps,
+        "beta_schedule": SCHEDULES[diffusion.schedule],
+        "beta_start": diffusion.beta_start,
+        "beta_end": diffusion.beta_end,
+        "trained_betas": None,
+        "variance_type": "fixed_large",
+        "clip_sample": clip_denoised,
+        "clip_sample_range": 1.0,
+        "prediction_type": PREDICTIONS[diffusion.prediction],
+        "thresholding": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+    }
+
+
+def diffusion_from_scheduler(config: Mapping[str, Any], source: str) -> DiffusionConfig:
+    """The DiffusionConfig of a DDPMScheduler config (the inverse of scheduler_config).
+
+    Raises:
+        FormatError: naming source, for a schedule or prediction this project does not train.
+    """
+    schedule = {v: k for k, v in SCHEDULES.items()}.get(config.get("beta_schedule", "linear"))
+    prediction = {v: k for k, v in PREDICTIONS.items()}.get(
+        config.get("prediction_type", "epsilon")
+    )
+    if schedule is None or prediction is None or config.get("trained_betas"):
+        raise FormatError(f"{source}: a schedule or prediction type this project cannot train")
+    return DiffusionConfig(
+        num_timesteps=int(config.get("num_train_timesteps", 1000)), schedule=schedule,
+        beta_start=float(config.get("beta_start", 1e-4)),
+        beta_end=float(config.get("beta_end", 0.02)), prediction=prediction,
+    )  # fmt: skip
+
+
+def assignment_config(model: ModelConfig, image_size: int, num_timesteps: int) -> dict:
+    """The custom component's config: the assignment network and the T its time input uses."""
+    return {
+        "_class_name": "AssignmentUNet",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "in_channels": model.channels,
+        "out_channels": model.channels,
+        "hidden_size": model.hidden_size,
+        "sample_size": image_size,
+        "num_train_timesteps": num_timesteps,
+    }
+
+
+_WRAPPER = '''
+
+# --- The diffusers component around the network above (written by ddpm.diffusers_format). ---
+
+from diffusers import ConfigMixin, ModelMixin  # noqa: E402
+from diffusers.configuration_utils import register_to_config  # noqa: E402
+from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
+
+
+class AssignmentUNet(ModelMixin, ConfigMixin):
+    """The assignment's U-Net as a diffusers model: (sample, timestep index) -> the network's
+    prediction, the index fed as (t + 1) / num_train_timesteps as the project trained it."""
+
+    @register_to_config
+    def __init__(self, in_channels=3, out_channels=3, hidden_size=128, sample_size=32,
+                 num_train_timesteps=1000):
+        super().__init__()
+        self.net = UNet(in_channels, out_channels, hidden_size)
+
+    def forward(self, sample, timestep, return_dict=True):
+        t = torch.as_tensor(timestep, device=sample.device).float().reshape(-1)
+        t = (t.expand(sample.shape[0]) + 1) / self.config.num_train_timesteps
+        out = self.net(sample, t)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+'''
+
+
+def assignment_module() -> str:
+    """unet/assignment_unet.py: ddpm/unet.py (which imports only torch) and the wrapper."""
+    from ddpm import unet
+
+    return inspect.getsource(unet) + _WRAPPER
+
+
+def write_json(path: Path, value: Mapping[str, Any]) -> None:
+    """Write value as indented JSON (the files diffusers reads), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_folder(path: Path) -> tuple[ModelConfig, DiffusionConfig, int, dict[str, torch.Tensor]]:
+    """A diffusers folder's network as this project builds it: (model, diffusion, image side,
+    the network's state dict). path is a pipeline folder (model_index.json, unet/, scheduler/,
+    as google/ddpm-cifar10-32 or an export) or a UNet2DModel folder (config.json and weights);
+    without a scheduler the diffusion is the paper's (linear, eps, T = 1000).
+
+    Raises:
+        FormatError: naming the file, for a missing or pickled weights file or a network that
+            is neither the paper's layout nor this project's assignment network.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    unet = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    if not (unet / "config.json").is_file():
+        raise FormatError(f"{path}: no unet/config.json or config.json: not a diffusers folder")
+    weights = unet / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FormatError(f"{weights}: missing (only safetensors weights are read, no pickles)")
+    config = json.loads((unet / "config.json").read_text())
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    diffusion = (
+        diffusion_from_scheduler(json.loads(scheduler.read_text()), str(scheduler))
+        if scheduler.is_file() else DiffusionConfig(schedule="linear", prediction="eps")
+    )  # fmt: skip
+    state = load_file(weights)
+    if config.get("_class_name") == "AssignmentUNet":
+        model = ModelConfig(hidden_size=config["hidden_size"], channels=config["in_channels"])
+        size = config["sample_size"]
+        return model, diffusion, size, {k.removeprefix("net."): v for k, v in state.items()}
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise FormatError(f"{unet / 'config.json'}: a {config['_class_name']}, not a UNet2DModel")
+    model, size = model_from_unet2d(config, str(unet / "config.json"))
+    return model, diffusion, size, from_unet2d(state, model, size, diffusion.num_timesteps)
+
+
+def check_start(folder: Path, found: tuple[ModelConfig, DiffusionConfig, int], wanted:
+                tuple[ModelConfig, DiffusionConfig, int]) -> None:  # fmt: skip
+    """Raise FormatError naming the first setting where a run (wanted) and the folder it starts
+    from (found) differ: the network's layout, the image size, T, schedule or prediction."""
+    names = {"model": ("arch", "hidden_size", "channels", "channel_mult", "num_res_blocks",
+                       "attention_resolutions"),
+             "diffusion": ("num_timesteps", "schedule", "prediction")}  # fmt: skip
+    pairs = [(f"model.{n}", getattr(found[0], n), getattr(wanted[0], n)) for n in names["model"]]
+    pairs += [(f"diffusion.{n}", getattr(found[1], n), getattr(wanted[1], n))
+              for n in names["diffusion"]]  # fmt: skip
+    pairs.append(("data.image_size", found[2], wanted[2]))
+    paper_only = ("model.channel_mult", "model.num_res_blocks", "model.attention_resolutions")
+    for name, theirs, ours in pairs:
+        if wanted[0].arch == "assignment" and name in paper_only:
+            continue  # the paper network's options do not apply to the assignment's
+        if theirs != ours:
+            raise FormatError(
+                f"model.init_from {folder}: its {name} is {_plain(theirs)}, the run's is "
+                f"{_plain(ours)}; set {name} to match or start from another folder"
+            )
+
+
+def _plain(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)

@@ -1,0 +1,184 @@
+"""Export a trained run to the diffusers format (ddpm.diffusers_format), with a model card.
+
+    export(Path("runs/run-1a2b3c4d5e"), Path("export/my-ddpm"))  # EMA weights by default
+
+writes a folder that `diffusers.DDPMPipeline.from_pretrained` loads: model_index.json,
+unet/ (config and safetensors weights; the assignment network's module file too),
+scheduler/scheduler_config.json and README.md, the model card with the Hub's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from ddpm.checkpoint import atomic_write
+from ddpm.diffusers_format import (
+    CUSTOM_MODULE,
+    DIFFUSERS_VERSION,
+    WEIGHTS_FILE,
+    assignment_config,
+    assignment_module,
+    scheduler_config,
+    to_unet2d,
+    unet2d_config,
+    write_json,
+)
+from ddpm.generate import TrainedModel, load_trained_model
+from ddpm.run_dir import RunDir
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What export wrote, and from what."""
+
+    out: Path
+    checkpoint: Path
+    arch: str
+    ema: bool
+    global_step: int
+
+
+def export(path: Path, out: Path, use_ema: bool = True) -> Exported:
+    """Write the diffusers folder of a run folder's newest valid checkpoint, or of a checkpoint
+    file (best.pt), to out (replaced if it exists; written beside it first).
+
+    Raises:
+        CheckpointError: naming the file, if there is no checkpoint or no EMA when asked.
+        FormatError: naming the setting, for a network diffusers cannot express.
+    """
+    trained = load_trained_model(Path(path), use_ema=use_ema)
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_folder(trained, staging, card(trained, evaluation(Path(path), trained.checkpoint)))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return Exported(out, trained.checkpoint, trained.model.arch, use_ema, trained.global_step)
+
+
+def write_folder(trained: TrainedModel, folder: Path, readme: str) -> None:
+    """model_index.json, unet/, scheduler/ and README.md of trained, in folder."""
+    model, diffusion, size = trained.model, trained.diffusion_config, trained.image_shape[-1]
+    weights = trained.diffusion.eps_model.state_dict()
+    clip = _clip(trained)
+    unet = folder / "unet"
+    if model.arch == "ddpm":
+        config = unet2d_config(model, size)
+        weights = to_unet2d(weights, model, size, diffusion.num_timesteps)
+        library = "diffusers"
+    else:
+        config = assignment_config(model, size, diffusion.num_timesteps)
+        weights = {f"net.{k}": v.detach().float().contiguous() for k, v in weights.items()}
+        (unet / f"{CUSTOM_MODULE}.py").parent.mkdir(parents=True, exist_ok=True)
+        (unet / f"{CUSTOM_MODULE}.py").write_text(assignment_module())
+        library = CUSTOM_MODULE
+    write_json(unet / "config.json", config)
+    save_file(weights, str(unet / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(diffusion, clip))
+    write_json(folder / "model_index.json", {
+        "_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", "DDPMScheduler"], "unet": [library, config["_class_name"]],
+    })  # fmt: skip
+    atomic_write(folder / "README.md", lambda f: f.write(readme.encode()))
+
+
+def evaluation(path: Path, checkpoint: Path) -> dict[str, Any] | None:
+    """The run's best.json (FID and epoch) when checkpoint is that run's best.pt or its
+    epoch checkpoint; None where the run did not evaluate it."""
+    folder = path if path.is_dir() else checkpoint.parent.parent
+    record = RunDir(folder).best_record
+    if not record.is_file():
+        return None
+    best = json.loads(record.read_text())
+    return best if checkpoint.name in ("best.pt", best.get("checkpoint")) else None
+
+
+CARD = """---
+license: mit
+library_name: diffusers
+pipeline_tag: unconditional-image-generation
+tags:
+- pytorch
+- diffusers
+- unconditional-image-generation
+- ddpm
+{datasets}---
+
+# {name}: an unconditional DDPM
+
+A denoising diffusion probabilistic model (Ho et al. 2020,
+[arXiv:2006.11239](https://arxiv.org/abs/2006.11239)) trained with ddpm-pipeline on {data}.
+
+- Network: {network}, {params:,} parameters, images of {shape} (C x H x W).
+- Diffusion: T = {T}, {schedule} schedule; the network predicts {prediction}.
+- Weights: the {weights} weights of `{checkpoint}`, epoch {epoch}, step {step}.
+- Scheduler: `DDPMScheduler` set as the project's ancestral sampler (sigma_t^2 = beta_t,
+  x0 {clip}).
+
+## Evaluation
+
+{score}
+
+## Usage
+
+```python
+from diffusers import DDPMPipeline
+
+pipeline = DDPMPipeline.from_pretrained("<this folder or Hub repo>"{remote})
+images = pipeline(batch_size=16, num_inference_steps={T}).images
+```
+{remote_note}
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+"""
+
+
+def card(trained: TrainedModel, evaluated: dict[str, Any] | None) -> str:
+    """README.md: the Hub's YAML metadata, what the model is, how it was trained, its FID
+    where the run evaluated this checkpoint, and how to sample from it."""
+    model, diffusion, settings = trained.model, trained.diffusion_config, trained.settings
+    data = settings.get("data") or {}
+    cifar = data.get("dataset", "cifar10") == "cifar10"
+    custom = model.arch != "ddpm"
+    score = (
+        f"FID {evaluated['fid']:.4g} (this checkpoint, epoch {evaluated['epoch']}: "
+        f"{(settings.get('eval') or {}).get('num_samples', '?')} samples against the training "
+        "images, torch-fidelity's Inception)"
+        if evaluated else "Not evaluated: the run computed no FID for this checkpoint."
+    )  # fmt: skip
+    return CARD.format(
+        datasets="datasets:\n- cifar10\n" if cifar else "",
+        name=trained.checkpoint.parent.parent.name,
+        data="CIFAR-10" if cifar else f"an image folder ({data.get('image_size', 32)} px)",
+        network="the course assignment's small U-Net (a custom component: "
+        "`unet/assignment_unet.py`)" if custom else "the DDPM paper's U-Net (`UNet2DModel`)",
+        params=sum(p.numel() for p in trained.diffusion.eps_model.parameters()),
+        shape="x".join(map(str, trained.image_shape)), T=diffusion.num_timesteps,
+        schedule=diffusion.schedule, prediction=diffusion.prediction,
+        weights="EMA of the" if trained.ema else "trained (not averaged)",
+        checkpoint=trained.checkpoint.name, epoch=trained.epoch, step=trained.global_step,
+        clip="clipped to [-1, 1]" if _clip(trained) else "not clipped", score=score,
+        remote=", trust_remote_code=True" if custom else "",
+        remote_note="\n`trust_remote_code=True` runs `unet/assignment_unet.py` from this "
+        "folder: read it first.\n" if custom else "",
+        settings="\n".join(
+            f"| `{group}.{key}` | `{json.dumps(value)}` |"
+            for group in ("data", "model", "diffusion", "optim", "train")
+            for key, value in sorted((settings.get(group) or {}).items())
+        ),
+    )  # fmt: skip
+
+
+def _clip(trained: TrainedModel) -> bool:
+    """Whether the run's samples clip x0 (sample.clip_denoised; on by default)."""
+    return bool((trained.settings.get("sample") or {}).get("clip_denoised", True))
