@@ -90,7 +90,7 @@ def write_folder(trained: TrainedModel, folder: Path, readme: str) -> None:
 
 
 def evaluation(path: Path, checkpoint: Path) -> dict[str, Any] | None:
-    """The run's best.json (FID and epoch) when checkpoint is that run's best.pt or its
+    """The run's best.json (FID, KID and epoch) when checkpoint is that run's best.pt or its
     epoch checkpoint; None where the run did not evaluate it."""
     folder = path if path.is_dir() else checkpoint.parent.parent
     record = RunDir(folder).best_record
@@ -150,8 +150,9 @@ def card(trained: TrainedModel, evaluated: dict[str, Any] | None) -> str:
     data = settings.get("data") or {}
     cifar = data.get("dataset", "cifar10") == "cifar10"
     custom = model.arch != "ddpm"
+    kid = f", KID {evaluated['kid']:.4g}" if evaluated and "kid" in evaluated else ""
     score = (
-        f"FID {evaluated['fid']:.4g} (this checkpoint, epoch {evaluated['epoch']}: "
+        f"FID {evaluated['fid']:.4g}{kid} (this checkpoint, epoch {evaluated['epoch']}: "
         f"{(settings.get('eval') or {}).get('num_samples', '?')} samples against the training "
         "images, torch-fidelity's Inception)"
         if evaluated else "Not evaluated: the run computed no FID for this checkpoint."

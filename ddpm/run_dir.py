@@ -104,7 +104,7 @@ class RunDir:
 
     @property
     def best_record(self) -> Path:
-        """checkpoints/best.json: best.pt's epoch and FID."""
+        """checkpoints/best.json: best.pt's epoch, FID and other metrics (KID)."""
         return self.checkpoints / "best.json"
 
     def epoch_checkpoint(self, epoch: int) -> Path:
@@ -202,15 +202,15 @@ def save_step_checkpoint(snapshot: Mapping[str, Any], run: RunDir) -> Path:
     return path
 
 
-def keep_best(run: RunDir, checkpoint: Path, epoch: int, fid: float) -> bool:
-    """Make `checkpoint` the run's best.pt if its FID is the lowest so far (best.json holds the
-    best FID and epoch); returns whether it did.
+def keep_best(run: RunDir, checkpoint: Path, epoch: int, metrics: Mapping[str, float]) -> bool:
+    """Make `checkpoint` the run's best.pt if its FID (metrics["fid"]) is the lowest so far
+    (best.json holds its FID, its other metrics and its epoch); returns whether it did.
 
     best.pt is a hard link to the epoch checkpoint (no copy; it outlives the epoch file's
     pruning, and checkpoints are never written in place), or a copy where links are not
     possible; either way it replaces the old best.pt atomically, with its checksum beside it.
     """
-    record = run.best_record
+    record, fid = run.best_record, float(metrics["fid"])
     if record.is_file() and json.loads(record.read_text())["fid"] <= fid:
         return False
     best, tmp = run.best_checkpoint, run.checkpoints / f".best.pt.{os.getpid()}.link"
@@ -224,6 +224,7 @@ def keep_best(run: RunDir, checkpoint: Path, epoch: int, fid: float) -> bool:
         atomic_write(best, lambda f: f.write(data))
     digest = checksum_path(checkpoint).read_text().split()[0]
     atomic_write(checksum_path(best), lambda f: f.write(f"{digest}  {best.name}\n".encode()))
-    text = json.dumps({"fid": fid, "epoch": epoch, "checkpoint": Path(checkpoint).name}) + "\n"
+    values = {**{k: float(v) for k, v in metrics.items()}, "fid": fid}
+    text = json.dumps({**values, "epoch": epoch, "checkpoint": Path(checkpoint).name}) + "\n"
     atomic_write(record, lambda f: f.write(text.encode()))
     return True

@@ -56,9 +56,7 @@ def export_flow(run: str, out: str, use_ema: bool = True) -> dict[str, Any]:
         use_ema: the EMA weights (what the DDPM paper samples from); else the trained ones.
     """
     checkpoint = find_checkpoint_task(str(Path(run).resolve()))
-    # The run folder, not the checkpoint: the model card reads the run's best.json from it.
-    source = run if Path(run).is_file() else str(Path(run).resolve())
-    done = export_task(source, str(Path(out).resolve()), use_ema)
+    done = export_task(checkpoint, str(Path(out).resolve()), use_ema)
     create_markdown_artifact(
         key="export",
         markdown=f"Exported `{checkpoint}` to `{done['out']}`: load it with "

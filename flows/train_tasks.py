@@ -250,6 +250,6 @@ def evaluate_task(
     tracker.log_eval(result.global_step, metrics)
     line = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     logger.info("epoch %d, %d samples: %s", result.epoch, ev.num_samples, line)
-    if "fid" in metrics and keep_best(run, Path(checkpoint), result.epoch, metrics["fid"]):
+    if "fid" in metrics and keep_best(run, Path(checkpoint), result.epoch, metrics):
         logger.info("best FID so far: %s is now %s", checkpoint, run.best_checkpoint)
     return metrics

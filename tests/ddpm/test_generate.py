@@ -191,10 +191,10 @@ def test_grayscale_images_round_trip(tmp_path: Path) -> None:
 def test_best_checkpoint_follows_the_lowest_fid(run: RunDir) -> None:
     """best.pt is the checkpoint of the lowest FID so far; it survives the pruning of its
     epoch file and loads with its checksum."""
-    assert keep_best(run, run.epoch_checkpoint(1), 1, 50.0)
-    assert not keep_best(run, run.epoch_checkpoint(2), 2, 60.0)
+    assert keep_best(run, run.epoch_checkpoint(1), 1, {"fid": 50.0})
+    assert not keep_best(run, run.epoch_checkpoint(2), 2, {"fid": 60.0})
     assert load_checkpoint(run.best_checkpoint)["epoch"] == 1
-    assert keep_best(run, run.epoch_checkpoint(2), 2, 40.0)
+    assert keep_best(run, run.epoch_checkpoint(2), 2, {"fid": 40.0})
     assert load_checkpoint(run.best_checkpoint)["epoch"] == 2
     run.epoch_checkpoint(2).unlink()
     assert load_checkpoint(run.best_checkpoint)["epoch"] == 2

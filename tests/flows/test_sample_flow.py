@@ -101,7 +101,8 @@ def test_training_evaluates_and_keeps_the_best_checkpoint(
     run = RunDir(trained["run_dir"])
     record = json.loads(run.best_record.read_text())
     fids = {r["global_step"] // 2: r["eval/fid"] for r in rows}
-    assert record == {
+    assert set(record) == {"fid", "kid", "kid_std", "epoch", "checkpoint"}
+    assert {k: record[k] for k in ("fid", "epoch", "checkpoint")} == {
         "fid": min(fids.values()),
         "epoch": min(fids, key=fids.get),
         "checkpoint": f"epoch_{min(fids, key=fids.get):03d}.pt",
@@ -229,3 +230,16 @@ def test_missing_inception_weights_fail_before_training(
     assert last.startswith("error: the Inception weights could not be downloaded"), last
     assert "eval.weights (DDPM_EVAL__WEIGHTS)" in last and "Traceback" not in result.stderr
     assert not Path(tiny["run.dir"]).exists()
+
+
+def test_an_evaluated_checkpoint_exports_with_its_scores(trained, tmp_path: Path) -> None:
+    """The best checkpoint of an evaluated run, exported: its model card gives the FID and
+    KID best.json recorded for it; a checkpoint the run did not evaluate says so."""
+    from ddpm.export import export
+
+    run = RunDir(trained["run_dir"])
+    best = json.loads(run.best_record.read_text())
+    export(run.best_checkpoint, tmp_path / "best")
+    card = (tmp_path / "best" / "README.md").read_text()
+    assert f"FID {best['fid']:.4g}, KID {best['kid']:.4g}" in card, card
+    assert f"epoch {best['epoch']}" in card
