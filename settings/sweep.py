@@ -1,0 +1,160 @@
+"""A sweep's spec (`--spec sweep.yaml`, issue 28), validated, and the trials of its grid and
+random searches.
+
+    name: lr-width                      # runs/sweeps/<name>, its W&B group, artifact sweep-<name>
+    deployment: train-flow/ddpm-smoke   # what each trial runs
+    metric: epoch/loss                  # or eval/fid, eval/kid
+    goal: minimize
+    search: grid                        # grid | random | tpe
+    trials: 8                           # random and tpe only
+    concurrency: 4                      # trials running at once
+    seed: 0
+    base: {train.epochs: 2}             # overrides every trial gets
+    vary:
+      optim.lr: [1.0e-4, 2.0e-4]        # a list: the choices
+      train.ema_decay: {low: 0.99, high: 0.9999, log: true}   # a range: random and tpe only
+
+Every key of `base` and `vary` is a setting (as a flag names it); each trial's settings are
+validated before the sweep starts, so a bad value is named before any trial runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddpm.errors import UserError
+from settings.config import SettingsError, load_settings
+
+
+class SpecError(UserError, ValueError):
+    """An invalid sweep spec; the message names the file and the key."""
+
+
+class Range(BaseModel):
+    """A range to draw from: uniform in [low, high], or log-uniform (log: true)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False  # draw whole numbers (e.g. model.hidden_size)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+    def draw(self, rng: random.Random) -> float | int:
+        """One value, from rng."""
+        if self.log:
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = rng.uniform(self.low, self.high)
+        return round(value) if self.integer else value
+
+
+class SweepSpec(BaseModel):
+    """What a sweep runs, varies, compares and how many at once."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    deployment: str = Field("train-flow/ddpm-cifar10", pattern=r"^[^/]+/[^/]+$")
+    metric: Literal["epoch/loss", "eval/fid", "eval/kid"] = "epoch/loss"
+    goal: Literal["minimize", "maximize"] = "minimize"
+    search: Literal["grid", "random", "tpe"] = "grid"
+    trials: int | None = Field(None, ge=1, le=10_000)
+    concurrency: int = Field(1, ge=1, le=256)
+    seed: int = Field(0, ge=0, lt=2**63)
+    base: dict[str, Any] = Field(default_factory=dict)
+    vary: dict[str, list[Any] | Range] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        ranges = [key for key, how in self.vary.items() if isinstance(how, Range)]
+        if self.search == "grid" and ranges:
+            raise ValueError(f"vary.{ranges[0]}: a range needs search random or tpe")
+        if self.search == "grid" and self.trials is not None:
+            raise ValueError("trials: a grid runs every combination; leave trials out")
+        if self.search != "grid" and self.trials is None:
+            raise ValueError(f"trials: required for search {self.search}")
+        empty = [key for key, how in self.vary.items() if isinstance(how, list) and not how]
+        if empty:
+            raise ValueError(f"vary.{empty[0]}: no choices")
+        return self
+
+
+def read_spec(path: Path) -> SweepSpec:
+    """The spec in a YAML file, with every trial's settings checked (grid and random: each
+    trial; tpe: the base with each list's first choice and each range's low end).
+
+    Raises:
+        SpecError: naming the file and what is wrong (a key, a setting, a value).
+    """
+    path = Path(path)
+    try:
+        spec = SweepSpec(**(yaml.safe_load(path.read_text()) or {}))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such sweep spec") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not YAML ({' '.join(str(err).split())})") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise SpecError(f"{path}: {where + ': ' if where else ''}{message}") from None
+    examples = planned(spec) if spec.search != "grid" or _grid_size(spec) <= 1000 else []
+    if spec.search == "tpe":
+        examples = [{key: how.low if isinstance(how, Range) else how[0]
+                     for key, how in spec.vary.items()}]  # fmt: skip
+    for values in examples:
+        try:
+            load_settings({**spec.base, **values}, env_file=None)
+        except SettingsError as err:
+            raise SpecError(f"{path}: a trial's settings {values} are invalid: {err}") from None
+    return spec
+
+
+def _grid_size(spec: SweepSpec) -> int:
+    return math.prod(len(how) for how in spec.vary.values() if isinstance(how, list))
+
+
+def planned(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The varied settings of each trial, in order: every combination of a grid (the first
+    key varying slowest), or spec.trials draws seeded by spec.seed (random). A tpe search
+    plans as it goes (Optuna), so it has no plan: []."""
+    if spec.search == "grid":
+        keys = list(spec.vary)
+        return [dict(zip(keys, combo, strict=True))
+                for combo in itertools.product(*(spec.vary[k] for k in keys))]  # fmt: skip
+    if spec.search == "tpe":
+        return []
+    rng = random.Random(spec.seed)
+    return [
+        {key: how.draw(rng) if isinstance(how, Range) else rng.choice(how)
+         for key, how in spec.vary.items()}
+        for _ in range(spec.trials or 0)
+    ]  # fmt: skip
+
+
+def trial_overrides(spec: SweepSpec, index: int, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's overrides: the base, its values, and its place: run.dir runs/sweeps/<name>,
+    run.name trial-<index> (so a re-run of the sweep finds, resumes or skips it)."""
+    return {
+        **spec.base,
+        **values,
+        "run.dir": str(Path(spec.base.get("run.dir", "runs")) / "sweeps" / spec.name),
+        "run.name": f"trial-{index:03d}",
+    }

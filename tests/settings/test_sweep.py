@@ -1,0 +1,98 @@
+"""The sweep spec (issue 28): read from YAML, every trial's settings checked before any runs,
+and the trials of grid and random searches."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from settings.sweep import SpecError, planned, read_spec, trial_overrides
+
+SPEC = """
+name: lr-width
+deployment: train-flow/ddpm-smoke
+metric: epoch/loss
+goal: minimize
+search: grid
+concurrency: 4
+seed: 0
+base: {train.epochs: 2}
+vary:
+  optim.lr: [1.0e-4, 2.0e-4]
+  model.hidden_size: [16, 32]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_issue_example_plans_every_combination_in_order(tmp_path: Path) -> None:
+    """The issue's grid: 4 trials, the first key varying slowest; each trial gets the base,
+    its values, and a folder of its own under runs/sweeps/<name>."""
+    spec = read_spec(write(tmp_path, SPEC))
+    assert (spec.name, spec.concurrency) == ("lr-width", 4)
+    assert spec.deployment == "train-flow/ddpm-smoke"
+    assert planned(spec) == [
+        {"optim.lr": 1e-4, "model.hidden_size": 16},
+        {"optim.lr": 1e-4, "model.hidden_size": 32},
+        {"optim.lr": 2e-4, "model.hidden_size": 16},
+        {"optim.lr": 2e-4, "model.hidden_size": 32},
+    ]
+    assert trial_overrides(spec, 2, planned(spec)[2]) == {
+        "train.epochs": 2, "optim.lr": 2e-4, "model.hidden_size": 16,
+        "run.dir": str(Path("runs") / "sweeps" / "lr-width"), "run.name": "trial-002",
+    }  # fmt: skip
+
+
+def test_random_trials_are_seeded_and_stay_in_their_ranges(tmp_path: Path) -> None:
+    """random: `trials` draws, the same for the same seed, other for another; a log range
+    draws log-uniformly inside it, a list draws only its choices."""
+    text = SPEC.replace("search: grid", "search: random\ntrials: 40").replace(
+        "model.hidden_size: [16, 32]", "train.ema_decay: {low: 0.99, high: 0.9999, log: true}"
+    )
+    spec = read_spec(write(tmp_path, text))
+    trials = planned(spec)
+    assert len(trials) == 40 and trials == planned(spec)
+    assert trials != planned(spec.model_copy(update={"seed": 1}))
+    decays = [t["train.ema_decay"] for t in trials]
+    assert all(0.99 <= d <= 0.9999 for d in decays)
+    logs = [math.log(d) for d in decays]  # log-uniform: about half below the log midpoint
+    middle = (math.log(0.99) + math.log(0.9999)) / 2
+    assert 10 <= sum(x < middle for x in logs) <= 30
+    assert {t["optim.lr"] for t in trials} == {1e-4, 2e-4}
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (("search: grid", "search: random"), "trials: required for search random"),
+        (("[16, 32]", "{low: 16, high: 64}"), "vary.model.hidden_size: a range needs search"),
+        (("model.hidden_size", "model.hidden_sise"), "model.hidden_sise"),
+        (("[1.0e-4, 2.0e-4]", "[1.0e-4, -1]"), "optim.lr"),
+        (("concurrency: 4", "concurrency: 0"), "concurrency"),
+        (("goal: minimize", "goal: lowest"), "goal"),
+        (("name: lr-width", "name: a/b"), "name"),
+        (("seed: 0", "seed: 0\nbogus: 1"), "bogus: Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_spec_is_one_error_naming_the_file_and_the_key(
+    change: tuple[str, str], named: str, tmp_path: Path
+) -> None:
+    """Every trial's settings are validated before the sweep starts: a bad key, value or
+    search is an error naming the spec file and the key."""
+    path = write(tmp_path, SPEC.replace(*change))
+    with pytest.raises(SpecError) as err:
+        read_spec(path)
+    assert str(path) in str(err.value) and named in str(err.value), str(err.value)
+
+
+def test_missing_or_unreadable_spec_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such sweep spec"):
+        read_spec(tmp_path / "missing.yaml")
+    with pytest.raises(SpecError, match="not YAML"):
+        read_spec(write(tmp_path, "name: [unclosed"))
