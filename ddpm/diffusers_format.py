@@ -152,9 +152,7 @@ _RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "no
 
 def _names(ours: str, theirs: str, kind: str) -> Iterator[tuple[str, str]]:
     """(our parameter, diffusers' parameter) of one module, attention's qkv aside."""
-    parts = _RESNET.items() if kind == "resnet" else [("", "")]
-    if kind == "attn":
-        parts = [("norm", "group_norm")]
+    parts = {"resnet": _RESNET.items(), "attn": [("norm", "group_norm")]}.get(kind, [("", "")])
     for a, b in parts:
         for p in ("weight", "bias"):
             yield ".".join(filter(None, (ours, a, p))), ".".join(filter(None, (theirs, b, p)))
@@ -186,13 +184,12 @@ def to_unet2d(
     out: dict[str, torch.Tensor] = {}
     for ours, theirs, kind in _pairs(model, image_size):
         out.update({b: state[a] for a, b in _names(ours, theirs, kind) if a in state})
-        if kind == "attn":
-            width = state[f"{ours}.proj_out.bias"].numel()
+        if kind == "attn":  # 1x1 convolutions (C', C, 1, 1) -> linear layers (C', C)
             for p in ("weight", "bias"):
-                qkv = state[f"{ours}.qkv.{p}"].reshape(3 * width, -1).squeeze(-1)
+                qkv, proj = (state[f"{ours}.{m}.{p}"] for m in ("qkv", "proj_out"))
+                qkv, proj = (qkv.flatten(1), proj.flatten(1)) if p == "weight" else (qkv, proj)
                 out.update(zip([f"{theirs}.to_{x}.{p}" for x in "qkv"], qkv.chunk(3), strict=True))
-                out[f"{theirs}.to_out.0.{p}"] = state[f"{ours}.proj_out.{p}"].reshape(width, -1)
-    out = {k: v.squeeze(-1) if k.endswith("to_out.0.bias") else v for k, v in out.items()}
+                out[f"{theirs}.to_out.0.{p}"] = proj
     w = out["time_embedding.linear_1.weight"]
     out["time_embedding.linear_1.weight"] = (w.double() @ rotation).to(w.dtype)
     return {k: v.detach().float().contiguous() for k, v in out.items()}
@@ -212,7 +209,8 @@ def from_unet2d(
     for ours, theirs, kind in _pairs(model, image_size):
         for a, b in _names(ours, theirs, kind):
             if b in state:
-                out[a], _ = state[b], used.add(b)
+                out[a] = state[b]
+                used.add(b)
         if kind == "attn":
             for p in ("weight", "bias"):
                 names = [f"{theirs}.to_{x}.{p}" for x in ("q", "k", "v", "out.0")]

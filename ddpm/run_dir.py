@@ -224,7 +224,7 @@ def keep_best(run: RunDir, checkpoint: Path, epoch: int, metrics: Mapping[str, f
         atomic_write(best, lambda f: f.write(data))
     digest = checksum_path(checkpoint).read_text().split()[0]
     atomic_write(checksum_path(best), lambda f: f.write(f"{digest}  {best.name}\n".encode()))
-    values = {**{k: float(v) for k, v in metrics.items()}, "fid": fid}
+    values = {k: float(v) for k, v in metrics.items()}
     text = json.dumps({**values, "epoch": epoch, "checkpoint": Path(checkpoint).name}) + "\n"
     atomic_write(record, lambda f: f.write(text.encode()))
     return True

@@ -1,4 +1,4 @@
-"""export_flow: find-checkpoint -> export-folder, to the Hugging Face diffusers format.
+"""export_flow: export-folder, a run's checkpoint in the Hugging Face diffusers format.
 
     python flows/export_flow.py --run runs/NAME --out export/NAME [--no-ema]
 
@@ -22,22 +22,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from ddpm.export import export
-from ddpm.generate import find_checkpoint
 
 __all__ = ["export_flow"]
 
 
-@task(name="find-checkpoint")
-def find_checkpoint_task(run: str) -> str:
-    """The checkpoint a run folder or file names (its newest valid one), checked readable."""
-    path, _ = find_checkpoint(Path(run))
-    return str(path)
-
-
 @task(name="export-folder")
-def export_task(checkpoint: str, out: str, use_ema: bool) -> dict[str, Any]:
-    """Write the diffusers folder of checkpoint to out; returns what it wrote."""
-    done = export(Path(checkpoint), Path(out), use_ema)
+def export_task(run: str, out: str, use_ema: bool) -> dict[str, Any]:
+    """Write the diffusers folder of a run's newest valid checkpoint (or of a checkpoint file)
+    to out, reading the checkpoint once; returns what it wrote."""
+    done = export(Path(run), Path(out), use_ema)
     get_run_logger().info(
         "exported %s (%s, %s weights, step %d) to %s", done.checkpoint, done.arch,
         "EMA" if done.ema else "trained", done.global_step, done.out,
@@ -55,11 +48,10 @@ def export_flow(run: str, out: str, use_ema: bool = True) -> dict[str, Any]:
         out: the folder to write (replaced when it exists).
         use_ema: the EMA weights (what the DDPM paper samples from); else the trained ones.
     """
-    checkpoint = find_checkpoint_task(str(Path(run).resolve()))
-    done = export_task(checkpoint, str(Path(out).resolve()), use_ema)
+    done = export_task(str(Path(run).resolve()), str(Path(out).resolve()), use_ema)
     create_markdown_artifact(
         key="export",
-        markdown=f"Exported `{checkpoint}` to `{done['out']}`: load it with "
+        markdown=f"Exported `{done['checkpoint']}` to `{done['out']}`: load it with "
         f'`DDPMPipeline.from_pretrained("{done["out"]}")`.',
         description="diffusers export",
     )

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _PydanticSettingsError
 
@@ -56,6 +64,10 @@ class _FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+# An optional path that env, .env and flags can clear: an empty value is None.
+OptionalPath = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
 
 
 def list_value(value: Any, example: str) -> Any:
@@ -154,16 +166,11 @@ class ModelSettings(_Group):
     )
 
     # Fine-tuning, or sampling without training: google/ddpm-cifar10-32 or an export.
-    init_from: Path | None = Field(
+    init_from: OptionalPath = Field(
         ModelConfig.init_from,
         description="a diffusers folder (UNet2DModel in the paper's layout, or this project's "
         "export) whose weights start a new run; empty = random weights",
     )
-
-    @field_validator("init_from", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v: Any) -> Any:
-        return None if v == "" else v
 
     @field_validator("init_from")
     @classmethod
@@ -387,7 +394,7 @@ class EvalSettings(_Group):
         list(EvalConfig.metrics), min_length=1, description="metrics to compute: fid, kid"
     )
     # No machine without internet can fetch torch-fidelity's Inception weights.
-    weights: Path | None = Field(
+    weights: OptionalPath = Field(
         EvalConfig.weights,
         description="local Inception weights (weights-inception-2015-12-05-6726825d.pth); "
         "empty = torch-fidelity downloads them",
@@ -398,7 +405,7 @@ class EvalSettings(_Group):
         le=65_536,
         description="images per sampling batch and per Inception batch",
     )
-    cache_dir: Path | None = Field(
+    cache_dir: OptionalPath = Field(
         None, description="cache of the training images' statistics; empty = run.dir/fid-stats"
     )
 
@@ -406,11 +413,6 @@ class EvalSettings(_Group):
     @classmethod
     def _list_of_names(cls, v: Any) -> Any:
         return list_value(v, 'fid,kid or ["fid", "kid"]')
-
-    @field_validator("weights", "cache_dir", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v: Any) -> Any:
-        return None if v == "" else v
 
     @field_validator("weights")
     @classmethod

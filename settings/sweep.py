@@ -115,20 +115,13 @@ def read_spec(path: Path) -> SweepSpec:
         where = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         raise SpecError(f"{path}: {where + ': ' if where else ''}{message}") from None
-    examples = planned(spec) if spec.search != "grid" or _grid_size(spec) <= 1000 else []
-    if spec.search == "tpe":
-        examples = [{key: how.low if isinstance(how, Range) else how[0]
-                     for key, how in spec.vary.items()}]  # fmt: skip
-    for values in examples:
+    first = {key: how.low if isinstance(how, Range) else how[0] for key, how in spec.vary.items()}
+    for values in planned(spec) or [first]:  # tpe plans as it goes: check one trial
         try:
             load_settings({**spec.base, **values}, env_file=None)
         except SettingsError as err:
             raise SpecError(f"{path}: a trial's settings {values} are invalid: {err}") from None
     return spec
-
-
-def _grid_size(spec: SweepSpec) -> int:
-    return math.prod(len(how) for how in spec.vary.values() if isinstance(how, list))
 
 
 def planned(spec: SweepSpec) -> list[dict[str, Any]]:
