@@ -7,6 +7,7 @@ workers and however often the run was resumed.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import pickle
@@ -137,9 +138,20 @@ def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5)
             says where to put the archive or the extracted folder by hand. Its `transient`
             says whether trying again may help (a timeout, not a DNS failure).
     """
+    root = Path(root)
+    folder = root / CIFAR10_DIR
+    if cifar10_is_extracted(root):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    # One process at a time (a sweep's trials start together): the others wait, then find it.
+    with open(root / ".cifar-10.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _download_cifar10(root, url, md5)
+
+
+def _download_cifar10(root: Path, url: str, md5: str) -> Path:
     from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
-    root = Path(root)
     folder = root / CIFAR10_DIR
     if cifar10_is_extracted(root):
         return folder

@@ -4,6 +4,7 @@ runs/<run name>/
     settings.json            the resolved settings
     lock                     held (flock) by the process training the run, which it names
     wandb_id.txt             the W&B run id, so a resumed run continues it
+    metrics.jsonl            one line per epoch: loss, lr, images/s, seconds (and FID/KID)
     checkpoints/epoch_001.pt (+ .sha256), step_0000400.pt (mid-epoch), ...
     checkpoints/best.pt (+ .sha256), best.json   the checkpoint with the lowest FID, and its FID
     samples/epoch_001.png    the sample grid after epoch 1, ...
@@ -66,14 +67,19 @@ class RunDir:
         return self.path / "wandb_id.txt"
 
     @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
     def lock_file(self) -> Path:
         return self.path / "lock"
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, doing: str = "training this run") -> Iterator[None]:
         """Hold the run folder for this process: an exclusive lock (flock) on its lock file,
         which the OS releases when the process ends however it ends, so a crash never leaves
-        a stale lock. The file holds the holder's PID, for the message of the next one.
+        a stale lock. The file holds the holder's PID, for the message of the next one,
+        which says what the holder is `doing`.
 
         Raises:
             RunInUse: at once, naming the folder and the holder's PID, if another process
@@ -87,7 +93,7 @@ class RunDir:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 raise RunInUse(
-                    f"{self.path} is in use by process {holder}, which is training this run; "
+                    f"{self.path} is in use by process {holder}, which is {doing}; "
                     "wait for it to end or stop it (a second process would interleave its "
                     "checkpoints)"
                 ) from None

@@ -106,6 +106,52 @@ def export_main(argv: list[str] | None = None) -> int:
     return run_flow(cfg, load)
 
 
+SWEEP_PROG = "ddpm-sweep"
+# A stopped sweep waits for its trials to save (their run.stop_timeout) and for the workers to
+# see the cancellation (Prefect's workers look every few seconds).
+SWEEP_STOP_GRACE = 60.0
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """`ddpm-sweep --spec sweep.yaml` (= python flows/sweep_flow.py): run sweep_flow; returns
+    the exit status above. Without PREFECT_API_URL it starts a temporary server and serves the
+    spec's deployment from this machine (flows.sweep_flow.local_runner)."""
+    parser = argparse.ArgumentParser(
+        prog=SWEEP_PROG, allow_abbrev=False,
+        description="Run many train-flow runs (trials) of one spec through a Prefect "
+        "deployment, at most `concurrency` at once, and compare them (table artifact, plot, "
+        "W&B group). Re-running it continues it.",
+    )  # fmt: skip
+    parser.add_argument("--spec", required=True, help="the sweep's YAML spec")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from settings.sweep import read_spec
+
+    try:
+        spec = read_spec(args.spec)
+        base = load_settings(spec.base)
+        cfg = load_settings({**spec.base, "run.stop_timeout": base.run.stop_timeout
+                             + SWEEP_STOP_GRACE})  # fmt: skip
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from prefect.settings import PREFECT_API_URL
+
+    served = not PREFECT_API_URL.value()  # no server: serve the trials' deployment here
+
+    def load() -> Callable[[], State]:
+        from flows.sweep_flow import local_runner, sweep_flow, sweep_folder  # prefect: seconds
+
+        def call() -> State:
+            log = sweep_folder(spec) / "trials.log"
+            runner = local_runner(spec.deployment, spec.concurrency, cfg.run.server_timeout, log)
+            with runner if served else contextlib.nullcontext():
+                return sweep_flow(args.spec, return_state=True)
+
+        return call
+
+    return run_flow(cfg, load)
+
+
 def parse_sample_args(argv: list[str]) -> tuple[GenerateOptions, dict[str, Any]]:
     """sample_flow's options (validated) and its settings flags (eval.*,
     run.debug, run.stop_timeout, run.server_timeout) as dotted overrides.

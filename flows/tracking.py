@@ -12,6 +12,7 @@ Prefect: artifacts with stable keys, so the UI shows their history across epochs
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -90,6 +91,7 @@ class Tracker:
         wandb_run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
+            group=cfg.wandb.group,
             name=name,
             id=id_file.read_text().strip(),
             resume="allow",
@@ -178,10 +180,15 @@ class Tracker:
 
 
 class RunArtifacts:
-    """The flow run's UI artifacts: progress, per-epoch metrics, summary, W&B link."""
+    """The flow run's UI artifacts: progress, per-epoch metrics, summary, W&B link.
 
-    def __init__(self, epochs_done: int, epochs: int) -> None:
-        self.epochs, self.rows = epochs, []
+    The metrics table holds every epoch of the run, resumed ones included: each row is also
+    kept in the run folder (RunDir.metrics_file), which a sweep reads its trials' results from
+    (flows.sweep_flow)."""
+
+    def __init__(self, run: RunDir, epochs_done: int, epochs: int) -> None:
+        self.run, self.epochs = run, epochs
+        self.rows = [row for row in epoch_rows(run) if row["epoch"] <= epochs_done]
         self.progress_id = create_progress_artifact(
             progress=100.0 * epochs_done / epochs,
             key=PROGRESS_KEY,
@@ -189,8 +196,8 @@ class RunArtifacts:
         )
 
     def epoch_done(self, result: EpochResult, evaluation: dict[str, float] | None = None) -> None:
-        """Advance the progress bar and re-publish the metrics table with this epoch's row
-        (and its FID/KID when it was evaluated)."""
+        """Advance the progress bar, keep this epoch's row (with its FID/KID when it was
+        evaluated) and re-publish the metrics table."""
         update_progress_artifact(self.progress_id, 100.0 * result.epoch / self.epochs)
         self.rows.append(
             {
@@ -203,7 +210,20 @@ class RunArtifacts:
                 **{k: round(v, 6) for k, v in (evaluation or {}).items()},
             }
         )
-        create_table_artifact(self.rows, key=METRICS_KEY, description="per-epoch metrics")
+        self.run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        publish_metrics(self.rows)
+
+
+def epoch_rows(run: RunDir) -> list[dict[str, Any]]:
+    """The run's per-epoch rows (RunArtifacts), oldest first; [] before its first epoch."""
+    if not run.metrics_file.is_file():
+        return []
+    return [json.loads(line) for line in run.metrics_file.read_text().splitlines() if line]
+
+
+def publish_metrics(rows: list[dict[str, Any]]) -> None:
+    """The per-epoch metrics table artifact (key epoch-metrics)."""
+    create_table_artifact(rows, key=METRICS_KEY, description="per-epoch metrics")
 
 
 def publish_summary(

@@ -38,7 +38,14 @@ from flows.download import download_task
 from flows.gpu import gpu_slot
 from flows.launch import LaunchError, launch
 from flows.shutdown import StopRequest, active_stop_request
-from flows.tracking import RunArtifacts, Tracker, core_logs_routed, publish_summary
+from flows.tracking import (
+    RunArtifacts,
+    Tracker,
+    core_logs_routed,
+    epoch_rows,
+    publish_metrics,
+    publish_summary,
+)
 from flows.train_tasks import (
     build_model_task,
     checkpoint_task,
@@ -47,6 +54,7 @@ from flows.train_tasks import (
     sample_and_log_task,
     train_epoch_task,
 )
+from flows.trial_report import TrialReport
 from settings import Settings, SettingsError, core_config, load_settings, result_changes, run_path
 
 __all__ = ["open_run_dir", "train_flow"]
@@ -128,9 +136,11 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
         with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
             summary = _train(cfg, stop)
         if stop():
+            pruned = stop.exit_code == 0  # a sweep's pruner (flows.trial_report) stopped it
             return Cancelled(
                 message=f"{stop.reason}: stopped at step {summary['global_step']}; "
-                f"newest checkpoint {summary['checkpoint']}; re-run to resume"
+                f"newest checkpoint {summary['checkpoint']}"
+                + ("" if pruned else "; re-run to resume")
             )
         return summary
 
@@ -237,10 +247,12 @@ def _train_epochs(
         logger.info(
             "run %s already finished %d of %d epochs; nothing to do", run.path, state.epoch, epochs
         )
+        publish_metrics(epoch_rows(run))  # what a sweep reads of a trial (flows.sweep_flow)
         publish_summary(cfg, run, summary, None)
         return summary
 
-    artifacts = RunArtifacts(state.epoch, epochs)
+    artifacts = RunArtifacts(run, state.epoch, epochs)
+    report = TrialReport.of(cfg)  # a sweep's trial: its metric to the sweep's pruner
     tracker = Tracker.start(cfg, run)
     stop.checkpoint = summary["checkpoint"]
     stop.on_leave(lambda: tracker.finish(stop.exit_code))
@@ -265,6 +277,11 @@ def _train_epochs(
                 )
                 artifacts.epoch_done(result, evaluation)
                 summary.update(epochs=result.epoch, metrics=dataclasses.asdict(result))
+                pruned = report and report.pruned(result.epoch, result.loss, evaluation)
+                if pruned and state.epoch < epochs:
+                    logger.info("%s; checkpoint %s kept", pruned, summary["checkpoint"])
+                    stop.request(pruned, 0, deadline=False)
+                    break
         exit_code = stop.exit_code
     finally:
         tracker.finish(exit_code)

@@ -457,6 +457,27 @@ class WandbSettings(_Group):
     )
     project: str = Field("ddpm", min_length=1, description="W&B project")
     entity: str | None = Field(None, description="W&B entity (user or team)")
+    # A sweep's trials share one group, named after the sweep (flows.sweep_flow).
+    group: str | None = Field(None, description="W&B group of the run (a sweep's name)")
+
+
+class SweepSettings(_Group):
+    """Set by a sweep for its trials (flows.sweep_flow): where the trial reports its metric
+    each epoch, so that the sweep's pruner can stop it early. Empty = not a pruned trial."""
+
+    # An Optuna RDB URL every worker reaches: sqlite:///PATH on one machine, or
+    # postgresql+psycopg://USER@HOST/DB (the password from PGPASSWORD or ~/.pgpass, not here).
+    storage: str | None = Field(None, description="the sweep's Optuna study database URL")
+    study: str | None = Field(None, description="the Optuna study (the sweep's name)")
+    trial: int | None = Field(None, ge=0, description="this run's Optuna trial number")
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> SweepSettings:
+        given = [v is not None for v in (self.storage, self.study, self.trial)]
+        if any(given) and not all(given):
+            raise _FieldError("sweep.trial", "sweep.storage, sweep.study and sweep.trial go "
+                              "together (the sweep sets them)")  # fmt: skip
+        return self
 
 
 class Settings(BaseSettings):
@@ -482,6 +503,7 @@ class Settings(BaseSettings):
     eval: EvalSettings = EvalSettings()
     run: RunSettings = RunSettings()
     wandb: WandbSettings = WandbSettings()
+    sweep: SweepSettings = SweepSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -732,7 +754,7 @@ def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
 # Settings that do not change what a run computes: where things live, how it is watched, how
 # fast it goes. Everything else names the run. train.epochs counts only with a cosine schedule
 # (whose decay depends on the run's length); otherwise raising it continues the same run.
-_NOT_RESULT_PREFIXES = ("sample.", "eval.", "run.", "wandb.")
+_NOT_RESULT_PREFIXES = ("sample.", "eval.", "run.", "wandb.", "sweep.")
 _NOT_RESULT = {
     "data.root",
     "data.url",

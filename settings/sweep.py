@@ -10,6 +10,13 @@ random searches.
     concurrency: 4                      # trials running at once
     seed: 0
     base: {train.epochs: 2}             # overrides every trial gets
+    # tpe only: the Optuna study's database (default: a file in the sweep's folder), random
+    # trials before TPE models the results and completed trials before the median pruner
+    # compares, epochs a trial trains before it may be pruned, and whether to prune at all.
+    storage: postgresql+psycopg://optuna@db-host/optuna
+    startup_trials: 4
+    warmup_epochs: 1
+    prune: true
     vary:
       optim.lr: [1.0e-4, 2.0e-4]        # a list: the choices
       train.ema_decay: {low: 0.99, high: 0.9999, log: true}   # a range: random and tpe only
@@ -70,7 +77,8 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    # A folder, a W&B group and part of a Prefect artifact key (lowercase, digits, dashes).
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     deployment: str = Field("train-flow/ddpm-cifar10", pattern=r"^[^/]+/[^/]+$")
     metric: Literal["epoch/loss", "eval/fid", "eval/kid"] = "epoch/loss"
     goal: Literal["minimize", "maximize"] = "minimize"
@@ -80,6 +88,10 @@ class SweepSpec(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     base: dict[str, Any] = Field(default_factory=dict)
     vary: dict[str, list[Any] | Range] = Field(min_length=1)
+    storage: str | None = Field(None, pattern=r"^(sqlite|postgresql|mysql)[+a-z0-9]*://")
+    startup_trials: int = Field(4, ge=0, le=10_000)
+    warmup_epochs: int = Field(1, ge=0)
+    prune: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
@@ -93,35 +105,69 @@ class SweepSpec(BaseModel):
         empty = [key for key, how in self.vary.items() if isinstance(how, list) and not how]
         if empty:
             raise ValueError(f"vary.{empty[0]}: no choices")
+        if self.search != "tpe" and self.storage is not None:
+            raise ValueError("storage: only a tpe search keeps an Optuna study")
         return self
 
 
-def read_spec(path: Path) -> SweepSpec:
-    """The spec in a YAML file, with every trial's settings checked (grid and random: each
-    trial; tpe: the base with each list's first choice and each range's low end).
+def read_spec(path: Path | str) -> SweepSpec:
+    """The spec in a YAML file, checked (spec_from).
 
     Raises:
         SpecError: naming the file and what is wrong (a key, a setting, a value).
     """
     path = Path(path)
     try:
-        spec = SweepSpec(**(yaml.safe_load(path.read_text()) or {}))
+        data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise SpecError(f"{path}: no such sweep spec") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{path}: a sweep spec is a mapping of keys (name, vary, ...)")
+    return spec_from(data, str(path))
+
+
+def spec_from(source: Path | str | Mapping[str, Any], where: str = "spec") -> SweepSpec:
+    """The spec in a mapping (a deployment's parameter; `where` names it in errors) or in a
+    YAML file (a path), with every trial's settings checked (check_trials).
+
+    Raises:
+        SpecError: naming `where` (or the file) and what is wrong.
+    """
+    if not isinstance(source, Mapping):
+        return read_spec(source)
+    try:
+        spec = SweepSpec(**source)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        key = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
-        raise SpecError(f"{path}: {where + ': ' if where else ''}{message}") from None
+        raise SpecError(f"{where}: {key + ': ' if key else ''}{message}") from None
+    check_trials(spec, where)
+    return spec
+
+
+def check_trials(spec: SweepSpec, where: str) -> None:
+    """Validate every planned trial's settings (tpe: the base with each list's first choice
+    and each range's low end), and that the trials produce the spec's metric.
+
+    Raises:
+        SpecError: naming `where` and the trial's values.
+    """
     first = {key: how.low if isinstance(how, Range) else how[0] for key, how in spec.vary.items()}
     for values in planned(spec) or [first]:  # tpe plans as it goes: check one trial
         try:
-            load_settings({**spec.base, **values}, env_file=None)
+            cfg = load_settings({**spec.base, **values}, env_file=None)
         except SettingsError as err:
-            raise SpecError(f"{path}: a trial's settings {values} are invalid: {err}") from None
-    return spec
+            raise SpecError(f"{where}: a trial's settings {values} are invalid: {err}") from None
+        evaluated = spec.metric.removeprefix("eval/")
+        evaluates = cfg.eval.every and evaluated in cfg.eval.metrics
+        if spec.metric.startswith("eval/") and not evaluates:
+            raise SpecError(
+                f"{where}: metric: {spec.metric} needs trials that evaluate {evaluated} "
+                f"(set eval.every and eval.metrics in base); trial {values} does not"
+            )
 
 
 def planned(spec: SweepSpec) -> list[dict[str, Any]]:

@@ -1,0 +1,516 @@
+"""sweep_flow: many train-flow runs (trials) of one spec, compared side by side.
+
+Run it with `ddpm-sweep --spec sweep.yaml` (= `python flows/sweep_flow.py --spec sweep.yaml`),
+or as the `ddpm-sweep` deployment. Each trial is a real train-flow run started with
+`run_deployment` (the spec's deployment), so trials spread over every worker of its pool and
+show in the UI as the sweep's subflow runs; `concurrency` of them run at once.
+
+The sweep keeps its state in runs/sweeps/<name>/sweep.json: re-running it starts only the
+trials that have not finished (an unfinished one resumes from its checkpoint, as any run
+does). A failed trial is a row that says why. SIGTERM or Ctrl-C cancels the running trials
+(each saves a checkpoint) and ends the sweep. After each trial the `sweep-<name>` table
+artifact is re-published; at the end, a plot of the metric per trial goes to the sweep's
+folder and, with the table, to a W&B run in the sweep's group (which holds every trial's run).
+
+tpe searches ask Optuna's TPE sampler for each trial's settings; the study lives in a database
+every worker reaches (spec `storage`, default a SQLite file in the sweep's folder), where each
+trial reports its metric every epoch and the median pruner may stop it (flows.trial_report):
+a pruned trial ends Cancelled with the reason, its checkpoint kept.
+"""
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import sweep_main
+
+    sys.exit(sweep_main())
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
+from prefect.client.schemas.sorting import ArtifactSort
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled, Cancelling, State
+
+from ddpm.checkpoint import atomic_write
+from ddpm.run_dir import RunDir
+from flows.shutdown import StopRequest, active_stop_request
+from flows.tracking import LINK_KEY, METRICS_KEY, resolve_wandb_mode
+from settings import Settings, load_settings
+from settings.sweep import Range, SpecError, SweepSpec, planned, spec_from, trial_overrides
+
+__all__ = ["Trial", "local_runner", "sweep_flow"]
+
+RECORD = "sweep.json"
+FINISHED = ("Completed", "Pruned")  # a re-run of the sweep skips these
+
+
+@dataclasses.dataclass
+class Trial:
+    """One trial: its varied settings, where it runs, and how it ended."""
+
+    index: int
+    values: dict[str, Any]
+    number: int | None = None  # its Optuna trial (tpe)
+    flow_run_id: str | None = None
+    state: str = "Not started"  # Running, Completed, Pruned, Failed, Crashed, Cancelled
+    message: str = ""
+    metric: float | None = None  # the spec's metric: the last epoch's (or evaluation's)
+    best_epoch: int | None = None
+    images_per_s: float | None = None
+    wandb: str | None = None
+    curve: list[list[float]] = dataclasses.field(default_factory=list)  # [epoch, metric]
+
+    @property
+    def name(self) -> str:
+        return f"trial-{self.index:03d}"
+
+
+def sweep_folder(spec: SweepSpec) -> Path:
+    """runs/sweeps/<name> (under base's run.dir): the trials' run folders and the record."""
+    return Path(trial_overrides(spec, 0, {})["run.dir"])
+
+
+def _comparable(spec: SweepSpec) -> dict[str, Any]:
+    """What a re-run must keep to continue a sweep (it may change trials and concurrency)."""
+    return spec.model_dump(mode="json", exclude={"trials", "concurrency"})
+
+
+def read_record(folder: Path, spec: SweepSpec) -> dict[int, Trial]:
+    """The trials a previous run of this sweep recorded, by index.
+
+    Raises:
+        SpecError: if the folder holds a sweep made from another spec.
+    """
+    path = folder / RECORD
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved["spec"] != _comparable(spec):
+        changed = sorted(k for k in saved["spec"] if saved["spec"][k] != _comparable(spec).get(k))
+        raise SpecError(
+            f"name: {folder} holds sweep {spec.name} made from another spec (it differs in "
+            f"{', '.join(changed)}); pick another name, or remove the folder to start over"
+        )
+    return {t["index"]: Trial(**t) for t in saved["trials"]}
+
+
+def write_record(folder: Path, spec: SweepSpec, trials: Mapping[int, Trial]) -> None:
+    record = {
+        "spec": _comparable(spec),
+        "trials": [dataclasses.asdict(trials[i]) for i in sorted(trials)],
+    }
+    atomic_write(folder / RECORD, lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+
+# ---- a trial's result, read from its flow run ---------------------------------------------------
+
+
+@task(name="trial-result", cache_policy=NO_CACHE)
+def trial_result_task(trial: Trial, metric: str, goal: str) -> Trial:
+    """The trial with its flow run's outcome: its state (Pruned for a pruner's stop), why it
+    did not complete, the metric (the last epoch's, or the last evaluation's), its best
+    epoch, mean images/s and W&B run, read from the flow run's epoch-metrics table artifact."""
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(trial.flow_run_id)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
+                key=ArtifactFilterKey(any_=[METRICS_KEY, LINK_KEY]),
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    latest = {}
+    for artifact in artifacts:  # newest first
+        latest.setdefault(artifact.key, artifact.data)
+    rows = latest.get(METRICS_KEY) or []
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    column = "loss" if metric == "epoch/loss" else metric.removeprefix("eval/")
+    curve = [[row["epoch"], row[column]] for row in rows if row.get(column) is not None]
+    state, message = flow_run.state.name, flow_run.state.message or ""
+    if state == "Cancelled" and message.startswith("pruned"):
+        state = "Pruned"
+    best = (min if goal == "minimize" else max)(curve, key=lambda c: c[1]) if curve else None
+    speeds = [row["images_per_s"] for row in rows if row.get("images_per_s")]
+    return dataclasses.replace(
+        trial,
+        state=state,
+        message="" if state == "Completed" else message.strip().splitlines()[0][:300],
+        metric=curve[-1][1] if curve else None,
+        best_epoch=int(best[0]) if best else None,
+        images_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
+        wandb=latest.get(LINK_KEY),
+        curve=curve,
+    )
+
+
+# ---- comparing trials ------------------------------------------------------------------------
+
+
+def table_rows(spec: SweepSpec, trials: Mapping[int, Trial], folder: Path) -> list[dict]:
+    """One row per trial: the settings that differ, the metric, best epoch, img/s, state,
+    run folder and W&B run (its link when online; else where its offline files are)."""
+    rows = []
+    for trial in (trials[i] for i in sorted(trials)):
+        wandb = trial.wandb or f"{spec.name}/{trial.name} (offline)"
+        rows.append(
+            {
+                "trial": trial.name,
+                **trial.values,
+                spec.metric: None if trial.metric is None else round(trial.metric, 6),
+                "best_epoch": trial.best_epoch,
+                "images_per_s": trial.images_per_s,
+                "state": trial.state,
+                "run_dir": str(folder / trial.name),
+                "wandb": wandb,
+                "note": trial.message,
+            }
+        )
+    return rows
+
+
+def text_table(rows: list[dict]) -> str:
+    """The rows as aligned text (the sweep's last log line), without the notes."""
+    if not rows:
+        return "(no trials)"
+    columns = [c for c in rows[0] if c not in ("run_dir", "wandb", "note")]
+    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+             for r in rows]  # fmt: skip
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def plot(spec: SweepSpec, trials: Mapping[int, Trial], path: Path) -> Path:
+    """The metric of each trial by epoch (left) and its final value (right), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (by_epoch, final) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    names, values, colours = [], [], []
+    colour = {"Completed": "tab:blue", "Pruned": "tab:orange"}
+    for trial in (trials[i] for i in sorted(trials)):
+        if trial.curve:
+            epochs, metric = zip(*trial.curve, strict=True)
+            by_epoch.plot(epochs, metric, marker="o", label=trial.name)
+        names.append(trial.name)
+        values.append(trial.metric if trial.metric is not None else math.nan)
+        colours.append(colour.get(trial.state, "tab:red"))
+    by_epoch.set(xlabel="epoch", ylabel=spec.metric, title=f"sweep {spec.name}: by epoch")
+    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if any(t.curve for t in trials.values()):
+        by_epoch.legend(fontsize="small")
+    final.bar(names, values, color=colours)
+    final.set(ylabel=spec.metric, title="last value (orange: pruned, red: did not finish)")
+    final.tick_params(axis="x", labelrotation=60, labelsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def log_to_wandb(cfg: Settings, spec: SweepSpec, folder: Path, rows: list[dict], png: Path) -> None:
+    """The table and the plot in a W&B run `sweep-<name>` of the sweep's group (job type
+    sweep), resumed across re-runs of the sweep."""
+    mode = resolve_wandb_mode(cfg.wandb.mode)
+    if mode == "disabled":
+        return
+    import secrets
+
+    import wandb
+
+    id_file = folder / "wandb_id.txt"
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(8) + "\n")
+    run = wandb.init(
+        project=cfg.wandb.project, entity=cfg.wandb.entity, group=spec.name,
+        name=f"sweep-{spec.name}", job_type="sweep", id=id_file.read_text().strip(),
+        resume="allow", dir=os.environ.get("WANDB_DIR") or str(folder), mode=mode,
+        config=spec.model_dump(mode="json"),
+        settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
+    )  # fmt: skip
+    columns = list(rows[0]) if rows else []
+    table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    run.log({"sweep/trials": table, "sweep/plot": wandb.Image(str(png), caption=spec.metric)})
+    run.finish()
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+
+
+def open_study(spec: SweepSpec, folder: Path) -> tuple[Any, str]:
+    """The tpe search's Optuna study (created, or loaded to continue), with the rules its
+    trials prune by in its user attributes (flows.trial_report), and its database URL."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = spec.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        direction=spec.goal,
+        sampler=optuna.samplers.TPESampler(
+            seed=spec.seed, n_startup_trials=spec.startup_trials, constant_liar=True
+        ),
+        load_if_exists=True,
+    )
+    rules = {"metric": spec.metric, "prune": spec.prune, "startup_trials": spec.startup_trials,
+             "warmup_epochs": spec.warmup_epochs}  # fmt: skip
+    for key, value in rules.items():
+        study.set_user_attr(key, value)
+    return study, storage
+
+
+def _distributions(spec: SweepSpec) -> dict[str, Any]:
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    def one(how: list[Any] | Range) -> Any:
+        if isinstance(how, list):
+            return CategoricalDistribution(how)
+        if how.integer:
+            return IntDistribution(round(how.low), round(how.high), log=how.log)
+        return FloatDistribution(how.low, how.high, log=how.log)
+
+    return {key: one(how) for key, how in spec.vary.items()}
+
+
+class Sweep:
+    """Starts trials up to the spec's concurrency, records each as it ends, stops on request."""
+
+    def __init__(
+        self, spec: SweepSpec, folder: Path, client: SyncPrefectClient, stop: StopRequest
+    ) -> None:
+        self.spec, self.folder, self.client, self.stop = spec, folder, client, stop
+        self.trials = read_record(folder, spec)
+        self.study, self.storage = (None, None)
+        if spec.search == "tpe":
+            self.study, self.storage = open_study(spec, folder)
+        self.todo = [t for i, t in sorted(self.trials.items()) if t.state not in FINISHED]
+        planned_trials = planned(spec)
+        self.todo += [Trial(i, values) for i, values in enumerate(planned_trials)
+                      if i not in self.trials]  # fmt: skip
+        self.todo.sort(key=lambda t: t.index)
+        self.running: dict[str, Trial] = {}
+        self.logger = get_run_logger()
+
+    def _next(self) -> Trial | None:
+        if self.todo:
+            return self.todo.pop(0)
+        if self.study is None or len(self.trials) >= (self.spec.trials or 0):
+            return None
+        asked = self.study.ask(_distributions(self.spec))
+        return Trial(len(self.trials), dict(asked.params), number=asked.number)
+
+    def _start(self, trial: Trial) -> None:
+        overrides = {**trial_overrides(self.spec, trial.index, trial.values),
+                     "wandb.group": self.spec.name}  # fmt: skip
+        if self.study is not None:
+            where = {"storage": self.storage, "study": self.spec.name, "trial": trial.number}
+            overrides.update({f"sweep.{key}": value for key, value in where.items()})
+        flow_run = run_deployment(
+            self.spec.deployment,
+            parameters={"overrides": overrides},
+            flow_run_name=f"{self.spec.name}-{trial.name}",
+            tags=["sweep", f"sweep-{self.spec.name}"],
+            timeout=0,  # started; this loop watches it
+        )
+        trial = dataclasses.replace(
+            trial, flow_run_id=str(flow_run.id), state="Running", message="",
+            metric=None, best_epoch=None, images_per_s=None, curve=[],
+        )  # fmt: skip
+        self.trials[trial.index] = self.running[trial.flow_run_id] = trial
+        write_record(self.folder, self.spec, self.trials)
+        self.logger.info("%s started: %s (flow run %s)", trial.name, trial.values, flow_run.name)
+
+    def _finish(self, trial: Trial) -> None:
+        trial = trial_result_task(trial, self.spec.metric, self.spec.goal)
+        self.trials[trial.index] = trial
+        if self.study is not None:
+            self._tell(trial)
+        write_record(self.folder, self.spec, self.trials)
+        rows = table_rows(self.spec, self.trials, self.folder)
+        create_table_artifact(rows, key=f"sweep-{self.spec.name}",
+                              description=f"sweep {self.spec.name}: one row per trial")  # fmt: skip
+        self.logger.info(
+            "%s %s: %s %s%s", trial.name, trial.state, self.spec.metric, trial.metric,
+            f" ({trial.message})" if trial.message else "",
+        )  # fmt: skip
+
+    def _tell(self, trial: Trial) -> None:
+        """Tell the study how the trial ended; a cancelled one stays running, to resume."""
+        from optuna.trial import TrialState
+
+        if trial.state == "Cancelled" or trial.number is None:
+            return
+        with contextlib.suppress(RuntimeError):  # already told (a re-run of a told trial)
+            if trial.state == "Completed" and trial.metric is not None:
+                self.study.tell(trial.number, trial.metric)
+            elif trial.state == "Pruned":
+                self.study.tell(trial.number, state=TrialState.PRUNED)
+            else:
+                self.study.tell(trial.number, state=TrialState.FAIL)
+
+    def _cancel_running(self) -> None:
+        for flow_run_id in self.running:
+            flow_run = self.client.read_flow_run(flow_run_id)
+            state = (Cancelling if flow_run.state.is_running() else Cancelled)(
+                message=f"the sweep {self.spec.name} was stopped ({self.stop.reason})"
+            )
+            self.client.set_flow_run_state(flow_run_id, state, force=True)
+        self.logger.info("cancelled %d running trial(s): %s", len(self.running),
+                         ", ".join(t.name for t in self.running.values()))  # fmt: skip
+
+    def run(self, poll_seconds: float) -> None:
+        cancelled = False
+        while True:
+            while not self.stop() and len(self.running) < self.spec.concurrency:
+                trial = self._next()
+                if trial is None:
+                    break
+                self._start(trial)
+            if not self.running:
+                return
+            if self.stop() and not cancelled:
+                self._cancel_running()
+                cancelled = True
+            time.sleep(poll_seconds)
+            for flow_run_id, trial in list(self.running.items()):
+                if self.client.read_flow_run(flow_run_id).state.is_final():
+                    del self.running[flow_run_id]
+                    self._finish(trial)
+
+
+@flow(name="sweep-flow", description="Run many train-flow runs of one spec and compare them.")
+def sweep_flow(spec: str | dict[str, Any], poll_seconds: float = 2.0) -> dict[str, Any] | State:
+    """Run the sweep a spec describes (its YAML file, or the spec itself as a mapping).
+
+    Returns:
+        the sweep's folder, its table (one row per trial) and its best completed trial; a
+        Cancelled state naming the unfinished trials when a stop request ended it.
+
+    Raises:
+        SpecError: for a bad spec (one line naming the key), a folder holding another sweep,
+            or a deployment the server does not have.
+    """
+    logger = get_run_logger()
+    sweep = spec_from(spec)
+    cfg = load_settings(sweep.base)
+    folder = sweep_folder(sweep)
+    folder.mkdir(parents=True, exist_ok=True)
+    stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
+    with (
+        stop.signals_handled(),
+        RunDir(folder).locked(doing="running this sweep"),
+        get_client(sync_client=True) as client,
+    ):
+        try:
+            client.read_deployment_by_name(sweep.deployment)
+        except ObjectNotFound:
+            raise SpecError(
+                f"deployment: the Prefect server has no deployment {sweep.deployment} (deploy "
+                "it: prefect deploy --all --prefect-file deployments/prefect.yaml)"
+            ) from None
+        runner = Sweep(sweep, folder, client, stop)
+        logger.info("sweep %s: %s search, %s at once, folder %s", sweep.name, sweep.search,
+                    sweep.concurrency, folder)  # fmt: skip
+        try:
+            runner.run(poll_seconds)
+        finally:
+            trials = runner.trials
+            rows = table_rows(sweep, trials, folder)
+            png = plot(sweep, trials, folder / "metric.png")
+            log_to_wandb(cfg, sweep, folder, rows, png)
+    logger.info("sweep %s:\n%s\nplot: %s", sweep.name, text_table(rows), png)
+    if stop():
+        left = [t.name for t in trials.values() if t.state not in FINISHED]
+        return Cancelled(
+            message=f"{stop.reason}: the sweep stopped with {len(left)} trial(s) unfinished "
+            f"({', '.join(left) or 'none'}); re-run it to continue"
+        )
+    done = [r for r in rows if r[sweep.metric] is not None and r["state"] == "Completed"]
+    done.sort(key=lambda r: r[sweep.metric], reverse=sweep.goal == "maximize")
+    return {"folder": str(folder), "best": done[0] if done else None, "trials": rows}
+
+
+# ---- trials without a server: served from this machine ------------------------------------------
+
+
+def _die_with_parent() -> None:
+    from flows.server import _die_with_parent as die
+
+    die()
+
+
+@contextlib.contextmanager
+def local_runner(deployment: str, limit: int, timeout: float, log: Path) -> Iterator[None]:
+    """Serve the deployment from a child process (`ddpm-serve --deployment NAME --limit N`)
+    against the current Prefect API, for a sweep run without a server and workers of its own;
+    its output (the trials' logs) goes to `log`; stop it at the end (SIGINT, then SIGKILL after
+    30 s).
+
+    Raises:
+        SpecError: naming `deployment` if it did not appear within `timeout` seconds.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    command = [sys.executable, "-m", "deployments.serve", "--deployment", deployment,
+               "--limit", str(limit)]  # fmt: skip
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"serving {deployment} here for the trials; their logs: {log}", file=sys.stderr)
+    with open(log, "ab") as out:
+        runner = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        with get_client(sync_client=True) as client:
+            while True:
+                try:
+                    client.read_deployment_by_name(deployment)
+                    break
+                except ObjectNotFound:
+                    if runner.poll() is not None or time.monotonic() > deadline:
+                        raise SpecError(
+                            f"deployment: {deployment} could not be served here (ddpm-serve "
+                            f"exited {runner.poll()}, or took over {timeout:g} s)"
+                        ) from None
+                    time.sleep(0.5)
+        yield
+    finally:
+        if runner.poll() is None:
+            runner.send_signal(signal.SIGINT)  # its SIGTERM handler fails (Prefect 3.8.8)
+            try:
+                runner.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                runner.kill()
+                runner.wait()
