@@ -268,6 +268,7 @@ def open_study(spec: SweepSpec, folder: Path) -> tuple[Any, str]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder.mkdir(parents=True, exist_ok=True)
     storage = spec.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     study = optuna.create_study(
         study_name=spec.name,
@@ -451,9 +452,10 @@ def sweep_flow(spec: str | dict[str, Any], poll_seconds: float = 2.0) -> dict[st
     logger.info("sweep %s:\n%s\nplot: %s", sweep.name, text_table(rows), png)
     if stop():
         left = [t.name for t in trials.values() if t.state not in FINISHED]
+        left += [f"{t.name} (not started)" for t in runner.todo]
         return Cancelled(
-            message=f"{stop.reason}: the sweep stopped with {len(left)} trial(s) unfinished "
-            f"({', '.join(left) or 'none'}); re-run it to continue"
+            message=f"{stop.reason}: the sweep stopped; unfinished: {', '.join(left) or 'none'}"
+            "; re-run it to continue"
         )
     done = [r for r in rows if r[sweep.metric] is not None and r["state"] == "Completed"]
     done.sort(key=lambda r: r[sweep.metric], reverse=sweep.goal == "maximize")

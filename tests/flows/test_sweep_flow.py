@@ -1,0 +1,180 @@
+"""Sweeps (issue 28): `ddpm-sweep --spec` as a user runs it without a server (its own temporary
+server, the trials' deployment served from this machine), a stopped sweep resumed, a failed
+trial kept as a row, and a tpe trial pruned by the study in its database."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cli_run import REPO, Cli, signal_group
+
+from ddpm.run_dir import RunDir
+from flows.sweep_flow import _distributions, open_study
+from flows.train_flow import train_flow
+from settings.sweep import SweepSpec
+
+SCRIPT = str(REPO / "flows" / "sweep_flow.py")
+
+
+def write_spec(tmp_path: Path, cifar_writer, **spec: Any) -> Path:
+    """A spec on the ddpm-smoke deployment (hidden 16, 256 images, CPU), its data written in
+    CIFAR-10's format under tmp_path/data, W&B offline; `spec` adds to or replaces its keys."""
+    cifar_writer(tmp_path / "data", images_per_batch=52)  # 260 >= the smoke run's 256
+    base = {"data.root": str(tmp_path / "data"), "run.dir": str(tmp_path / "runs"),
+            "wandb.mode": "offline", **spec.pop("base", {})}  # fmt: skip
+    content = {"deployment": "train-flow/ddpm-smoke", "base": base, **spec}
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def record(tmp_path: Path, name: str) -> dict[str, dict[str, Any]]:
+    saved = json.loads((tmp_path / "runs" / "sweeps" / name / "sweep.json").read_text())
+    return {f"trial-{t['index']:03d}": t for t in saved["trials"]}
+
+
+@pytest.mark.slow(seconds=80)
+def test_a_grid_sweep_runs_from_the_command_line_and_a_rerun_starts_nothing(
+    tmp_path: Path, cli_env, cifar_writer, wandb_records
+) -> None:
+    """Without PREFECT_API_URL, `python flows/sweep_flow.py --spec` runs a 2-trial grid, 2 at
+    once, through run_deployment on its own server: both trials Completed with their metric
+    in the record, checkpoints in their run folders, the table in the output, the plot on
+    disk, every trial's W&B run in the sweep's group and a W&B run of the sweep's own.
+    Running it again starts no trial."""
+    spec = write_spec(tmp_path, cifar_writer, name="lr", concurrency=2,
+                      vary={"optim.lr": [1.0e-3, 2.0e-4]})  # fmt: skip
+    env = cli_env({}, harness=False)
+    cli = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
+    assert cli.finish(timeout=400) == 0, cli.output[-4000:]
+    trials = record(tmp_path, "lr")
+    assert [t["state"] for t in trials.values()] == ["Completed", "Completed"]
+    assert [t["values"] for t in trials.values()] == [{"optim.lr": 1e-3}, {"optim.lr": 2e-4}]
+    folder = tmp_path / "runs" / "sweeps" / "lr"
+    for name, trial in trials.items():
+        assert [epoch for epoch, _ in trial["curve"]] == [1, 2]  # the smoke run's 2 epochs
+        assert trial["metric"] == trial["curve"][-1][1] > 0
+        run = RunDir(folder / name)
+        assert [p.name for p in run.epoch_checkpoints()] == ["epoch_001.pt", "epoch_002.pt"]
+        assert f"{name}  0.00" in cli.output  # its row in the table the sweep logged
+        groups = {r.run.run_group for r in wandb_records(run.path) if r.HasField("run")}
+        assert groups == {"lr"}
+    assert (folder / "metric.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep_runs = [r.run for r in wandb_records(folder / "wandb") if r.HasField("run")]
+    assert {(r.run_group, r.job_type, r.display_name) for r in sweep_runs} == {
+        ("lr", "sweep", "sweep-lr")
+    }
+    assert "trial-000 started" in cli.output and "trial-001 started" in cli.output
+
+    again = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
+    assert again.finish(timeout=300) == 0, again.output[-4000:]
+    assert "started" not in again.output
+    assert record(tmp_path, "lr") == trials
+
+
+@pytest.mark.slow(seconds=110)
+def test_a_stopped_sweep_resumes_its_cancelled_trial_and_a_failed_trial_is_a_row(
+    tmp_path: Path, cli_env, cifar_writer
+) -> None:
+    """SIGTERM to a running sweep cancels its running trial, which saves a checkpoint and ends
+    Cancelled, and starts no further trial; the sweep exits 143. Re-run, it resumes that
+    trial from its checkpoint to the end, then runs the next, whose failure (data.subset
+    larger than the data) is a row saying why, and the sweep still ends 0."""
+    spec = write_spec(tmp_path, cifar_writer, name="stop", concurrency=1,
+                      base={"train.epochs": 12, "sample.every": 0},
+                      vary={"data.subset": [256, 100000]})  # fmt: skip
+    env = cli_env({}, harness=False)
+    folder = tmp_path / "runs" / "sweeps" / "stop"
+    cli = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
+    first_epoch = folder / "trial-000" / "checkpoints" / "epoch_001.pt"
+    deadline = time.monotonic() + 240
+    while not first_epoch.exists():
+        assert cli.process.poll() is None and time.monotonic() < deadline, cli.output[-4000:]
+        time.sleep(0.1)
+    signal_group(cli, signal.SIGTERM)
+    assert cli.finish(timeout=200) == 128 + signal.SIGTERM, cli.output[-4000:]
+    trials = record(tmp_path, "stop")
+    assert list(trials) == ["trial-000"]  # the next trial never started
+    assert trials["trial-000"]["state"] == "Cancelled", trials
+    assert trials["trial-000"]["message"].startswith("SIGTERM received: stopped at step")
+    assert "the sweep stopped; unfinished: trial-000, trial-001 (not started)" in cli.output
+    run = RunDir(folder / "trial-000")
+    saved = run.epoch_checkpoints() + run.step_checkpoints()
+    assert saved and len(run.epoch_checkpoints()) < 12
+
+    again = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
+    assert again.finish(timeout=300) == 0, again.output[-4000:]
+    trials = record(tmp_path, "stop")
+    assert trials["trial-000"]["state"] == "Completed"
+    assert [epoch for epoch, _ in trials["trial-000"]["curve"]] == list(range(1, 13))
+    log = (folder / "trials.log").read_text()
+    assert "Flow run 'stop-trial-000' - Finished in state Cancelled" in log
+    assert "resumed after step" in log.split("Finished in state Cancelled")[1]
+    failed = trials["trial-001"]
+    assert failed["state"] == "Failed" and failed["metric"] is None
+    assert "data.subset" in failed["message"], failed
+    assert "trial-001  100000" in again.output and "Failed" in again.output
+
+
+def prune_spec(tmp_path: Path) -> SweepSpec:
+    return SweepSpec(name="prune", search="tpe", trials=3, startup_trials=1, warmup_epochs=0,
+                     vary={"optim.lr": [1e-3]})  # fmt: skip
+
+
+def test_a_pruned_trial_stops_after_its_epoch_cancelled_with_its_checkpoint(
+    tmp_path: Path, tiny: dict[str, Any]
+) -> None:
+    """A tpe trial (train-flow with sweep.*) reports each epoch's loss to the study in its
+    SQLite database; after one trial that reached loss 0, the median pruner stops the next
+    after its first epoch: Cancelled with the reason, epoch 1's checkpoint kept, no epoch 2.
+    With pruning off in the study, a trial trains every epoch and reports each."""
+    study, url = open_study(prune_spec(tmp_path), tmp_path)
+    best = study.ask()
+    best.report(0.0, 1)
+    study.tell(best, 0.0)
+
+    trial = study.ask()
+    where = {"sweep.storage": url, "sweep.study": "prune", "sweep.trial": trial.number}
+    state = train_flow(overrides={**tiny, **where, "run.name": "pruned",
+                                  "train.epochs": 3}, return_state=True)  # fmt: skip
+    assert state.is_cancelled(), state
+    assert state.message.startswith(
+        "pruned by sweep prune's median pruner after epoch 1 (epoch/loss "
+    ), state.message
+    run = RunDir(Path(tiny["run.dir"]) / "pruned")
+    assert [p.name for p in run.epoch_checkpoints()] == ["epoch_001.pt"]
+    reported = study.trials[trial.number].intermediate_values
+    assert list(reported) == [1] and reported[1] > 0
+
+    study.set_user_attr("prune", False)
+    kept = study.ask()
+    where["sweep.trial"] = kept.number
+    state = train_flow(overrides={**tiny, **where, "run.name": "kept", "train.epochs": 3},
+                       return_state=True)  # fmt: skip
+    assert state.is_completed(), state
+    assert list(study.trials[kept.number].intermediate_values) == [1, 2, 3]
+
+
+def test_tpe_asks_within_the_spec_and_is_repeatable_from_its_seed(tmp_path: Path) -> None:
+    """The tpe search's trials come from Optuna's TPE sampler over the spec's lists and ranges
+    (log, integer): every value within them, and the same seed asks the same values."""
+    spec = SweepSpec(name="ask", search="tpe", trials=6, seed=3,
+                     vary={"optim.lr": {"low": 1e-5, "high": 1e-2, "log": True},
+                           "model.hidden_size": {"low": 8, "high": 64, "integer": True},
+                           "train.ema_decay": [0.99, 0.999]})  # fmt: skip
+    asked = []
+    for copy in ("a", "b"):
+        study, _ = open_study(spec, tmp_path / copy)
+        asked.append([study.ask(_distributions(spec)).params for _ in range(6)])
+    assert asked[0] == asked[1]
+    for params in asked[0]:
+        assert 1e-5 <= params["optim.lr"] <= 1e-2
+        assert isinstance(params["model.hidden_size"], int) and params["model.hidden_size"] >= 8
+        assert params["train.ema_decay"] in (0.99, 0.999)
+    assert len({p["optim.lr"] for p in asked[0]}) == 6
