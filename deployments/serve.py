@@ -1,5 +1,5 @@
-"""Serve the deployments of train-flow, sample-flow and export-flow from this process, for
-users without a worker:
+"""Serve the deployments of train-flow, sample-flow, export-flow and sweep-flow from this
+process, for users without a worker:
 
     python deployments/serve.py
     prefect deployment run 'train-flow/ddpm-smoke'
@@ -35,12 +35,14 @@ def served_deployments(only: str | None = None) -> list:
     """
     from flows.export_flow import export_flow
     from flows.sample_flow import sample_flow  # prefect, torch: seconds
+    from flows.sweep_flow import sweep_flow
     from flows.train_flow import train_flow
 
     flows = {
         "flows/train_flow.py:train_flow": train_flow,
         "flows/sample_flow.py:sample_flow": sample_flow,
         "flows/export_flow.py:export_flow": export_flow,
+        "flows/sweep_flow.py:sweep_flow": sweep_flow,
     }
     deployments, name = [], only and only.rpartition("/")[2]
     for spec in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]:

@@ -6,75 +6,24 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect_stack import REPO, clean_env, prefect, prefect_server
 
 from ddpm.run_dir import RunDir
 
-REPO = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A Prefect server on 127.0.0.1 with its own home; yields the env that talks to it; stops
-    it by PID."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DDPM_"))}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    with open(tmp_path / "server.log", "wb") as log:
-        process = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{api}/health", timeout=2):
-                        break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError((tmp_path / "server.log").read_text()) from None
-                    time.sleep(0.5)
-            yield {**env, "PREFECT_API_URL": api}
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-
-
-def prefect(env: dict[str, str], *args: str, timeout: int = 180) -> str:
-    result = subprocess.run(
-        [PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}{result.stderr}"
-    return result.stdout + result.stderr
+    """A Prefect server on 127.0.0.1 with its own home; yields the env that talks to it."""
+    env = clean_env(tmp_path / "prefect-home")
+    with prefect_server(env, tmp_path / "server.log") as api:
+        yield {**env, "PREFECT_API_URL": api}
 
 
 def run_deployment(env: dict[str, str], overrides: dict[str, Any]) -> str:
@@ -181,11 +130,30 @@ def test_serve_builds_the_same_deployments() -> None:
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
     deployments = {d.name: d for d in serve.served_deployments()}
-    assert set(deployments) == {"ddpm-cifar10", "ddpm-smoke", "ddpm-sample", "ddpm-export"}
+    assert set(deployments) == {
+        "ddpm-cifar10", "ddpm-smoke", "ddpm-sample", "ddpm-export", "ddpm-sweep"
+    }  # fmt: skip
     assert deployments["ddpm-cifar10"].parameters == {"overrides": {}}
     assert deployments["ddpm-sample"].parameters == deployments["ddpm-export"].parameters == {}
+    assert deployments["ddpm-sweep"].parameters == {}
     smoke = deployments["ddpm-smoke"].parameters["overrides"]
     assert smoke["model.hidden_size"] == "16" and smoke["train.epochs"] == "2"
     from settings import load_settings
 
     assert load_settings(smoke, env_file=None).data.subset == 256
+
+
+def test_serving_one_deployment_puts_its_env_in_the_process(monkeypatch) -> None:
+    """`ddpm-serve --deployment train-flow/ddpm-smoke` (what a sweep without a server runs)
+    serves that deployment alone with its DDPM_* job variables in the process's environment,
+    as a worker sets them, so a run's overrides add to them instead of replacing them; an
+    unknown name is refused naming it."""
+    from deployments.serve import served_deployments
+
+    for name in ("DDPM_MODEL__HIDDEN_SIZE", "DDPM_TRAIN__EPOCHS", "DDPM_RUN__DIR"):
+        monkeypatch.delenv(name, raising=False)  # restored (removed) after the test
+    (smoke,) = served_deployments("train-flow/ddpm-smoke")
+    assert smoke.name == "ddpm-smoke" and smoke.parameters == {"overrides": {}}
+    assert os.environ["DDPM_MODEL__HIDDEN_SIZE"] == "16" and os.environ["DDPM_TRAIN__EPOCHS"] == "2"
+    with pytest.raises(SystemExit, match="no deployment named train-flow/nope"):
+        served_deployments("train-flow/nope")

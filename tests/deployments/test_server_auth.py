@@ -5,57 +5,17 @@ wrong one, are refused; Prefect's tables really live in PostgreSQL."""
 from __future__ import annotations
 
 import base64
-import os
 import secrets
-import signal
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from postgres import free_port, postgres_server
+from postgres import postgres_server
+from prefect_stack import PREFECT, clean_env, prefect_server
 
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@contextmanager
-def prefect_server(env: dict[str, str], log: Path) -> Iterator[str]:
-    """`prefect server start` on 127.0.0.1 with `env`; yields its API URL once /api/health
-    answers (Prefect exempts GET /api/health from the auth string); stops it by process group."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{api}/health", timeout=2):
-                        break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(log.read_text()) from None
-                    time.sleep(0.5)
-            yield api
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 def filter_work_pools(api: str, auth: str | None) -> int:
@@ -81,10 +41,7 @@ def test_auth_string_guards_a_postgres_backed_server(tmp_path: Path) -> None:
     creates and lists a work pool, while raw HTTP and the CLI without the string or with a wrong
     one get 401; the pool is a row of Prefect's tables in PostgreSQL, and no SQLite file exists."""
     auth = f"admin:{secrets.token_hex(16)}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DDPM_"))}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
-    )
+    env = clean_env(tmp_path / "prefect-home")
     with postgres_server(tmp_path / "postgres") as database:
         database.create_database("prefect")
         server_env = {

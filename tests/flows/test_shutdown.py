@@ -219,13 +219,14 @@ def test_temporary_server_is_out_of_the_run_group_and_sends_no_telemetry() -> No
 def test_help_and_bad_flags_answer_before_torch_and_prefect_are_imported() -> None:
     """--help and a bad setting import neither torch nor prefect (which took 7 s to import
     before the flags were read): the answer comes at once, from the script and from the
-    console scripts ddpm-train, ddpm-sample and ddpm-export alike."""
+    console scripts ddpm-train, ddpm-sample, ddpm-export and ddpm-sweep alike."""
     bin_dir = Path(sys.executable).parent
     commands = [
         (str(REPO / "flows" / "train_flow.py"), ["--train.epochs", "x"]),
         (str(bin_dir / "ddpm-train"), ["--train.epochs", "x"]),
         (str(bin_dir / "ddpm-sample"), ["--num", "x"]),
         (str(bin_dir / "ddpm-export"), ["--bogus", "x"]),
+        (str(bin_dir / "ddpm-sweep"), ["--spec", "no-such-spec.yaml"]),
     ]
     for command, bad in commands:
         for args, code in ((["--help"], 0), (bad, 2)):
