@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from settings.sweep import SpecError, planned, read_spec, trial_overrides
+from settings import load_settings, run_name
+from settings.config import SettingsError
+from settings.sweep import SpecError, planned, read_spec, spec_from, trial_overrides
+
+REPO = Path(__file__).resolve().parents[2]
 
 SPEC = """
 name: lr-width
@@ -78,6 +82,11 @@ def test_random_trials_are_seeded_and_stay_in_their_ranges(tmp_path: Path) -> No
         (("goal: minimize", "goal: lowest"), "goal"),
         (("name: lr-width", "name: a/b"), "name"),
         (("seed: 0", "seed: 0\nbogus: 1"), "bogus: Extra inputs are not permitted"),
+        (("name: lr-width", "name: LR_width"), "name: String should match pattern"),
+        (("metric: epoch/loss", "metric: eval/fid"), "metric: eval/fid needs trials that evaluate"),
+        (("seed: 0", "seed: 0\nstorage: sqlite:///s.db"), "storage: only a tpe search"),
+        (("search: grid", "search: tpe"), "trials: required for search tpe"),
+        (("search: grid", "search: tpe\ntrials: 4\nstorage: s.db"), "storage: String should"),
     ],
 )
 def test_a_bad_spec_is_one_error_naming_the_file_and_the_key(
@@ -96,3 +105,33 @@ def test_missing_or_unreadable_spec_is_named(tmp_path: Path) -> None:
         read_spec(tmp_path / "missing.yaml")
     with pytest.raises(SpecError, match="not YAML"):
         read_spec(write(tmp_path, "name: [unclosed"))
+    with pytest.raises(SpecError, match="a sweep spec is a mapping"):
+        read_spec(write(tmp_path, "- name: x"))
+
+
+def test_a_spec_given_as_a_mapping_is_checked_alike() -> None:
+    """A deployment passes the spec itself: the same checks, errors naming `spec`."""
+    spec = spec_from({"name": "m", "vary": {"optim.lr": [1e-3]}})
+    assert spec.deployment == "train-flow/ddpm-cifar10" and spec.search == "grid"
+    with pytest.raises(SpecError, match=r"^spec: vary: Field required"):
+        spec_from({"name": "m"})
+    with pytest.raises(SpecError, match=r"(?s)^spec: a trial.s settings .* optim.lr"):
+        spec_from({"name": "m", "vary": {"optim.lr": [0]}})
+
+
+@pytest.mark.parametrize("name", ["lr-width.yaml", "lr-ema-tpe.yaml"])
+def test_the_example_specs_are_valid(name: str) -> None:
+    """The specs the README runs (deployments/sweeps/) pass every check."""
+    spec = read_spec(REPO / "deployments" / "sweeps" / name)
+    assert spec.deployment == "train-flow/ddpm-smoke"
+
+
+def test_a_trials_sweep_settings_go_together_and_name_no_run() -> None:
+    """sweep.* (set by a tpe sweep for its trials) and wandb.group change neither the run's
+    name nor what it computes; sweep.storage without the rest is refused, naming sweep.trial."""
+    where = {"sweep.storage": "sqlite:///s.db", "sweep.study": "s", "sweep.trial": 3}
+    plain = load_settings({}, env_file=None)
+    trial = load_settings({**where, "wandb.group": "s"}, env_file=None)
+    assert run_name(trial) == run_name(plain) and trial.sweep.trial == 3
+    with pytest.raises(SettingsError, match=r"sweep\.trial .* go together"):
+        load_settings({"sweep.storage": "sqlite:///s.db"}, env_file=None)
