@@ -39,19 +39,21 @@ from tiny_run import write_cifar10  # noqa: E402
 
 PATTERNS = {
     "database is locked": re.compile(r"database is locked", re.I),
-    "HTTP 5xx": re.compile(r"\b50[0-9] (Internal Server Error|Service Unavailable)|status(_code)?[= ]5\d\d"),
-    "retries": re.compile(r"retry|retrying|Retrying", re.I),
-    "errors": re.compile(r"\bERROR\b|Traceback|Error logging to API"),
+    "HTTP 5xx": re.compile(r"HTTP/1\.1\" 5\d\d|\b5\d\d (Internal Server|Service Unavail)"),
+    "retries": re.compile(r"retry|retrying", re.I),
+    "ERROR lines": re.compile(r"\| ERROR +\||Error logging to API"),
+    "tracebacks": re.compile(r"^Traceback"),
 }
 
 
-def count_lines(folder: Path) -> dict[str, int]:
-    """Lines of every *.log under folder that match each pattern."""
-    counts = dict.fromkeys(PATTERNS, 0)
-    for log in folder.rglob("*.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            for name, pattern in PATTERNS.items():
-                counts[name] += bool(pattern.search(line))
+def count_lines(folder: Path) -> dict[str, dict[str, int]]:
+    """For each log under folder (server, worker-N: the trials' output too, sweep), the lines
+    that match each pattern."""
+    counts = {}
+    for log in sorted(folder.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        counts[log.stem] = {name: sum(bool(pattern.search(line)) for line in lines)
+                            for name, pattern in PATTERNS.items()}  # fmt: skip
     return counts
 
 
@@ -92,7 +94,7 @@ def one_backend(database: str, work: Path, trials: int, concurrency: int) -> dic
     record = json.loads((work / "runs" / "sweeps" / spec["name"] / "sweep.json").read_text())
     states = [t["state"] for t in record["trials"]]
     served_by = {
-        log.stem: len(re.findall(r"Submitting flow run", log.read_text()))
+        log.stem: len(re.findall(r"submitting flow run", log.read_text()))
         for log in logs.glob("worker-*.log")
     }
     return {

@@ -145,7 +145,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
             log = sweep_folder(spec) / "trials.log"
             runner = local_runner(spec.deployment, spec.concurrency, cfg.run.server_timeout, log)
             with runner if served else contextlib.nullcontext():
-                return sweep_flow(args.spec, return_state=True)
+                return sweep_flow(args.spec, adopt=not served, return_state=True)
 
         return call
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ddpm.errors import UserError
 from flows.shutdown import api_answers, at_hard_exit
@@ -31,8 +31,16 @@ class ServerError(UserError):
     """The temporary server did not start in time; the message says what to change."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def signalled_when_parent_dies(signum: int) -> Callable[[], None] | None:
+    """A subprocess preexec_fn: the child gets `signum` when this process dies, however it
+    dies (PR_SET_PDEATHSIG; Linux only, else None)."""
+    if sys.platform != "linux":
+        return None
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+
+    return preexec
 
 
 def _free_port() -> int:
@@ -73,7 +81,7 @@ def temporary_server(timeout: float) -> Iterator[str]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=signalled_when_parent_dies(signal.SIGTERM),
         )
         at_hard_exit(server.terminate)  # a hard exit skips the finally below
         try:

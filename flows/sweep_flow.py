@@ -54,6 +54,7 @@ from prefect.states import Cancelled, Cancelling, State
 
 from ddpm.checkpoint import atomic_write
 from ddpm.run_dir import RunDir
+from flows.server import signalled_when_parent_dies
 from flows.shutdown import StopRequest, active_stop_request
 from flows.tracking import LINK_KEY, METRICS_KEY, resolve_wandb_mode
 from settings import Settings, load_settings
@@ -307,20 +308,42 @@ class Sweep:
     """Starts trials up to the spec's concurrency, records each as it ends, stops on request."""
 
     def __init__(
-        self, spec: SweepSpec, folder: Path, client: SyncPrefectClient, stop: StopRequest
+        self,
+        spec: SweepSpec,
+        folder: Path,
+        client: SyncPrefectClient,
+        stop: StopRequest,
+        adopt: bool,
     ) -> None:
         self.spec, self.folder, self.client, self.stop = spec, folder, client, stop
         self.trials = read_record(folder, spec)
         self.study, self.storage = (None, None)
         if spec.search == "tpe":
             self.study, self.storage = open_study(spec, folder)
-        self.todo = [t for i, t in sorted(self.trials.items()) if t.state not in FINISHED]
-        planned_trials = planned(spec)
-        self.todo += [Trial(i, values) for i, values in enumerate(planned_trials)
-                      if i not in self.trials]  # fmt: skip
-        self.todo.sort(key=lambda t: t.index)
         self.running: dict[str, Trial] = {}
         self.logger = get_run_logger()
+        unfinished = [t for _, t in sorted(self.trials.items()) if t.state not in FINISHED]
+        self.todo = [t for t in unfinished if not (adopt and self._adopted(t))]
+        self.todo += [Trial(i, values) for i, values in enumerate(planned(spec))
+                      if i not in self.trials]  # fmt: skip
+        self.todo.sort(key=lambda t: t.index)
+
+    def _adopted(self, trial: Trial) -> bool:
+        """Whether a trial that was running when a previous run of the sweep ended is still
+        known to the server: watched again if it still runs, recorded if it has ended (a
+        killed sweep leaves its trials running on their workers). Else it starts again."""
+        if trial.state != "Running" or trial.flow_run_id is None:
+            return False
+        try:
+            flow_run = self.client.read_flow_run(trial.flow_run_id)
+        except ObjectNotFound:  # another server (a temporary one): start it again
+            return False
+        if flow_run.state.is_final() and not flow_run.state.is_completed():
+            return False  # failed, crashed or cancelled: start it again, from its checkpoint
+        self.logger.info("%s: flow run %s is %s; watching it", trial.name, flow_run.name,
+                         flow_run.state.name)  # fmt: skip
+        self.running[trial.flow_run_id] = trial
+        return True
 
     def _next(self) -> Trial | None:
         if self.todo:
@@ -410,8 +433,17 @@ class Sweep:
 
 
 @flow(name="sweep-flow", description="Run many train-flow runs of one spec and compare them.")
-def sweep_flow(spec: str | dict[str, Any], poll_seconds: float = 2.0) -> dict[str, Any] | State:
+def sweep_flow(
+    spec: str | dict[str, Any], poll_seconds: float = 2.0, adopt: bool = True
+) -> dict[str, Any] | State:
     """Run the sweep a spec describes (its YAML file, or the spec itself as a mapping).
+
+    Args:
+        poll_seconds: between two reads of the running trials' states.
+        adopt: watch the trials a killed run of this sweep left running on their workers,
+            instead of starting them again; off where they died with it (ddpm-sweep without
+            a server: its served deployment went with it, though the server's records may
+            still say Running).
 
     Returns:
         the sweep's folder, its table (one row per trial) and its best completed trial; a
@@ -439,7 +471,7 @@ def sweep_flow(spec: str | dict[str, Any], poll_seconds: float = 2.0) -> dict[st
                 f"deployment: the Prefect server has no deployment {sweep.deployment} (deploy "
                 "it: prefect deploy --all --prefect-file deployments/prefect.yaml)"
             ) from None
-        runner = Sweep(sweep, folder, client, stop)
+        runner = Sweep(sweep, folder, client, stop, adopt)
         logger.info("sweep %s: %s search, %s at once, folder %s", sweep.name, sweep.search,
                     sweep.concurrency, folder)  # fmt: skip
         try:
@@ -465,18 +497,12 @@ def sweep_flow(spec: str | dict[str, Any], poll_seconds: float = 2.0) -> dict[st
 # ---- trials without a server: served from this machine ------------------------------------------
 
 
-def _die_with_parent() -> None:
-    from flows.server import _die_with_parent as die
-
-    die()
-
-
 @contextlib.contextmanager
 def local_runner(deployment: str, limit: int, timeout: float, log: Path) -> Iterator[None]:
     """Serve the deployment from a child process (`ddpm-serve --deployment NAME --limit N`)
     against the current Prefect API, for a sweep run without a server and workers of its own;
     its output (the trials' logs) goes to `log`; stop it at the end (SIGINT, then SIGKILL after
-    30 s).
+    30 s), or when this process dies, however it dies (SIGINT, PR_SET_PDEATHSIG).
 
     Raises:
         SpecError: naming `deployment` if it did not appear within `timeout` seconds.
@@ -491,7 +517,7 @@ def local_runner(deployment: str, limit: int, timeout: float, log: Path) -> Iter
     with open(log, "ab") as out:
         runner = subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=signalled_when_parent_dies(signal.SIGINT),
         )  # fmt: skip
     try:
         deadline = time.monotonic() + timeout

@@ -182,9 +182,9 @@ class Tracker:
 class RunArtifacts:
     """The flow run's UI artifacts: progress, per-epoch metrics, summary, W&B link.
 
-    The metrics table holds every epoch of the run, resumed ones included: each row is also
-    kept in the run folder (RunDir.metrics_file), which a sweep reads its trials' results from
-    (flows.sweep_flow)."""
+    The metrics table holds every epoch of the run, across resumes: each row is also kept in
+    the run folder (RunDir.metrics_file), and a finished run run again re-publishes it (a
+    sweep reads its trials' results from this table; flows.sweep_flow)."""
 
     def __init__(self, run: RunDir, epochs_done: int, epochs: int) -> None:
         self.run, self.epochs = run, epochs
@@ -195,10 +195,10 @@ class RunArtifacts:
             description=f"epochs done of {epochs}",
         )
 
-    def epoch_done(self, result: EpochResult, evaluation: dict[str, float] | None = None) -> None:
-        """Advance the progress bar, keep this epoch's row (with its FID/KID when it was
-        evaluated) and re-publish the metrics table."""
-        update_progress_artifact(self.progress_id, 100.0 * result.epoch / self.epochs)
+    def epoch_trained(self, result: EpochResult) -> None:
+        """Keep the epoch's row in the run folder before its checkpoint is written, so a run
+        killed in between resumes with it (a row past the newest checkpoint is dropped on
+        resume, and written again when the epoch is)."""
         self.rows.append(
             {
                 "epoch": result.epoch,
@@ -207,11 +207,21 @@ class RunArtifacts:
                 "lr": result.lr,
                 "images_per_s": round(result.images_per_s, 1),
                 "seconds": round(result.seconds, 2),
-                **{k: round(v, 6) for k, v in (evaluation or {}).items()},
             }
         )
-        self.run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write()
+
+    def epoch_done(self, result: EpochResult, evaluation: dict[str, float] | None = None) -> None:
+        """Advance the progress bar, add the epoch's FID/KID (when it was evaluated) to its row
+        and re-publish the metrics table."""
+        update_progress_artifact(self.progress_id, 100.0 * result.epoch / self.epochs)
+        if evaluation:
+            self.rows[-1].update({k: round(v, 6) for k, v in evaluation.items()})
+            self._write()
         publish_metrics(self.rows)
+
+    def _write(self) -> None:
+        self.run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
 
 def epoch_rows(run: RunDir) -> list[dict[str, Any]]:

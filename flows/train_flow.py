@@ -269,6 +269,7 @@ def _train_epochs(
                 if snapshot is None:  # stopped mid-epoch, saved in a mid-epoch checkpoint
                     summary["checkpoint"] = stop.checkpoint
                     break
+                artifacts.epoch_trained(result)
                 summary["checkpoint"] = checkpoint_task(quote(snapshot), run, config.train.keep)
                 stop.checkpoint = summary["checkpoint"]
                 stop.unsaved(None)

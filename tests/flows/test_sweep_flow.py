@@ -1,9 +1,10 @@
 """Sweeps (issue 28): `ddpm-sweep --spec` as a user runs it without a server (its own temporary
-server, the trials' deployment served from this machine), a stopped sweep resumed, a failed
-trial kept as a row, and a tpe trial pruned by the study in its database."""
+server, the trials' deployment served from this machine), a stopped and a killed sweep
+resumed, a failed trial kept as a row, and a tpe trial pruned by the study in its database."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import signal
 import time
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 import yaml
 from cli_run import REPO, Cli, signal_group
+from prefect.client.orchestration import get_client
 
 from ddpm.run_dir import RunDir
-from flows.sweep_flow import _distributions, open_study
+from flows.sweep_flow import _distributions, local_runner, open_study, sweep_flow
 from flows.train_flow import train_flow
 from settings.sweep import SweepSpec
 
@@ -39,43 +41,47 @@ def record(tmp_path: Path, name: str) -> dict[str, dict[str, Any]]:
     return {f"trial-{t['index']:03d}": t for t in saved["trials"]}
 
 
-@pytest.mark.slow(seconds=80)
-def test_a_grid_sweep_runs_from_the_command_line_and_a_rerun_starts_nothing(
-    tmp_path: Path, cli_env, cifar_writer, wandb_records
+@pytest.mark.slow(seconds=60)
+def test_a_grid_sweep_runs_its_trials_through_run_deployment_and_a_rerun_starts_nothing(
+    tmp_path: Path, cifar_writer, wandb_records, task_runs
 ) -> None:
-    """Without PREFECT_API_URL, `python flows/sweep_flow.py --spec` runs a 2-trial grid, 2 at
-    once, through run_deployment on its own server: both trials Completed with their metric
-    in the record, checkpoints in their run folders, the table in the output, the plot on
-    disk, every trial's W&B run in the sweep's group and a W&B run of the sweep's own.
-    Running it again starts no trial."""
+    """sweep_flow runs a 2-trial grid, 2 at once, as flow runs of the ddpm-smoke deployment
+    (served from a child process, as ddpm-sweep does without a server): both trials Completed
+    with their metric in the record and the returned table, checkpoints in their run folders,
+    the plot on disk, every trial's W&B run in the sweep's group and a W&B run of the sweep's
+    own, each trial a subflow run of the sweep. Running it again starts no trial."""
     spec = write_spec(tmp_path, cifar_writer, name="lr", concurrency=2,
                       vary={"optim.lr": [1.0e-3, 2.0e-4]})  # fmt: skip
-    env = cli_env({}, harness=False)
-    cli = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
-    assert cli.finish(timeout=400) == 0, cli.output[-4000:]
+    folder = tmp_path / "runs" / "sweeps" / "lr"
+    with local_runner("train-flow/ddpm-smoke", 2, 120, folder / "trials.log"):
+        state = sweep_flow(str(spec), poll_seconds=0.5, return_state=True)
+        result = state.result()
+        again = sweep_flow(str(spec), poll_seconds=0.5, return_state=True)
     trials = record(tmp_path, "lr")
     assert [t["state"] for t in trials.values()] == ["Completed", "Completed"]
     assert [t["values"] for t in trials.values()] == [{"optim.lr": 1e-3}, {"optim.lr": 2e-4}]
-    folder = tmp_path / "runs" / "sweeps" / "lr"
+    assert result["best"]["trial"] == min(trials, key=lambda name: trials[name]["metric"])
     for name, trial in trials.items():
         assert [epoch for epoch, _ in trial["curve"]] == [1, 2]  # the smoke run's 2 epochs
-        assert trial["metric"] == trial["curve"][-1][1] > 0
+        assert trial["metric"] == trial["curve"][-1][1] > 0 and trial["images_per_s"] > 0
         run = RunDir(folder / name)
         assert [p.name for p in run.epoch_checkpoints()] == ["epoch_001.pt", "epoch_002.pt"]
-        assert f"{name}  0.00" in cli.output  # its row in the table the sweep logged
         groups = {r.run.run_group for r in wandb_records(run.path) if r.HasField("run")}
         assert groups == {"lr"}
+    rows = {row["trial"]: row for row in result["trials"]}
+    assert rows["trial-001"]["optim.lr"] == 2e-4 and rows["trial-001"]["state"] == "Completed"
+    assert rows["trial-001"]["wandb"] == "lr/trial-001 (offline)"
     assert (folder / "metric.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep_runs = [r.run for r in wandb_records(folder / "wandb") if r.HasField("run")]
     assert {(r.run_group, r.job_type, r.display_name) for r in sweep_runs} == {
         ("lr", "sweep", "sweep-lr")
     }
-    assert "trial-000 started" in cli.output and "trial-001 started" in cli.output
-
-    again = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
-    assert again.finish(timeout=300) == 0, again.output[-4000:]
-    assert "started" not in again.output
-    assert record(tmp_path, "lr") == trials
+    with get_client(sync_client=True) as client:
+        for trial in trials.values():  # subflow runs of the sweep, under run_deployment's task
+            parent = client.read_flow_run(trial["flow_run_id"]).parent_task_run_id
+            assert client.read_task_run(parent).flow_run_id == state.state_details.flow_run_id
+    assert again.result()["trials"] == result["trials"]
+    assert set(task_runs(again.state_details.flow_run_id)) == set()  # none started, none read
 
 
 @pytest.mark.slow(seconds=110)
@@ -120,6 +126,52 @@ def test_a_stopped_sweep_resumes_its_cancelled_trial_and_a_failed_trial_is_a_row
     assert failed["state"] == "Failed" and failed["metric"] is None
     assert "data.subset" in failed["message"], failed
     assert "trial-001  100000" in again.output and "Failed" in again.output
+
+
+@pytest.mark.slow(seconds=70)
+def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(
+    tmp_path: Path, cli_env, cifar_writer
+) -> None:
+    """SIGKILL to the sweep's command takes its server and its served deployment down with it
+    (nothing is left training the trial's folder); the same command then resumes the trial
+    from the checkpoint it had written, and the trial completes every epoch."""
+    spec = write_spec(tmp_path, cifar_writer, name="kill", base={"train.epochs": 6},
+                      vary={"optim.lr": [1e-3]})  # fmt: skip
+    env = cli_env({}, harness=False)
+    run = RunDir(tmp_path / "runs" / "sweeps" / "kill" / "trial-000")
+    cli = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
+    deadline = time.monotonic() + 240
+    while not run.epoch_checkpoint(1).exists():
+        assert cli.process.poll() is None and time.monotonic() < deadline, cli.output[-4000:]
+        time.sleep(0.1)
+    signal_group(cli, signal.SIGKILL)
+    cli.finish()
+    assert record(tmp_path, "kill")["trial-000"]["state"] == "Running"
+    deadline = time.monotonic() + 60  # the trial ends: the runner went with the sweep
+    while not _free(run.lock_file):
+        assert time.monotonic() < deadline, "the trial still holds its run folder"
+        time.sleep(0.5)
+    assert len(run.epoch_checkpoints()) < 6
+
+    again = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
+    assert again.finish(timeout=300) == 0, again.output[-4000:]
+    trial = record(tmp_path, "kill")["trial-000"]
+    assert trial["state"] == "Completed"
+    assert [epoch for epoch, _ in trial["curve"]] == [1, 2, 3, 4, 5, 6]
+    log = (tmp_path / "runs" / "sweeps" / "kill" / "trials.log").read_text()
+    assert log.count("Flow run 'kill-trial-000' - Beginning") == 2
+    assert "resumed after step" in log
+
+
+def _free(lock: Path) -> bool:
+    """Whether no process holds the run folder's lock (ddpm.run_dir)."""
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
 
 
 def prune_spec(tmp_path: Path) -> SweepSpec:

@@ -77,6 +77,25 @@ def test_prefect_artifacts_show_progress_metrics_and_summary(offline) -> None:
     assert state.result()["run_dir"] in summary and "epoch_002.pt" in summary
 
 
+def test_the_metrics_table_keeps_every_epoch_across_resumes(tiny: dict[str, Any]) -> None:
+    """A run resumed for a second epoch publishes both epochs' rows (kept in the run folder's
+    metrics.jsonl); run again once finished, it publishes the same table and trains nothing;
+    a row written past the newest checkpoint (a run killed before it) is dropped on resume."""
+    first = train_flow(overrides={**tiny, "train.epochs": 1}, return_state=True)
+    run_dir = Path(first.result()["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    with open(run_dir / "metrics.jsonl", "a") as f:  # epoch 2 trained, killed before its save
+        f.write(json.dumps({**rows[0], "epoch": 2, "loss": -1.0}) + "\n")
+    second = train_flow(overrides=tiny, return_state=True)
+    table = json.loads(flow_artifacts(second.state_details.flow_run_id)["epoch-metrics"][-1].data)
+    assert [row["epoch"] for row in table] == [1, 2] and table[0] == rows[0]
+    assert table[1]["loss"] > 0  # trained again, not the row of the killed run
+    done = train_flow(overrides=tiny, return_state=True)
+    artifacts = flow_artifacts(done.state_details.flow_run_id)
+    assert json.loads(artifacts["epoch-metrics"][-1].data) == table
+    assert "training-progress" not in artifacts  # nothing trained
+
+
 def test_resumed_training_continues_the_same_wandb_run(offline, wandb_records) -> None:
     """A second flow run that trains more epochs logs to the same W&B run id."""
     first = train_flow(overrides={**offline, "train.epochs": 1}, return_state=True).result()
