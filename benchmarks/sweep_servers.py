@@ -1,6 +1,6 @@
 """A sweep through a real Prefect server and two workers, on SQLite and on PostgreSQL (issue 28).
 
-    python -m benchmarks.sweep_servers [--trials 8] [--concurrency 4] [--json PATH]
+    python -m benchmarks.sweep_servers [--trials 8] [--concurrency 4] [--repeat 1] [--json PATH]
 
 For each database: a fresh server (`prefect server start`; PostgreSQL 15 started here from the
 machine's binaries, as the tests do), the ddpm-local pool, the deployments, two process
@@ -93,9 +93,9 @@ def one_backend(database: str, work: Path, trials: int, concurrency: int) -> dic
                 overhead = _overhead(client, work) if database == "sqlite" else None
     record = json.loads((work / "runs" / "sweeps" / spec["name"] / "sweep.json").read_text())
     states = [t["state"] for t in record["trials"]]
-    served_by = {
-        log.stem: len(re.findall(r"submitting flow run", log.read_text()))
-        for log in logs.glob("worker-*.log")
+    served_by = {  # the flow runs each worker took (the trials, and the overhead run)
+        log.stem: len(set(re.findall(r"submitting flow run '([0-9a-f-]{36})'", log.read_text())))
+        for log in sorted(logs.glob("worker-*.log"))
     }
     return {
         "database": database,
@@ -161,12 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=8, help="grid trials (even)")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=1, help="sweeps per database")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
-        for database in ("sqlite", "postgresql"):
-            work = Path(tmp) / database
+        for attempt, database in enumerate(["sqlite", "postgresql"] * args.repeat):
+            work = Path(tmp) / f"{database}-{attempt}"
             write_cifar10(work / "data", images_per_batch=52)
             result = one_backend(database, work, args.trials, args.concurrency)
             print(json.dumps(result), flush=True)

@@ -49,7 +49,9 @@ def test_a_grid_sweep_runs_its_trials_through_run_deployment_and_a_rerun_starts_
     (served from a child process, as ddpm-sweep does without a server): both trials Completed
     with their metric in the record and the returned table, checkpoints in their run folders,
     the plot on disk, every trial's W&B run in the sweep's group and a W&B run of the sweep's
-    own, each trial a subflow run of the sweep. Running it again starts no trial."""
+    own, each trial a subflow run of the sweep. Running it again starts no trial; a trial
+    recorded as running (the sweep was killed) whose flow run has finished is read, not run
+    again."""
     spec = write_spec(tmp_path, cifar_writer, name="lr", concurrency=2,
                       vary={"optim.lr": [1.0e-3, 2.0e-4]})  # fmt: skip
     folder = tmp_path / "runs" / "sweeps" / "lr"
@@ -57,7 +59,14 @@ def test_a_grid_sweep_runs_its_trials_through_run_deployment_and_a_rerun_starts_
         state = sweep_flow(str(spec), poll_seconds=0.5, return_state=True)
         result = state.result()
         again = sweep_flow(str(spec), poll_seconds=0.5, return_state=True)
-    trials = record(tmp_path, "lr")
+        # A sweep killed while trial-001 ran; its worker finished it meanwhile: adopted, read.
+        trials = record(tmp_path, "lr")
+        saved = json.loads((folder / "sweep.json").read_text())
+        saved["trials"][1].update(state="Running", metric=None, curve=[])
+        (folder / "sweep.json").write_text(json.dumps(saved))
+        adopted = sweep_flow(str(spec), poll_seconds=0.5, return_state=True)
+    assert record(tmp_path, "lr") == trials
+    assert set(task_runs(adopted.state_details.flow_run_id)) == {"trial-result"}  # no new run
     assert [t["state"] for t in trials.values()] == ["Completed", "Completed"]
     assert [t["values"] for t in trials.values()] == [{"optim.lr": 1e-3}, {"optim.lr": 2e-4}]
     assert result["best"]["trial"] == min(trials, key=lambda name: trials[name]["metric"])

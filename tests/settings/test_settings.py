@@ -108,6 +108,10 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "wandb.mode": ("offline", {}),
     "wandb.project": ("ddpm-cifar", {}),
     "wandb.entity": ("my-team", {}),
+    "wandb.group": ("lr-width", {}),
+    "sweep.storage": ("sqlite:///study.db", {"sweep.study": "s", "sweep.trial": 0}),
+    "sweep.study": ("lr-width", {"sweep.storage": "sqlite:///s.db", "sweep.trial": 0}),
+    "sweep.trial": (3, {"sweep.storage": "sqlite:///s.db", "sweep.study": "s"}),
 }
 
 
@@ -205,6 +209,10 @@ def test_documented_defaults() -> None:
         "wandb.mode": "auto",
         "wandb.project": "ddpm",
         "wandb.entity": None,
+        "wandb.group": None,
+        "sweep.storage": None,
+        "sweep.study": None,
+        "sweep.trial": None,
     }
     assert isinstance(s.data.root, Path)
     assert isinstance(s.run.dir, Path)
@@ -551,6 +559,8 @@ PARTNERS = {
     "data.dataset": {"data.folder"},
     "diffusion.beta_start": {"diffusion.beta_end"},
     "diffusion.num_timesteps": {"sample.steps"},
+    "sweep.storage": {"sweep.trial"},  # the sweep sets the three together
+    "sweep.study": {"sweep.trial"},
 }
 NEAR_MISSES = (
     "",
