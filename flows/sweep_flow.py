@@ -389,16 +389,17 @@ class Sweep:
         )  # fmt: skip
 
     def _tell(self, trial: Trial) -> None:
-        """Tell the study how the trial ended; a cancelled one stays running, to resume."""
+        """Tell the study how a finished trial ended; one that failed, crashed or was
+        cancelled stays running in the study, as a re-run of the sweep runs it again."""
         from optuna.trial import TrialState
 
-        if trial.state == "Cancelled" or trial.number is None:
+        if trial.state not in FINISHED or trial.number is None:
             return
         with contextlib.suppress(RuntimeError):  # already told (a re-run of a told trial)
-            if trial.state == "Completed" and trial.metric is not None:
-                self.study.tell(trial.number, trial.metric)
-            elif trial.state == "Pruned":
+            if trial.state == "Pruned":
                 self.study.tell(trial.number, state=TrialState.PRUNED)
+            elif trial.metric is not None:
+                self.study.tell(trial.number, trial.metric)
             else:
                 self.study.tell(trial.number, state=TrialState.FAIL)
 
