@@ -34,7 +34,7 @@ def wait_final(env: dict[str, str], flow_run_id: str, timeout: float) -> object:
         return flow_run
 
 
-@pytest.mark.slow(seconds=150)
+@pytest.mark.slow(seconds=95)
 def test_a_tpe_sweep_on_postgres_through_its_deployment_and_two_workers(
     tmp_path: Path, cifar_writer
 ) -> None:

@@ -41,7 +41,7 @@ def record(tmp_path: Path, name: str) -> dict[str, dict[str, Any]]:
     return {f"trial-{t['index']:03d}": t for t in saved["trials"]}
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=50)
 def test_a_grid_sweep_runs_its_trials_through_run_deployment_and_a_rerun_starts_nothing(
     tmp_path: Path, cifar_writer, wandb_records, task_runs
 ) -> None:
@@ -93,7 +93,7 @@ def test_a_grid_sweep_runs_its_trials_through_run_deployment_and_a_rerun_starts_
     assert set(task_runs(again.state_details.flow_run_id)) == set()  # none started, none read
 
 
-@pytest.mark.slow(seconds=110)
+@pytest.mark.slow(seconds=90)
 def test_a_stopped_sweep_resumes_its_cancelled_trial_and_a_failed_trial_is_a_row(
     tmp_path: Path, cli_env, cifar_writer
 ) -> None:
@@ -137,7 +137,7 @@ def test_a_stopped_sweep_resumes_its_cancelled_trial_and_a_failed_trial_is_a_row
     assert "trial-001  100000" in again.output and "Failed" in again.output
 
 
-@pytest.mark.slow(seconds=70)
+@pytest.mark.slow(seconds=85)
 def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(
     tmp_path: Path, cli_env, cifar_writer
 ) -> None:
