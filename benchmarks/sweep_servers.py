@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def one_backend(database: str, work: Path, trials: int, concurrency: int) -> dic
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     logs = work / "logs"
     logs.mkdir(parents=True)
-    with postgres_server(work / "postgres") if database == "postgresql" else _none() as pg:
+    with postgres_server(work / "postgres") if database == "postgresql" else nullcontext() as pg:
         server_env = dict(env)
         if pg is not None:
             pg.create_database("prefect")
@@ -109,14 +110,6 @@ def one_backend(database: str, work: Path, trials: int, concurrency: int) -> dic
         "log_lines": count_lines(logs),
         "trial_overhead": overhead,
     }
-
-
-class _none:  # a context manager yielding None
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _overhead(env: dict[str, str], work: Path) -> dict[str, float]:

@@ -142,9 +142,13 @@ def sweep_main(argv: list[str] | None = None) -> int:
         from flows.sweep_flow import local_runner, sweep_flow, sweep_folder  # prefect: seconds
 
         def call() -> State:
-            log = sweep_folder(spec) / "trials.log"
-            runner = local_runner(spec.deployment, spec.concurrency, cfg.run.server_timeout, log)
-            with runner if served else contextlib.nullcontext():
+            runner = contextlib.nullcontext()
+            if served:
+                log = sweep_folder(spec) / "trials.log"
+                runner = local_runner(
+                    spec.deployment, spec.concurrency, cfg.run.server_timeout, log
+                )
+            with runner:
                 return sweep_flow(args.spec, adopt=not served, return_state=True)
 
         return call

@@ -56,7 +56,7 @@ from ddpm.checkpoint import atomic_write
 from ddpm.run_dir import RunDir
 from flows.server import signalled_when_parent_dies
 from flows.shutdown import StopRequest, active_stop_request
-from flows.tracking import LINK_KEY, METRICS_KEY, resolve_wandb_mode
+from flows.tracking import LINK_KEY, METRICS_KEY, resolve_wandb_mode, wandb_run_id
 from settings import Settings, load_settings
 from settings.sweep import Range, SpecError, SweepSpec, planned, spec_from, trial_overrides
 
@@ -106,9 +106,9 @@ def read_record(folder: Path, spec: SweepSpec) -> dict[int, Trial]:
     path = folder / RECORD
     if not path.is_file():
         return {}
-    saved = json.loads(path.read_text())
-    if saved["spec"] != _comparable(spec):
-        changed = sorted(k for k in saved["spec"] if saved["spec"][k] != _comparable(spec).get(k))
+    saved, now = json.loads(path.read_text()), _comparable(spec)
+    if saved["spec"] != now:
+        changed = sorted(k for k in saved["spec"] if saved["spec"][k] != now.get(k))
         raise SpecError(
             f"name: {folder} holds sweep {spec.name} made from another spec (it differs in "
             f"{', '.join(changed)}); pick another name, or remove the folder to start over"
@@ -240,16 +240,11 @@ def log_to_wandb(cfg: Settings, spec: SweepSpec, folder: Path, rows: list[dict],
     mode = resolve_wandb_mode(cfg.wandb.mode)
     if mode == "disabled":
         return
-    import secrets
-
     import wandb
 
-    id_file = folder / "wandb_id.txt"
-    if not id_file.is_file():
-        id_file.write_text(secrets.token_hex(8) + "\n")
     run = wandb.init(
         project=cfg.wandb.project, entity=cfg.wandb.entity, group=spec.name,
-        name=f"sweep-{spec.name}", job_type="sweep", id=id_file.read_text().strip(),
+        name=f"sweep-{spec.name}", job_type="sweep", id=wandb_run_id(folder / "wandb_id.txt"),
         resume="allow", dir=os.environ.get("WANDB_DIR") or str(folder), mode=mode,
         config=spec.model_dump(mode="json"),
         settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),

@@ -65,6 +65,14 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
+def wandb_run_id(id_file: Path) -> str:
+    """The W&B run id kept in id_file (made on first use), so a resumed run continues its
+    W&B run."""
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(8) + "\n")
+    return id_file.read_text().strip()
+
+
 class Tracker:
     """Logs one training run to W&B; every method is a no-op when W&B is disabled."""
 
@@ -85,15 +93,13 @@ class Tracker:
             return cls(None)
         import wandb
 
-        id_file, name = run.wandb_id_file, run.name
-        if not id_file.is_file():
-            id_file.write_text(secrets.token_hex(8) + "\n")
+        name = run.name
         wandb_run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             group=cfg.wandb.group,
             name=name,
-            id=id_file.read_text().strip(),
+            id=wandb_run_id(run.wandb_id_file),
             resume="allow",
             dir=os.environ.get("WANDB_DIR") or str(run.path),
             mode=mode,

@@ -8,12 +8,9 @@ trials, warm-up epochs) in the study's user attributes when it creates it.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class TrialReport:
