@@ -8,54 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ddpm.errors import UserError
+from ddpm.files import WriteError, atomic_write
 
 # Bump when the layout of the state dict changes. 2: the sinusoidal timestep embedding, the
 # posterior-mean buffers, and the lr schedule's settings saved with the scheduler.
 FORMAT_VERSION = 2
 CHECKSUM_SUFFIX = ".sha256"
+_SAVING = threading.Lock()
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: corrupt, or from an incompatible version or model."""
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file so that readers see the old file or the whole new one, never a part.
-
-    The bytes go to a temporary file beside `path`, are flushed and fsynced, and the file is
-    renamed over `path` with os.replace; the folder is fsynced so the rename survives a crash.
-    On any error the temporary file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> Path:
@@ -74,11 +49,17 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> Path:
     data = buffer.getbuffer()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        atomic_write(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-        return atomic_write(path, lambda f: f.write(data))
-    except OSError as err:
+        # Two threads may save the same file (the API watcher's save and the checkpoint
+        # task): one pair of checksum and file at a time, so the two always match.
+        with _SAVING:
+            atomic_write(
+                checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode())
+            )
+            return atomic_write(path, lambda f: f.write(data))
+    except (OSError, WriteError) as err:
+        cause = err.cause if isinstance(err, WriteError) else err
         raise CheckpointError(
-            f"could not write checkpoint {path}: {err.strerror or err}; "
+            f"could not write checkpoint {path}: {cause.strerror or cause}; "
             "the previous checkpoints are untouched"
         ) from err
 

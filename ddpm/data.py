@@ -7,15 +7,17 @@ workers and however often the run was resumed.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
+import os
 import pickle
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ddpm.config import CIFAR10_URL, Config, DataConfig
@@ -144,8 +146,7 @@ def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5)
         return folder
     root.mkdir(parents=True, exist_ok=True)
     # One process at a time (a sweep's trials start together): the others wait, then find it.
-    with open(root / ".cifar-10.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root / ".cifar-10.lock"):
         return _download_cifar10(root, url, md5)
 
 
@@ -160,24 +161,34 @@ def _download_cifar10(root: Path, url: str, md5: str) -> Path:
         f"download {CIFAR10_URL} to {archive} (MD5 {md5}), or extract it so that "
         f"{folder}/data_batch_1..5 exist"
     )
-    for attempt in (1, 2):
-        if not check_integrity(str(archive), md5):
-            archive.unlink(missing_ok=True)
+    if archive.exists() and not check_integrity(str(archive), md5):
+        raise DatasetError(
+            f"{archive} fails its MD5 check (expected {md5}): it is not the official archive, "
+            f"or it is damaged; it is left as it is: remove it to download the archive again, "
+            f"or {by_hand}"
+        )
+    if not archive.exists():
+        for attempt in (1, 2):
+            partial = root / f".{archive.name}.{uuid.uuid4().hex[:12]}.part"  # ours alone
             try:
-                download_url(url, str(root), archive.name)
+                download_url(url, str(root), partial.name)
             except Exception as err:
+                partial.unlink(missing_ok=True)
                 raise DatasetError(
                     f"could not download {url} ({err}); {by_hand}",
                     transient=_transient_download_error(err),
                 ) from err
-        if check_integrity(str(archive), md5):
-            extract_archive(str(archive), str(root))
-            if not cifar10_is_extracted(root):
-                raise DatasetError(f"{archive}: archive does not hold {CIFAR10_DIR}; {by_hand}")
-            return folder
-        log.warning("%s failed its MD5 check (attempt %d of 2); removing it", archive, attempt)
-        archive.unlink(missing_ok=True)
-    raise DatasetError(f"{archive} from {url} failed its MD5 check twice; {by_hand}")
+            if check_integrity(str(partial), md5):
+                os.replace(partial, archive)
+                break
+            log.warning("%s failed its MD5 check (attempt %d of 2); removing it", url, attempt)
+            partial.unlink(missing_ok=True)
+        else:
+            raise DatasetError(f"{archive} from {url} failed its MD5 check twice; {by_hand}")
+    extract_archive(str(archive), str(root))
+    if not cifar10_is_extracted(root):
+        raise DatasetError(f"{archive}: archive does not hold {CIFAR10_DIR}; {by_hand}")
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------

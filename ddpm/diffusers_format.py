@@ -19,7 +19,6 @@ Shapes: C = base width, L = levels (len(channel_mult)).
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from typing import Any
 import torch
 
 from ddpm.config import DiffusionConfig, ModelConfig
-from ddpm.errors import UserError
+from ddpm.errors import UserError, first_line
+from ddpm.files import EXPORT_MARKER, damaged, read_json, sha256_of
 from ddpm.unet import SCALE, timestep_frequencies
 
 DIFFUSERS_VERSION = "0.42.0"  # the version the folders are written for and tested with
@@ -318,12 +318,6 @@ def assignment_module() -> str:
     return inspect.getsource(unet) + _WRAPPER
 
 
-def write_json(path: Path, value: Mapping[str, Any]) -> None:
-    """Write value as indented JSON (the files diffusers reads), creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
 def read_folder(path: Path) -> tuple[ModelConfig, DiffusionConfig, int, dict[str, torch.Tensor]]:
     """A diffusers folder's network as this project builds it: (model, diffusion, image side,
     the network's state dict). path is a pipeline folder (model_index.json, unet/, scheduler/,
@@ -334,8 +328,6 @@ def read_folder(path: Path) -> tuple[ModelConfig, DiffusionConfig, int, dict[str
         FormatError: naming the file, for a missing or pickled weights file or a network that
             is neither the paper's layout nor this project's assignment network.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     unet = path / "unet" if (path / "unet" / "config.json").is_file() else path
     if not (unet / "config.json").is_file():
@@ -343,21 +335,67 @@ def read_folder(path: Path) -> tuple[ModelConfig, DiffusionConfig, int, dict[str
     weights = unet / WEIGHTS_FILE
     if not weights.is_file():
         raise FormatError(f"{weights}: missing (only safetensors weights are read, no pickles)")
-    config = json.loads((unet / "config.json").read_text())
+    verify_export(path)
+    fix = "export the run again, or fetch the folder again"
+    config = read_json(unet / "config.json", fix)
     scheduler = path / "scheduler" / "scheduler_config.json"
-    diffusion = (
-        diffusion_from_scheduler(json.loads(scheduler.read_text()), str(scheduler))
-        if scheduler.is_file() else DiffusionConfig(schedule="linear", prediction="eps")
-    )  # fmt: skip
-    state = load_file(weights)
-    if config.get("_class_name") == "AssignmentUNet":
-        model = ModelConfig(hidden_size=config["hidden_size"], channels=config["in_channels"])
-        size = config["sample_size"]
-        return model, diffusion, size, {k.removeprefix("net."): v for k, v in state.items()}
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise FormatError(f"{unet / 'config.json'}: a {config['_class_name']}, not a UNet2DModel")
-    model, size = model_from_unet2d(config, str(unet / "config.json"))
-    return model, diffusion, size, from_unet2d(state, model, size, diffusion.num_timesteps)
+    scheduler_json = read_json(scheduler, fix) if scheduler.is_file() else None
+    state = _load_weights(weights, fix)
+    read = scheduler  # the file being interpreted, for the message
+    try:
+        diffusion = (
+            diffusion_from_scheduler(scheduler_json, str(scheduler))
+            if scheduler_json is not None else DiffusionConfig(schedule="linear", prediction="eps")
+        )  # fmt: skip
+        read = unet / "config.json"
+        if config.get("_class_name") == "AssignmentUNet":
+            model = ModelConfig(hidden_size=config["hidden_size"], channels=config["in_channels"])
+            size = config["sample_size"]
+            return model, diffusion, size, {k.removeprefix("net."): v for k, v in state.items()}
+        if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+            raise FormatError(f"{read}: a {config['_class_name']}, not a UNet2DModel")
+        model, size = model_from_unet2d(config, str(unet / "config.json"))
+        return model, diffusion, size, from_unet2d(state, model, size, diffusion.num_timesteps)
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise FormatError(
+            f"{read}: not a diffusers config this project reads ({type(err).__name__}: "
+            f"{first_line(err)}); {fix}"
+        ) from None
+
+
+def verify_export(folder: Path) -> None:
+    """Check a folder ddpm-export wrote (it holds EXPORT_MARKER) against the SHA-256 of each
+    file the marker lists; a folder without the marker (diffusers' own) is not checked.
+
+    Raises:
+        DamagedFile: naming the first file that differs from what the export wrote, or a
+            damaged marker.
+    """
+    fix = "export the run again (ddpm-export), or fetch the folder again"
+    try:
+        listed = read_json(Path(folder) / EXPORT_MARKER, fix).get("files")
+    except FileNotFoundError:
+        return
+    if not isinstance(listed, dict):
+        raise damaged(Path(folder) / EXPORT_MARKER, "no list of files in it", fix)
+    for name, digest in sorted(listed.items()):
+        file = Path(folder) / name
+        if not file.is_file() or sha256_of(file) != digest:
+            what = "missing" if not file.is_file() else "it is not what ddpm-export wrote"
+            raise damaged(file, what, fix)
+
+
+def _load_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a file safetensors cannot read is named (DamagedFile)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise damaged(path, f"not a safetensors file: {first_line(err)}", fix) from None
 
 
 def check_start(folder: Path, found: tuple[ModelConfig, DiffusionConfig, int], wanted:

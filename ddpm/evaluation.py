@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -38,10 +39,9 @@ KID_SUBSET_SIZE = 1000  # KID paper (Bińkowski et al. 2018) and torch-fidelity'
 _EXTRACTOR = "inception-v3-compat"  # the TF-Inception port; names torch-fidelity's cache files
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]+")  # the key becomes part of a file name
 _SETTING = "eval.weights (DDPM_EVAL__WEIGHTS)"
-# (resolved path, mtime_ns, size) -> sha256 hex of a weights file, and the files that loaded
-# safely; hashing the 95 MB file takes a fraction of a second, once per process and version
+# (resolved path, mtime_ns, size) -> sha256 hex of a weights file; hashing the 95 MB file takes
+# a fraction of a second, once per process and version
 _SHA256: dict[tuple[str, int, int], str] = {}
-_SAFE: set[tuple[str, int, int]] = set()
 
 
 class EvaluationError(UserError, RuntimeError):
@@ -109,7 +109,9 @@ def compute_metrics(
     reference = _RGBImages(reference)
     if len(fake) < 2 or len(reference) < 2:
         raise ValueError(f"FID/KID need >= 2 images a side, got {len(fake)} and {len(reference)}")
-    weights_path = inception_weights(weights)
+    # torch-fidelity unpickles the weights with weights_only=False: it gets the very bytes
+    # that were checked to hold only tensors, never the file again (which could change).
+    checked = io.BytesIO(_checked(_weights_file(weights)))
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     import torch_fidelity
 
@@ -124,7 +126,7 @@ def compute_metrics(
             kid="kid" in wanted,
             kid_subset_size=min(KID_SUBSET_SIZE, len(fake), len(reference)),
             feature_extractor=_EXTRACTOR,
-            feature_extractor_weights_path=os.fspath(weights_path),
+            feature_extractor_weights_path=checked,
             batch_size=batch_size,
             cuda=cuda,
             save_cpu_ram=True,  # num_workers=0: a forked loader dies inside a Prefect flow run
@@ -216,20 +218,23 @@ def inception_weights(weights: Path | None) -> Path:
         EvaluationError: one line saying where to put the file, if it is missing, cannot be
             downloaded, or is not loadable.
     """
-    path = _existing(weights) if weights is not None else _downloaded()
-    key = _file_key(path)
-    if key not in _SAFE:
-        _check_plain_tensors(path)
-        _SAFE.add(key)
+    path = _weights_file(weights)
+    _checked(path)
     return path
 
 
-def _check_plain_tensors(path: Path) -> None:
-    """Refuse a file that is not a dict of tensors with fc.weight. torch-fidelity loads it with
-    torch.load(weights_only=False), which would run code planted in the file."""
+def _weights_file(weights: Path | None) -> Path:
+    return _existing(weights) if weights is not None else _downloaded()
+
+
+def _checked(path: Path) -> bytes:
+    """The bytes of the weights file at path, checked to be a dict of tensors with fc.weight:
+    torch-fidelity loads them with torch.load(weights_only=False), which would run code
+    planted in a file."""
     fix = f"download {INCEPTION_URL} and set {_SETTING} to its path"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise EvaluationError(
             f"{path}: refused, it holds pickled objects besides tensors and could run code; {fix}"
@@ -240,6 +245,7 @@ def _check_plain_tensors(path: Path) -> None:
         ) from err
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise EvaluationError(f"{path}: not torch-fidelity's Inception weights; {fix}")
+    return data
 
 
 def _existing(weights: Path) -> Path:

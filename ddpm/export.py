@@ -4,20 +4,28 @@
 
 writes a folder that `diffusers.DDPMPipeline.from_pretrained` loads: model_index.json,
 unet/ (config and safetensors weights; the assignment network's module file too),
-scheduler/scheduler_config.json and README.md, the model card with the Hub's metadata.
+scheduler/scheduler_config.json and README.md, the model card with the Hub's metadata, and
+MARKER, the list of the files it wrote with their SHA-256.
+
+The folder is written beside `out` and moved into place. An existing `out` is replaced only
+when it is empty or an earlier export left exactly as it was written (MARKER says so); anything
+else, a user's files or an export changed since, is refused and left untouched.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from ddpm.checkpoint import atomic_write
 from ddpm.diffusers_format import (
     CUSTOM_MODULE,
     DIFFUSERS_VERSION,
@@ -27,10 +35,23 @@ from ddpm.diffusers_format import (
     scheduler_config,
     to_unet2d,
     unet2d_config,
+)
+from ddpm.files import (
+    EXPORT_MARKER,
+    FOLDER_MODE,
+    atomic_write,
+    check_export_target,
+    remove_listed,
     write_json,
+    write_marker,
+    write_text,
 )
 from ddpm.generate import TrainedModel, load_trained_model
 from ddpm.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+MARKER = EXPORT_MARKER  # {"files": {relative path: sha256}}: what an export wrote
 
 
 @dataclass(frozen=True)
@@ -46,21 +67,49 @@ class Exported:
 
 def export(path: Path, out: Path, use_ema: bool = True) -> Exported:
     """Write the diffusers folder of a run folder's newest valid checkpoint, or of a checkpoint
-    file (best.pt), to out (replaced if it exists; written beside it first).
+    file (best.pt), to out: written beside it, then moved into place. An existing out is
+    replaced only if it is empty or an earlier export as it was written
+    (ddpm.files.check_export_target).
 
     Raises:
+        NotOurs: naming out, before anything is read or written, if it holds anything else.
         CheckpointError: naming the file, if there is no checkpoint or no EMA when asked.
         FormatError: naming the setting, for a network diffusers cannot express.
     """
-    trained = load_trained_model(Path(path), use_ema=use_ema)
     out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    write_folder(trained, staging, card(trained, evaluation(Path(path), trained.checkpoint)))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    check_export_target(out)
+    trained = load_trained_model(Path(path), use_ema=use_ema)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        os.chmod(staging, FOLDER_MODE)  # mkdtemp's is 0700
+        write_folder(trained, staging, card(trained, evaluation(Path(path), trained.checkpoint)))
+        write_marker(staging, MARKER, "ddpm-export")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # made by mkdtemp above: ours alone
+        raise
     return Exported(out, trained.checkpoint, trained.model.arch, use_ema, trained.global_step)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename staging to out; an existing out (checked by check_export_target) is first
+    renamed aside and then only the files its marker lists are removed, so a file a user
+    dropped into it meanwhile survives (in the renamed folder, with a warning)."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    check_export_target(out)  # again: the user may have written into it while the export ran
+    aside = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+    os.rename(out, aside)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(aside, out)  # put it back
+        raise
+    if not remove_listed(aside, MARKER):
+        log.warning("%s held files the earlier export did not write; they were kept in %s",
+                    out, aside)  # fmt: skip
 
 
 def write_folder(trained: TrainedModel, folder: Path, readme: str) -> None:
@@ -76,27 +125,26 @@ def write_folder(trained: TrainedModel, folder: Path, readme: str) -> None:
     else:
         config = assignment_config(model, size, diffusion.num_timesteps)
         weights = {f"net.{k}": v.detach().float().contiguous() for k, v in weights.items()}
-        (unet / f"{CUSTOM_MODULE}.py").parent.mkdir(parents=True, exist_ok=True)
-        (unet / f"{CUSTOM_MODULE}.py").write_text(assignment_module())
+        write_text(unet / f"{CUSTOM_MODULE}.py", assignment_module())
         library = CUSTOM_MODULE
     write_json(unet / "config.json", config)
-    save_file(weights, str(unet / WEIGHTS_FILE), metadata={"format": "pt"})
+    data = save(weights, metadata={"format": "pt"})
+    atomic_write(unet / WEIGHTS_FILE, lambda f: f.write(data))
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(diffusion, clip))
     write_json(folder / "model_index.json", {
         "_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", "DDPMScheduler"], "unet": [library, config["_class_name"]],
     })  # fmt: skip
-    atomic_write(folder / "README.md", lambda f: f.write(readme.encode()))
+    write_text(folder / "README.md", readme)
 
 
 def evaluation(path: Path, checkpoint: Path) -> dict[str, Any] | None:
     """The run's best.json (FID, KID and epoch) when checkpoint is that run's best.pt or its
     epoch checkpoint; None where the run did not evaluate it."""
     folder = path if path.is_dir() else checkpoint.parent.parent
-    record = RunDir(folder).best_record
-    if not record.is_file():
+    best = RunDir(folder).best()
+    if best is None:
         return None
-    best = json.loads(record.read_text())
     return best if checkpoint.name in ("best.pt", best.get("checkpoint")) else None
 
 

@@ -23,17 +23,18 @@ import torch
 from torch.utils.data import Dataset
 
 from ddpm.build import build_diffusion
-from ddpm.checkpoint import CheckpointError, atomic_write, check_compatible, load_checkpoint, to_cpu
+from ddpm.checkpoint import CheckpointError, check_compatible, load_checkpoint, to_cpu
 from ddpm.config import DiffusionConfig, ModelConfig, Precision, SampleConfig
 from ddpm.data import denormalize
 from ddpm.diffusion import DiffusionModel, Generators
 from ddpm.errors import UserError, first_line
+from ddpm.files import SAMPLES_MARKER, atomic_write, claim_samples_folder, damaged, read_json
 from ddpm.run_dir import RunDir, load_newest_valid
 from ddpm.samplers import make_sampler
 from ddpm.schedules import named_betas, schedule_constants
 from ddpm.training import TrainingState, autocast
 
-OPTIONS_FILE = "generation.json"  # what drew a folder's images; a re-run must match it
+OPTIONS_FILE = SAMPLES_MARKER  # what drew a folder's images; a re-run must match it
 
 
 class GenerationError(UserError):
@@ -250,10 +251,22 @@ class ImageFiles(Dataset):
         return self.num
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        """Image index as uint8 (C, H, W).
+
+        Raises:
+            DamagedFile: naming the file, if it is not a readable image (torn, damaged).
+        """
         from PIL import Image
 
-        with Image.open(self.path(index)) as img:
-            array = np.asarray(img)
+        try:
+            with Image.open(self.path(index)) as img:
+                array = np.asarray(img)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, its own ...
+            raise damaged(
+                self.path(index), f"not a readable PNG: {first_line(err)}",
+                "remove it and run the same command again: it is drawn again, from its own "
+                "noise",
+            ) from None  # fmt: skip
         array = array[:, :, None] if array.ndim == 2 else array
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
@@ -304,16 +317,14 @@ class ImageFiles(Dataset):
         images of two models or seeds.
 
         Raises:
+            NotOurs: if the folder holds files but no OPTIONS_FILE (the user's: untouched).
             GenerationError: naming the folder and what differs.
+            DamagedFile: if its OPTIONS_FILE is damaged.
         """
         record = self.folder / OPTIONS_FILE
-        if not record.is_file() and self.folder.is_dir() and any(self.folder.glob("*.png")):
-            raise GenerationError(
-                f"{self.folder} holds PNG files but no {OPTIONS_FILE}: they were not drawn "
-                "here; choose another output folder"
-            )
-        if record.is_file():
-            saved = json.loads(record.read_text())
+        if claim_samples_folder(self.folder):
+            fix = "choose another --out, or empty this folder"
+            saved = read_json(record, fix)
             changed = [
                 f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v
             ]

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from ddpm.checkpoint import atomic_write
 from ddpm.data import denormalize
+from ddpm.files import atomic_write
 
 
 def sample_grid(x: torch.Tensor, nrow: int | None = None) -> torch.Tensor:

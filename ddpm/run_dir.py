@@ -1,21 +1,23 @@
 """A run's place on disk: the one module that knows the run folder's layout.
 
 runs/<run name>/
-    settings.json            the resolved settings
-    lock                     held (flock) by the process training the run, which it names
+    settings.json            the resolved settings (also what marks the folder as a run's)
+    lock                     held (an OS file lock) by the process training the run
     wandb_id.txt             the W&B run id, so a resumed run continues it
     metrics.jsonl            one line per epoch: loss, lr, images/s, seconds (and FID/KID)
     checkpoints/epoch_001.pt (+ .sha256), step_0000400.pt (mid-epoch), ...
     checkpoints/best.pt (+ .sha256), best.json   the checkpoint with the lowest FID, and its FID
     samples/epoch_001.png    the sample grid after epoch 1, ...
 
-and which of its checkpoint files it keeps, and which one it resumes from.
+and which of its checkpoint files it keeps, and which one it resumes from. Every file is
+written atomically (ddpm.files); one damaged since is recovered from what else the folder holds
+where it can be (the settings and the metrics rows from the checkpoints, best.json from the
+metrics rows), with a warning, or named in a one-line error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -26,8 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddpm.checkpoint import atomic_write, checksum_path, load_checkpoint, save_checkpoint
+from filelock import FileLock, Timeout
+
+from ddpm.checkpoint import checksum_path, load_checkpoint, save_checkpoint
 from ddpm.errors import UserError, first_line
+from ddpm.files import DamagedFile, atomic_write, claim_folder, damaged, describe, read_json
 
 _EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
 _STEP_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
@@ -76,32 +81,136 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self, doing: str = "training this run") -> Iterator[None]:
-        """Hold the run folder for this process: an exclusive lock (flock) on its lock file,
-        which the OS releases when the process ends however it ends, so a crash never leaves
-        a stale lock. The file holds the holder's PID, for the message of the next one,
-        which says what the holder is `doing`.
+        """Hold the run folder for this process: an exclusive OS lock on its lock file
+        (filelock: flock on Unix, msvcrt on Windows), which the OS releases when the process
+        ends however it ends, so a crash never leaves a stale lock. The holder writes its PID
+        into the file, for the message of the next one, which says what the holder is `doing`.
 
         Raises:
             RunInUse: at once, naming the folder and the holder's PID, if another process
                 holds it.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(self.lock_file, timeout=0, thread_local=False)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise RunInUse(
-                    f"{self.path} is in use by process {holder}, which is {doing}; "
-                    "wait for it to end or stop it (a second process would interleave its "
-                    "checkpoints)"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            lock.acquire()
+        except Timeout:
+            holder = "unknown"
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                holder = self.lock_file.read_text().strip() or holder
+            raise RunInUse(
+                f"{self.path} is in use by process {holder}, which is {doing}; "
+                "wait for it to end or stop it (a second process would interleave its "
+                "checkpoints)"
+            ) from None
+        try:
+            with contextlib.suppress(OSError):  # only the message of a second process needs it
+                fd = os.open(self.lock_file, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                finally:
+                    os.close(fd)
             yield
         finally:
-            os.close(fd)  # releases the lock
+            lock.release()
+
+    def claim(self) -> None:
+        """Check, before anything is written, that the folder is new, empty or a run's (it holds
+        settings.json; a start killed before writing it leaves only the lock file).
+
+        Raises:
+            NotOurs: naming the folder and files that are not a run's; nothing is changed.
+        """
+        claim_folder(self.path, self.settings_file.name, "a run's", ("lock",), "run.dir / run.name")
+
+    def saved_settings(self) -> dict[str, Any] | None:
+        """The settings the run was made with (settings.json); None for a new run.
+
+        A damaged settings.json is recovered from the newest valid checkpoint's settings, with
+        a warning (the caller writes it again); without a checkpoint there is nothing it could
+        hold that the current settings do not, so it is None, also with a warning.
+        """
+        fix = "it is written again from the current settings"
+        try:
+            return read_json(self.settings_file, fix)
+        except FileNotFoundError:
+            return None
+        except DamagedFile as err:
+            newest = load_newest_valid(self)
+            if newest is not None and isinstance(newest[1].get("settings"), dict):
+                log.warning("%s; using the settings saved in %s", err, newest[0])
+                return newest[1]["settings"]
+            log.warning("%s (the run has no checkpoint to recover them from)", err)
+            return None
+
+    def metrics_rows(self) -> list[dict[str, Any]]:
+        """The per-epoch rows of metrics.jsonl (epoch, loss, lr, images/s, ... and FID/KID),
+        oldest first; [] before the first epoch.
+
+        A damaged file (a line that is not a JSON object with an epoch) is recovered with a
+        warning: from the newest checkpoint that holds the rows (each epoch checkpoint does)
+        plus the good lines after it, else from the good lines alone.
+        """
+        try:
+            text = self.metrics_file.read_bytes().decode()
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as err:
+            text, problem = "", describe(err)
+        else:
+            problem = ""
+        rows: list[dict[str, Any]] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                    raise ValueError("no epoch")
+                rows.append(row)
+            except ValueError:
+                problem = problem or f"line {number} is not a row of metrics"
+        if not problem:
+            return rows
+        newest = load_newest_valid(self)
+        saved = newest[1].get("metrics") if newest is not None else None
+        if isinstance(saved, list):
+            last = max((r["epoch"] for r in saved), default=0)
+            rows = [dict(r) for r in saved] + [r for r in rows if r["epoch"] > last]
+            source = f"the rows saved in {newest[0]} and the file's good lines"
+        else:
+            source = "the file's good lines (no checkpoint holds the rows)"
+        log.warning("%s is damaged (%s); recovered from %s", self.metrics_file, problem, source)
+        return sorted({r["epoch"]: r for r in rows}.values(), key=lambda r: r["epoch"])
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Atomically write metrics.jsonl: one JSON object per epoch."""
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
+
+    def best(self) -> dict[str, Any] | None:
+        """best.json: best.pt's FID (and its other metrics), epoch and checkpoint name; None
+        if the run has evaluated nothing. A damaged best.json is recovered from the metrics
+        rows (the evaluated epoch with the lowest FID), with a warning."""
+        fix = "recovered from the metrics rows"
+        try:
+            record = read_json(self.best_record, fix)
+            if isinstance(record.get("fid"), (int, float)):
+                return record
+            raise damaged(self.best_record, "no fid in it", fix)
+        except FileNotFoundError:
+            return None
+        except DamagedFile as err:
+            log.warning("%s", err)
+        scored = [r for r in self.metrics_rows() if isinstance(r.get("fid"), (int, float))]
+        if not scored:
+            return None
+        row = min(scored, key=lambda r: r["fid"])
+        metrics = {k: v for k, v in row.items() if k in ("fid", "kid", "kid_std")}
+        return {
+            **metrics,
+            "epoch": row["epoch"],
+            "checkpoint": self.epoch_checkpoint(row["epoch"]).name,
+        }
 
     @property
     def best_checkpoint(self) -> Path:
@@ -217,9 +326,10 @@ def keep_best(run: RunDir, checkpoint: Path, epoch: int, metrics: Mapping[str, f
     possible; either way it replaces the old best.pt atomically, with its checksum beside it.
     """
     record, fid = run.best_record, float(metrics["fid"])
-    if record.is_file() and json.loads(record.read_text())["fid"] <= fid:
+    saved = run.best()
+    if saved is not None and saved["fid"] <= fid and run.best_checkpoint.is_file():
         return False
-    best, tmp = run.best_checkpoint, run.checkpoints / f".best.pt.{os.getpid()}.link"
+    best, tmp = run.best_checkpoint, run.checkpoints / f".best.pt.{os.getpid()}.{id(run)}.link"
     tmp.unlink(missing_ok=True)
     try:
         os.link(checkpoint, tmp)

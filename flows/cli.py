@@ -19,12 +19,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm.errors import UserError
+from ddpm.files import check_export_target
 from flows.launch import launched_overrides, rank_main, write_outcome
 from flows.shutdown import StopRequest
 from settings import Settings, SettingsError, load_settings, parse_flags
+from settings.config import did_you_mean, flag_name, known_settings
 from settings.sampling import GenerateOptions, OptionsError, flag, generate_options
 
 if TYPE_CHECKING:
@@ -88,13 +91,20 @@ def export_main(argv: list[str] | None = None) -> int:
         "loads (safetensors, scheduler config, model card).",
     )  # fmt: skip
     parser.add_argument("--run", required=True, help="a run folder or a checkpoint (best.pt)")
-    parser.add_argument("--out", required=True, help="the folder to write (replaced)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="the folder to write: new, empty, or an earlier export (replaced)",
+    )
     parser.add_argument("--no-ema", dest="use_ema", action="store_false",
                         help="the trained weights instead of their EMA")  # fmt: skip
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_command(parser, sys.argv[1:] if argv is None else argv)
     try:
+        if not Path(args.run).exists():
+            raise UserError(f"--run {args.run}: no such run folder or checkpoint")
+        check_export_target(Path(args.out))  # a folder of the user's: refused, untouched
         cfg = load_settings({})
-    except SettingsError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -123,7 +133,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
         "W&B group). Re-running it continues it.",
     )  # fmt: skip
     parser.add_argument("--spec", required=True, help="the sweep's YAML spec")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_command(parser, sys.argv[1:] if argv is None else argv)
+    from flows.sweep_record import claim
     from settings.sweep import read_spec
 
     try:
@@ -131,6 +142,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
         base = load_settings(spec.base)
         cfg = load_settings({**spec.base, "run.stop_timeout": base.run.stop_timeout
                              + SWEEP_STOP_GRACE})  # fmt: skip
+        claim(spec)  # the sweep's folder: a user's is refused, untouched
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -139,7 +151,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
     served = not PREFECT_API_URL.value()  # no server: serve the trials' deployment here
 
     def load() -> Callable[[], State]:
-        from flows.sweep_flow import local_runner, sweep_flow, sweep_folder  # prefect: seconds
+        from flows.sweep_flow import local_runner, sweep_flow  # prefect: seconds
+        from flows.sweep_record import sweep_folder
 
         def call() -> State:
             runner = contextlib.nullcontext()
@@ -154,6 +167,29 @@ def sweep_main(argv: list[str] | None = None) -> int:
         return call
 
     return run_flow(cfg, load)
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parser.parse_args, where an unknown flag ends the command first (exit 2), with one
+    line that names it and the closest known flag ("did you mean --out?")."""
+    unknown = unknown_flag(argv, _flags(parser))
+    if unknown:
+        parser.exit(2, f"{parser.prog}: error: {unknown}\n")
+    return parser.parse_args(argv)
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [flag for action in parser._actions for flag in action.option_strings]
+
+
+def unknown_flag(argv: list[str], known: list[str]) -> str | None:
+    """'unknown flag --outt; did you mean --out? (see --help)' for the first flag in argv that
+    is not among `known`, else None."""
+    for arg in argv:
+        name = arg.partition("=")[0]
+        if name.startswith("-") and name != "-" and name not in known:
+            return f"unknown flag {name}{did_you_mean(name, known)} (see --help)"
+    return None
 
 
 def parse_sample_args(argv: list[str]) -> tuple[GenerateOptions, dict[str, Any]]:
@@ -190,6 +226,15 @@ def parse_sample_args(argv: list[str]) -> tuple[GenerateOptions, dict[str, Any]]
                 metavar=name.upper(),
                 help=field.description,
             )
+    settings = {flag_name(f): f for f in known_settings()}
+    ours = [flag for flag, field in settings.items() if field.startswith(SAMPLE_SETTINGS)]
+    for arg in argv:  # another command's setting is named as such, not as a misspelling
+        name = arg.partition("=")[0]
+        if name in settings and name not in ours:
+            raise SettingsError([(settings[name], "not a setting of sample_flow (see --help)")])
+    unknown = unknown_flag(argv, [*_flags(parser), *ours])
+    if unknown:
+        raise OptionsError(unknown)
     try:
         known, rest = parser.parse_known_args(argv)
     except SystemExit as exit_:
@@ -197,9 +242,6 @@ def parse_sample_args(argv: list[str]) -> tuple[GenerateOptions, dict[str, Any]]
             raise
         raise OptionsError("see the usage above") from None
     overrides = parse_flags(rest, prog=SAMPLE_PROG) if rest else {}
-    for key in overrides:
-        if not key.startswith(SAMPLE_SETTINGS):
-            raise SettingsError([(key, "not a setting of sample_flow (see --help)")])
     return generate_options(vars(known)), overrides
 
 

@@ -81,7 +81,13 @@ def launch(
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """Rank 0's outcome; None when it left none (or none whole: it is written atomically, so
+    only a kill between its bytes and its rename could leave a part, which is never read)."""
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "exit_code" in record else None
 
 
 def _failure(err: Any, max_restarts: int) -> str:
@@ -134,8 +140,10 @@ def write_outcome(exit_code: int, message: str | None, summary: Any = None) -> b
     path = os.environ.get(OUTCOME)
     if path is None:
         return False
+    from ddpm.files import write_text
+
     record = {"exit_code": exit_code, "message": message, "summary": summary}
-    Path(path).write_text(json.dumps(record, default=str))
+    write_text(Path(path), json.dumps(record, default=str))
     return True
 
 

@@ -14,10 +14,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ddpm.checkpoint import atomic_write
 from ddpm.config import Config
 from ddpm.data import load_dataset
 from ddpm.evaluation import compute_metrics
+from ddpm.files import atomic_write
 from ddpm.generate import ImageFiles, TrainedModel, generate, load_trained_model, network_calls
 from flows.download import data_reference_key
 from flows.progress import ProgressBar

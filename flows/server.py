@@ -3,44 +3,29 @@
 Prefect's own temporary server runs in the run's process group, so the SIGTERM or SIGINT a
 scheduler or Ctrl-C sends to the group killed it first, and the run then hung retrying calls
 to it. This one is started in a session of its own (a signal to the run's group does not reach
-it), dies with the run on Linux (PR_SET_PDEATHSIG, even when the run is SIGKILLed), waits
-run.server_timeout for the server to answer, and does not send telemetry unless
-PREFECT_SERVER_ANALYTICS_ENABLED says so.
+it), dies with the run on Linux (the parent-death signal, even when the run is SIGKILLed;
+flows.children), waits run.server_timeout for the server to answer, and does not send
+telemetry unless PREFECT_SERVER_ANALYTICS_ENABLED says so.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from ddpm.errors import UserError
+from flows import children
 from flows.shutdown import api_answers, at_hard_exit
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ServerError(UserError):
     """The temporary server did not start in time; the message says what to change."""
-
-
-def signalled_when_parent_dies(signum: int) -> Callable[[], None] | None:
-    """A subprocess preexec_fn: the child gets `signum` when this process dies, however it
-    dies (PR_SET_PDEATHSIG; Linux only, else None)."""
-    if sys.platform != "linux":
-        return None
-
-    def preexec() -> None:  # runs in the child between fork and exec
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
-
-    return preexec
 
 
 def _free_port() -> int:
@@ -75,14 +60,7 @@ def temporary_server(timeout: float) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
     ]  # fmt: skip
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(
-            command,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=signalled_when_parent_dies(signal.SIGTERM),
-        )
+        server = children.start(command, env=env, stdout=log, death_signal=signal.SIGTERM)
         at_hard_exit(server.terminate)  # a hard exit skips the finally below
         try:
             deadline = time.monotonic() + timeout
@@ -103,15 +81,4 @@ def temporary_server(timeout: float) -> Iterator[str]:
                 time.sleep(0.2)
             yield url
         finally:
-            stop_server(server)
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    """SIGTERM the server, SIGKILL it if it has not gone within 5 s."""
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            children.stop(server, signal.SIGTERM, grace=5)  # SIGKILL after 5 s

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -52,77 +51,15 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Cancelling, State
 
-from ddpm.checkpoint import atomic_write
 from ddpm.run_dir import RunDir
-from flows.server import signalled_when_parent_dies
+from flows import children
 from flows.shutdown import StopRequest, active_stop_request
+from flows.sweep_record import FINISHED, Trial, claim, read_record, write_record
 from flows.tracking import LINK_KEY, METRICS_KEY, resolve_wandb_mode, wandb_run_id
 from settings import Settings, load_settings
 from settings.sweep import Range, SpecError, SweepSpec, planned, spec_from, trial_overrides
 
 __all__ = ["Trial", "local_runner", "sweep_flow"]
-
-RECORD = "sweep.json"
-FINISHED = ("Completed", "Pruned")  # a re-run of the sweep skips these
-
-
-@dataclasses.dataclass
-class Trial:
-    """One trial: its varied settings, where it runs, and how it ended."""
-
-    index: int
-    values: dict[str, Any]
-    number: int | None = None  # its Optuna trial (tpe)
-    flow_run_id: str | None = None
-    state: str = "Not started"  # Running, Completed, Pruned, Failed, Crashed, Cancelled
-    message: str = ""
-    metric: float | None = None  # the spec's metric: the last epoch's (or evaluation's)
-    best_epoch: int | None = None
-    images_per_s: float | None = None
-    wandb: str | None = None
-    curve: list[list[float]] = dataclasses.field(default_factory=list)  # [epoch, metric]
-
-    @property
-    def name(self) -> str:
-        return f"trial-{self.index:03d}"
-
-
-def sweep_folder(spec: SweepSpec) -> Path:
-    """runs/sweeps/<name> (under base's run.dir): the trials' run folders and the record."""
-    return Path(trial_overrides(spec, 0, {})["run.dir"])
-
-
-def _comparable(spec: SweepSpec) -> dict[str, Any]:
-    """What a re-run must keep to continue a sweep (it may change trials and concurrency)."""
-    return spec.model_dump(mode="json", exclude={"trials", "concurrency"})
-
-
-def read_record(folder: Path, spec: SweepSpec) -> dict[int, Trial]:
-    """The trials a previous run of this sweep recorded, by index.
-
-    Raises:
-        SpecError: if the folder holds a sweep made from another spec.
-    """
-    path = folder / RECORD
-    if not path.is_file():
-        return {}
-    saved, now = json.loads(path.read_text()), _comparable(spec)
-    if saved["spec"] != now:
-        changed = sorted(k for k in saved["spec"] if saved["spec"][k] != now.get(k))
-        raise SpecError(
-            f"name: {folder} holds sweep {spec.name} made from another spec (it differs in "
-            f"{', '.join(changed)}); pick another name, or remove the folder to start over"
-        )
-    return {t["index"]: Trial(**t) for t in saved["trials"]}
-
-
-def write_record(folder: Path, spec: SweepSpec, trials: Mapping[int, Trial]) -> None:
-    record = {
-        "spec": _comparable(spec),
-        "trials": [dataclasses.asdict(trials[i]) for i in sorted(trials)],
-    }
-    atomic_write(folder / RECORD, lambda f: f.write(json.dumps(record, indent=1).encode()))
-
 
 # ---- a trial's result, read from its flow run ---------------------------------------------------
 
@@ -156,7 +93,7 @@ def trial_result_task(trial: Trial, metric: str, goal: str) -> Trial:
     return dataclasses.replace(
         trial,
         state=state,
-        message="" if state == "Completed" else message.strip().splitlines()[0][:300],
+        message="" if state == "Completed" else (message.strip().splitlines() or [""])[0][:300],
         metric=curve[-1][1] if curve else None,
         best_epoch=int(best[0]) if best else None,
         images_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
@@ -452,8 +389,7 @@ def sweep_flow(
     logger = get_run_logger()
     sweep = spec_from(spec)
     cfg = load_settings(sweep.base)
-    folder = sweep_folder(sweep)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = claim(sweep)  # a folder of the user's is refused, untouched
     stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
     with (
         stop.signals_handled(),
@@ -497,8 +433,9 @@ def sweep_flow(
 def local_runner(deployment: str, limit: int, timeout: float, log: Path) -> Iterator[None]:
     """Serve the deployment from a child process (`ddpm-serve --deployment NAME --limit N`)
     against the current Prefect API, for a sweep run without a server and workers of its own;
-    its output (the trials' logs) goes to `log`; stop it at the end (SIGINT, then SIGKILL after
-    30 s), or when this process dies, however it dies (SIGINT, PR_SET_PDEATHSIG).
+    its output (the trials' logs) goes to `log`; stop it at the end (SIGINT, then SIGKILL to it
+    and every process it started after 30 s), or when this process dies, however it dies
+    (SIGINT, the parent-death signal: flows.children).
 
     Raises:
         SpecError: naming `deployment` if it did not appear within `timeout` seconds.
@@ -511,10 +448,7 @@ def local_runner(deployment: str, limit: int, timeout: float, log: Path) -> Iter
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"serving {deployment} here for the trials; their logs: {log}", file=sys.stderr)
     with open(log, "ab") as out:
-        runner = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=signalled_when_parent_dies(signal.SIGINT),
-        )  # fmt: skip
+        runner = children.start(command, env=env, stdout=out, death_signal=signal.SIGINT)
     try:
         deadline = time.monotonic() + timeout
         with get_client(sync_client=True) as client:
@@ -531,10 +465,6 @@ def local_runner(deployment: str, limit: int, timeout: float, log: Path) -> Iter
                     time.sleep(0.5)
         yield
     finally:
-        if runner.poll() is None:
-            runner.send_signal(signal.SIGINT)  # its SIGTERM handler fails (Prefect 3.8.8)
-            try:
-                runner.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                runner.kill()
-                runner.wait()
+        # SIGINT: its SIGTERM handler fails (Prefect 3.8.8); after 30 s, SIGKILL to it and to
+        # every process it started (the trials' flow runs run in sessions of their own).
+        children.stop(runner, signal.SIGINT, grace=30)

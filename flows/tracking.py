@@ -12,9 +12,9 @@ Prefect: artifacts with stable keys, so the UI shows their history across epochs
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +29,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from ddpm.files import describe, write_text
 from ddpm.images import sample_grid
 from ddpm.run_dir import RunDir
 from ddpm.trainer import EpochResult, StepMetrics
@@ -65,12 +66,40 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
-def wandb_run_id(id_file: Path) -> str:
-    """The W&B run id kept in id_file (made on first use), so a resumed run continues its
-    W&B run."""
-    if not id_file.is_file():
-        id_file.write_text(secrets.token_hex(8) + "\n")
-    return id_file.read_text().strip()
+_WANDB_ID = re.compile(r"^[0-9a-z]{1,64}$")  # what wandb_run_id makes (16 hex digits)
+_LOG = logging.getLogger(__name__)
+
+
+def wandb_run_id(id_file: Path, wandb_dir: Path | None = None) -> str:
+    """The W&B run id kept in id_file (made on first use, written atomically), so a resumed
+    run continues its W&B run.
+
+    A damaged id file is recovered from the newest W&B run folder under wandb_dir/wandb
+    (`offline-run-<time>-<id>` or `run-<time>-<id>`), else replaced by a new id (a new W&B
+    run), with a warning either way.
+    """
+    try:
+        saved = id_file.read_bytes().decode().strip()
+    except FileNotFoundError:
+        saved = None
+    except (OSError, UnicodeDecodeError) as err:
+        saved = f"unreadable: {describe(err)}"
+    if saved is not None and _WANDB_ID.match(saved):
+        return saved
+    run_id = secrets.token_hex(8)
+    if saved is not None:
+        found = sorted(Path(wandb_dir or id_file.parent).glob("wandb/*run-*-*"))
+        ids = [p.name.rsplit("-", 1)[1] for p in found if _WANDB_ID.match(p.name.rsplit("-", 1)[1])]
+        run_id, source = (ids[-1], "its newest W&B run folder") if ids else (run_id, "a new id")
+        _LOG.warning("%s is damaged (%r is not a W&B run id); recovered from %s", id_file,
+                     saved[:40], source)  # fmt: skip
+    write_text(id_file, run_id + "\n")
+    return run_id
+
+
+def _wandb_dir(folder: Path) -> Path:
+    """Where W&B writes a run's files: WANDB_DIR, else the run's own folder."""
+    return Path(os.environ.get("WANDB_DIR") or folder)
 
 
 class Tracker:
@@ -99,9 +128,9 @@ class Tracker:
             entity=cfg.wandb.entity,
             group=cfg.wandb.group,
             name=name,
-            id=wandb_run_id(run.wandb_id_file),
+            id=wandb_run_id(run.wandb_id_file, _wandb_dir(run.path)),
             resume="allow",
-            dir=os.environ.get("WANDB_DIR") or str(run.path),
+            dir=str(_wandb_dir(run.path)),
             mode=mode,
             config=cfg.model_dump(mode="json"),
             settings=wandb.Settings(
@@ -194,7 +223,7 @@ class RunArtifacts:
 
     def __init__(self, run: RunDir, epochs_done: int, epochs: int) -> None:
         self.run, self.epochs = run, epochs
-        self.rows = [row for row in epoch_rows(run) if row["epoch"] <= epochs_done]
+        self.rows = [row for row in run.metrics_rows() if row["epoch"] <= epochs_done]
         self.progress_id = create_progress_artifact(
             progress=100.0 * epochs_done / epochs,
             key=PROGRESS_KEY,
@@ -227,14 +256,7 @@ class RunArtifacts:
         publish_metrics(self.rows)
 
     def _write(self) -> None:
-        self.run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-
-
-def epoch_rows(run: RunDir) -> list[dict[str, Any]]:
-    """The run's per-epoch rows (RunArtifacts), oldest first; [] before its first epoch."""
-    if not run.metrics_file.is_file():
-        return []
-    return [json.loads(line) for line in run.metrics_file.read_text().splitlines() if line]
+        self.run.write_metrics(self.rows)
 
 
 def publish_metrics(rows: list[dict[str, Any]]) -> None:

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from prefect.utilities.annotations import quote
 from ddpm.config import Config
 from ddpm.distributed import Group, environment, join
 from ddpm.evaluation import inception_weights
+from ddpm.files import write_text
 from ddpm.run_dir import RunDir
 from ddpm.trainer import EpochResult, Trainer, share_start
 from flows.download import download_task
@@ -42,7 +42,6 @@ from flows.tracking import (
     RunArtifacts,
     Tracker,
     core_logs_routed,
-    epoch_rows,
     publish_metrics,
     publish_summary,
 )
@@ -61,16 +60,16 @@ __all__ = ["open_run_dir", "train_flow"]
 
 
 def _write_settings(run: RunDir, cfg: Settings) -> None:
-    """Write the run's settings file (only when it changed).
+    """Write the run's settings file, atomically (only when it changed).
 
     Raises:
         SettingsError: if the folder holds a run made with other result-changing settings
             (possible only with an explicit run.name).
     """
     resolved = json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-    if run.settings_file.is_file():
-        saved = run.settings_file.read_text()
-        changes = result_changes(json.loads(saved), cfg)
+    saved = run.saved_settings()  # a damaged file: recovered from a checkpoint, or None
+    if saved is not None:
+        changes = result_changes(saved, cfg)
         if changes:
             raise SettingsError(
                 [
@@ -81,9 +80,10 @@ def _write_settings(run: RunDir, cfg: Settings) -> None:
                     )
                 ]
             )
-        if saved == resolved:
-            return
-    run.settings_file.write_text(resolved)
+        with contextlib.suppress(OSError):
+            if run.settings_file.read_text() == resolved:
+                return
+    write_text(run.settings_file, resolved)
 
 
 @contextlib.contextmanager
@@ -94,21 +94,25 @@ def open_run_dir(cfg: Settings) -> Iterator[RunDir]:
     created, so a mistyped setting leaves no empty run behind.
 
     Raises:
+        NotOurs: if the folder holds files that are not a run's (nothing is written).
         RunInUse: if another process is training this run.
         SettingsError: if the folder holds a run made with other result-changing settings.
     """
     run = RunDir(run_path(cfg))
+    run.claim()  # a folder of the user's (an explicit run.name) is refused, untouched
     created = [p for p in (run.path.parent, run.path) if not p.exists()]
     try:
         with run.locked():
             _write_settings(run, cfg)
             yield run
     except BaseException:
-        untouched = {run.settings_file, run.lock_file}
-        if created and run.path.is_dir() and set(run.path.iterdir()) <= untouched:
-            shutil.rmtree(run.path, ignore_errors=True)
-            if run.path.parent in created:
-                with contextlib.suppress(OSError):  # not empty: another run is there now
+        written = {run.settings_file, run.lock_file}  # all this start wrote, if nothing else
+        if run.path in created and run.path.is_dir() and set(run.path.iterdir()) <= written:
+            with contextlib.suppress(OSError):  # rmdir: never a file written meanwhile
+                for path in written:
+                    path.unlink(missing_ok=True)
+                run.path.rmdir()
+                if run.path.parent in created:
                     run.path.parent.rmdir()
         raise
 
@@ -247,7 +251,7 @@ def _train_epochs(
         logger.info(
             "run %s already finished %d of %d epochs; nothing to do", run.path, state.epoch, epochs
         )
-        publish_metrics(epoch_rows(run))  # what a sweep reads of a trial (flows.sweep_flow)
+        publish_metrics(run.metrics_rows())  # what a sweep reads of a trial (flows.sweep_flow)
         publish_summary(cfg, run, summary, None)
         return summary
 
@@ -270,6 +274,9 @@ def _train_epochs(
                     summary["checkpoint"] = stop.checkpoint
                     break
                 artifacts.epoch_trained(result)
+                # The rows so far go into the checkpoint too: a damaged metrics.jsonl is
+                # recovered from it (RunDir.metrics_rows).
+                snapshot["metrics"] = [dict(row) for row in artifacts.rows]
                 summary["checkpoint"] = checkpoint_task(quote(snapshot), run, config.train.keep)
                 stop.checkpoint = summary["checkpoint"]
                 stop.unsaved(None)

@@ -12,6 +12,7 @@ their defaults here.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -19,9 +20,11 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -66,6 +69,47 @@ class _FieldError(ValueError):
         self.field = field
 
 
+def password_in(url: str, instead: str) -> str | None:
+    """Why a URL may not be a setting when it carries a password (in its user part, or as a
+    `password` query parameter): settings are written to settings.json, the flow run's
+    parameters, the logs and the W&B config. None when it carries none. The message shows the
+    URL with the password masked, and says where the password goes `instead`."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        secret = parts.password is not None or any(k.lower() == "password" for k, _ in query)
+    except ValueError:
+        return None  # not a URL this check can read; the setting's own checks say so
+    if not secret:
+        return None
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    masked = urlunsplit((parts.scheme, netloc if parts.password is not None else parts.netloc,
+                         parts.path, "password=***" if parts.query else "", ""))  # fmt: skip
+    return (
+        f"the URL carries a password ({masked}), which would be written to the run's "
+        f"settings.json, flow-run parameters, logs and W&B config; {instead}"
+    )
+
+
+def no_password(instead: str) -> Any:
+    """A validator refusing a URL that carries a password (password_in)."""
+
+    def check(value: str | None) -> str | None:
+        problem = value and password_in(value, instead)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return check
+
+
+PGPASSWORD_INSTEAD = (
+    "leave it out of the URL and set PGPASSWORD (or ~/.pgpass) where the sweep and its "
+    "workers run: psycopg reads them"
+)
+
+
 # An optional path that env, .env and flags can clear: an empty value is None.
 OptionalPath = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
 
@@ -99,9 +143,15 @@ class DataSettings(_Group):
     folder: Path | None = Field(
         DataConfig.folder, description="image folder (PNG/JPEG) for dataset=folder"
     )
-    url: str = Field(
-        DataConfig.url, description="CIFAR-10 python archive URL (a mirror may go here)"
-    )
+    url: Annotated[
+        str,
+        AfterValidator(
+            no_password(
+                "a mirror that needs a password is not supported: download the archive "
+                "yourself and put it in data.root"
+            )
+        ),
+    ] = Field(DataConfig.url, description="CIFAR-10 python archive URL (a mirror may go here)")
     # CIFAR-10's native size; the U-Net needs a multiple of 32.
     image_size: int = Field(
         DataConfig.image_size, ge=32, le=1024, description="image side in px, multiple of 32"
@@ -467,7 +517,9 @@ class SweepSettings(_Group):
 
     # An Optuna RDB URL every worker reaches: sqlite:///PATH on one machine, or
     # postgresql+psycopg://USER@HOST/DB (the password from PGPASSWORD or ~/.pgpass, not here).
-    storage: str | None = Field(None, description="the sweep's Optuna study database URL")
+    storage: Annotated[str | None, AfterValidator(no_password(PGPASSWORD_INSTEAD))] = Field(
+        None, description="the sweep's Optuna study database URL"
+    )
     study: str | None = Field(None, description="the Optuna study (the sweep's name)")
     trial: int | None = Field(None, ge=0, description="this run's Optuna trial number")
 
@@ -507,8 +559,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.data.dataset == "folder" and self.data.folder is None:
+        data = self.data
+        if data.dataset == "folder" and data.folder is None:
             raise _FieldError("data.folder", "is required when data.dataset is 'folder'")
+        if data.folder is not None and data.dataset != "folder":
+            raise _FieldError(
+                "data.folder",
+                f"is set ({data.folder}) but data.dataset is {data.dataset!r}, which does not "
+                "read it: set data.dataset=folder to train on the folder, or leave data.folder "
+                "out",
+            )
+        if data.dataset == "folder" and not data.folder.is_dir():
+            what = "not a folder" if data.folder.exists() else "no such folder"
+            raise _FieldError("data.folder", f"{what}: {data.folder}")
         if self.data.dataset == "cifar10" and self.data.image_size != 32:
             raise _FieldError("data.image_size", "must be 32 for cifar10 (its native size)")
         if self.data.dataset == "cifar10" and self.model.channels != 3:
@@ -579,7 +642,32 @@ class SettingsError(UserError, ValueError):
             f"{field} ({env_name(field)} / {flag_name(field)}): {message}" if field else message
             for field, message in self.problems
         ]
-        super().__init__("invalid settings:\n  " + "\n  ".join(lines))
+        if len(lines) == 1:  # one line, as the command line's last line
+            super().__init__(f"invalid setting {lines[0]}" if self.fields[0] else lines[0])
+        else:
+            super().__init__("invalid settings:\n  " + "\n  ".join(lines))
+
+
+def known_settings() -> list[str]:
+    """Every setting's dotted name ('optim.lr', ...)."""
+    return [
+        f"{group}.{field}"
+        for group, info in Settings.model_fields.items()
+        for field in info.annotation.model_fields
+    ]
+
+
+def did_you_mean(name: str, known: Sequence[str]) -> str:
+    """'; did you mean X?' for the known name closest to a misspelt one, else ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown(name: str) -> str:
+    """The message for a dotted name that is not a setting, with the closest one's doors."""
+    close = difflib.get_close_matches(name, known_settings(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]} ({env_name(close[0])} / {flag_name(close[0])})?"
+    return "unknown setting" + (hint if close else "") + " (see --help for the list)"
 
 
 def _problems(err: ValidationError) -> list[tuple[str, str]]:
@@ -594,7 +682,7 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
         entries = [part for part in e["loc"] if isinstance(part, int)]  # a list's items
         field = ".".join(names)
         if e["type"] == "extra_forbidden":
-            problems.append((field, "unknown setting (see --help for the list)"))
+            problems.append((field, _unknown(field)))
             continue
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] != "value_error" and not isinstance(e.get("input"), (dict, list)):
@@ -619,7 +707,7 @@ def nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in sorted(overrides.items(), key=lambda kv: "." in str(kv[0])):
         group, _, field = str(key).partition(".")
         if group not in groups:
-            raise SettingsError([(str(key), "unknown setting (see --help for the list)")])
+            raise SettingsError([(str(key), _unknown(str(key)))])
         if not field:
             nested[group] = dict(value) if isinstance(value, Mapping) else value
         elif isinstance(nested.setdefault(group, {}), dict):
@@ -647,12 +735,14 @@ def _unknown_env_names(env_file: str | Path | None) -> list[tuple[str, str]]:
     if env_file is not None and Path(env_file).is_file():
         names |= {name.upper() for name in dotenv_values(env_file)}
     groups = {group.upper() for group in Settings.model_fields}
+    known = [env_name(field) for field in known_settings()]
     problems = []
     for name in sorted(names):
         if name.startswith(ENV_PREFIX):
             group = name[len(ENV_PREFIX) :].partition(ENV_DELIMITER)[0]
             if group not in groups:
-                problems.append(("", f"{name}: unknown setting (see --help for the list)"))
+                hint = did_you_mean(name, known)
+                problems.append(("", f"unknown setting {name}{hint} (see --help for the list)"))
     return problems
 
 
@@ -745,10 +835,18 @@ def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
         )
         return flatten(source())
     except _PydanticSettingsError as err:
-        if "error parsing value" not in str(err):
-            raise SettingsError([("", str(err))]) from None
         given = [arg[2:].partition("=")[0] for arg in argv if str(arg).startswith("--")]
-        raise _undecodable(err, given) from None
+        if "error parsing value" in str(err):
+            raise _undecodable(err, given) from None
+        known = {flag_name(field) for field in known_settings()} | {"--help"}
+        unknown = [f"--{name}" for name in given if f"--{name}" not in known]
+        if unknown:  # argparse's "unrecognized arguments: ..." names them without a hint
+            raise SettingsError([
+                ("", f"unknown flag {flag}{did_you_mean(flag, known)} (see --help for the list)")
+                for flag in unknown
+            ]) from None  # fmt: skip
+        message = str(err).removeprefix("error parsing CLI: ")
+        raise SettingsError([("", f"bad flags: {message} (see --help)")]) from None
 
 
 # Settings that do not change what a run computes: where things live, how it is watched, how

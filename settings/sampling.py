@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ddpm.errors import UserError
+from ddpm.files import NotOurs, claim_samples_folder
 from settings.config import Settings, flatten, load_settings, with_legacy
 
 
@@ -47,6 +48,22 @@ class GenerateOptions(BaseModel):
     npz: bool = Field(False, description="also write samples_NxHxWxC.npz (uint8 NHWC)")
     evaluate: bool = Field(False, description="then FID/KID against the run's training images")
 
+    @field_validator("run")
+    @classmethod
+    def _run_exists(cls, v: Path) -> Path:
+        if not v.exists():
+            raise ValueError(f"no such run folder or checkpoint: {v}")
+        return v
+
+    @field_validator("out")
+    @classmethod
+    def _out_is_ours(cls, v: Path) -> Path:
+        try:
+            claim_samples_folder(v)  # a folder of the user's is refused before anything runs
+        except NotOurs as err:
+            raise ValueError(str(err)) from None
+        return v
+
 
 def flag(field: str) -> str:
     """'batch_size' -> '--batch-size'; 'ema' -> '--no-ema' (it is on by default)."""
@@ -66,9 +83,12 @@ def generate_options(values: dict[str, Any]) -> GenerateOptions:
         for e in err.errors():
             field = str(e["loc"][0]) if e["loc"] else ""
             message = e["msg"].removeprefix("Value error, ")
-            if not isinstance(e.get("input"), (dict, list)) and e["type"] != "missing":
+            said = e["type"] in ("missing", "value_error")  # a validator's message says it
+            if not isinstance(e.get("input"), (dict, list)) and not said:
                 message += f", got {e.get('input')!r}"
             lines.append(f"{flag(field)}: {message}" if field else message)
+        if len(lines) == 1:  # one line, as the command line's last line
+            raise OptionsError(f"invalid option {lines[0]}") from None
         raise OptionsError("invalid options:\n  " + "\n  ".join(lines)) from None
 
 

@@ -32,13 +32,20 @@ import math
 import random
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from ddpm.errors import UserError
-from settings.config import SettingsError, load_settings
+from settings.config import PGPASSWORD_INSTEAD, SettingsError, load_settings, no_password
 
 
 class SpecError(UserError, ValueError):
@@ -88,7 +95,11 @@ class SweepSpec(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     base: dict[str, Any] = Field(default_factory=dict)
     vary: dict[str, list[Any] | Range] = Field(min_length=1)
-    storage: str | None = Field(None, pattern=r"^(sqlite|postgresql|mysql)[+a-z0-9]*://")
+    # The password of a database on a server comes from PGPASSWORD or ~/.pgpass, never from
+    # the spec: every trial's settings (and so its files, parameters and W&B config) hold it.
+    storage: Annotated[str | None, AfterValidator(no_password(PGPASSWORD_INSTEAD))] = Field(
+        None, pattern=r"^(sqlite|postgresql|mysql)[+a-z0-9]*://"
+    )
     startup_trials: int = Field(4, ge=0, le=10_000)
     warmup_epochs: int = Field(1, ge=0)
     prune: bool = True

@@ -7,12 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.checkpoint import (
-    FORMAT_VERSION,
-    atomic_write,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ddpm.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from ddpm.config import OptimConfig
 from ddpm.data import EpochLoader, TensorImageDataset
 from ddpm.diffusion import DiffusionModel
@@ -116,21 +111,6 @@ def test_pickle_payload_in_checkpoint_never_runs(tmp_path: Path, plant_pickle) -
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path)
     assert not marker.exists()
-
-
-def test_failed_write_leaves_the_previous_file_intact(tmp_path: Path) -> None:
-    """An error while writing leaves the old file as it was and no temporary file behind."""
-    path = tmp_path / "epoch_001.pt"
-    path.write_bytes(b"old contents")
-
-    def broken(f) -> None:
-        f.write(b"half a new fi")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, broken)
-    assert path.read_bytes() == b"old contents"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_001.pt"]
 
 
 def test_save_grid_writes_a_png(tmp_path: Path) -> None:

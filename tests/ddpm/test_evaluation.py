@@ -4,6 +4,7 @@ cached under a key that names the weights, one-line errors when the weights are 
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 from pathlib import Path
@@ -169,6 +170,28 @@ def test_weights_that_run_code_are_refused(plant_pickle, weights: Path, tmp_path
     with pytest.raises(EvaluationError, match="refused, it holds pickled objects"):
         compute_metrics(images, images, reference_key="ref-x", cache_dir=tmp_path, weights=hostile)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_inception_is_loaded_from_the_bytes_that_were_checked(
+    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch-fidelity unpickles the weights with weights_only=False: it is handed the very
+    bytes that were checked to hold only tensors, never the file's path, so a file swapped
+    after the check cannot run code. (torch.load is watched, not replaced.)"""
+    calls: list[tuple[object, object]] = []
+    load = torch.load
+
+    def watched(f, *args, **kwargs):
+        calls.append((f, kwargs.get("weights_only")))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", watched)
+    images = smooth_images(4, seed=3)
+    compute_metrics(images, images, reference_key="ref-bytes", cache_dir=tmp_path,
+                    metrics=("kid",), weights=weights)  # fmt: skip
+    unchecked = [f for f, safe in calls if not safe]
+    assert unchecked and all(isinstance(f, io.BytesIO) for f in unchecked), calls
+    assert not [f for f, _ in calls if isinstance(f, (str, Path)) and Path(f) == weights]
 
 
 def test_one_channel_set_scores_as_its_rgb_copy(

@@ -23,6 +23,7 @@ from ddpm.diffusers_format import (
     unet2d_config,
 )
 from ddpm.export import export
+from ddpm.files import FILE_MODE, FOLDER_MODE, NotOurs
 from ddpm.generate import load_trained_model
 from ddpm.run_dir import RunDir, save_epoch_checkpoint
 
@@ -141,3 +142,64 @@ def test_exported_run_loads_in_ddpm_pipeline_and_draws_our_images(
     card = (tmp_path / "export" / "README.md").read_text()
     assert card.startswith("---\nlicense: mit\nlibrary_name: diffusers\n")
     assert "Not evaluated" in card and "step 4" in card
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under folder (relative) with its bytes (None for a folder)."""
+    return {
+        p.relative_to(folder).as_posix(): None if p.is_dir() else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_export_refuses_a_folder_it_did_not_write_and_leaves_it_untouched(
+    tmp_path: Path,
+) -> None:
+    """--out naming a folder of the user's (a thesis, a subfolder) is refused before anything
+    is read or written, in one line naming the folder and a file; the folder is as it was,
+    and nothing is left beside it. An empty folder, or a file, is named too."""
+    run = tiny_checkpoint(tmp_path / "run")
+    out = tmp_path / "mine"
+    (out / "chapters").mkdir(parents=True)
+    (out / "thesis.txt").write_text("three years of work")
+    (out / "chapters" / "one.tex").write_text("\\chapter{One}")
+    before = tree(out)
+    with pytest.raises(NotOurs, match=rf"^{out} \(--out\) holds files that ddpm-export did not "
+                       r"write \(chapters, thesis.txt\)") as err:  # fmt: skip
+        export(run, out)
+    assert "\n" not in str(err.value)
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(NotOurs, match="is a file, not a folder"):
+        export(run, tmp_path / "a-file")
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_export_replaces_only_an_earlier_export_as_it_wrote_it(tmp_path: Path) -> None:
+    """An empty folder is exported into; an earlier export is replaced by the next; but an
+    export holding a file the user added, or a file changed since it was written, is
+    refused, naming that file, and left as it was. Exported files and folders have the
+    modes the umask gives (0644 and 0755 under 022), not mkstemp's 0600."""
+    run, out = tiny_checkpoint(tmp_path / "run"), tmp_path / "export"
+    out.mkdir()
+    export(run, out)
+    first = tree(out)
+    export(run, out)  # its own earlier export: replaced
+    assert tree(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]  # nothing beside it
+    for path in [out, *out.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (FOLDER_MODE if path.is_dir() else FILE_MODE), (path, oct(mode))
+    (out / "unet" / "notes.txt").write_text("my notes")
+    with pytest.raises(NotOurs, match=r"holds unet/notes.txt, that ddpm-export did not write"):
+        export(run, out)
+    (out / "unet" / "notes.txt").unlink()
+    (out / "README.md").write_text("my own model card")
+    with pytest.raises(NotOurs, match=r"holds README.md, changed since ddpm-export wrote it"):
+        export(run, out)
+    assert (out / "README.md").read_text() == "my own model card"
+    (out / ".ddpm-export.json").write_text("{")  # a damaged marker proves nothing
+    with pytest.raises(NotOurs, match=r"is not a verifiable ddpm-export folder: "
+                       r".*\.ddpm-export\.json is damaged \(not JSON"):  # fmt: skip
+        export(run, out)

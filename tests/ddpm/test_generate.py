@@ -12,6 +12,7 @@ import torch
 
 from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ddpm.files import NotOurs
 from ddpm.generate import (
     GenerationError,
     ImageFiles,
@@ -167,7 +168,8 @@ def test_files_resume_where_they_stopped(run: RunDir, config, tmp_path: Path) ->
 
 def test_a_folder_drawn_another_way_is_refused(tmp_path: Path) -> None:
     """The first claim records the options; the same options resume, others are refused
-    naming what changed; PNGs without a record are not taken for ours."""
+    naming what changed; a folder holding files (PNGs or any other) without a record is
+    not taken for ours, and is left as it was."""
     files = ImageFiles(tmp_path / "out", 3)
     files.claim({"seed": 0, "steps": 50})
     files.claim({"seed": 0, "steps": 50})
@@ -175,9 +177,13 @@ def test_a_folder_drawn_another_way_is_refused(tmp_path: Path) -> None:
         files.claim({"seed": 1, "steps": 50})
     foreign = ImageFiles(tmp_path / "photos", 3)
     foreign.folder.mkdir()
-    (foreign.folder / "cat.png").write_bytes(b"")
-    with pytest.raises(GenerationError, match=r"no generation\.json"):
+    (foreign.folder / "cat.png").write_bytes(b"meow")
+    (foreign.folder / "notes.txt").write_text("mine")
+    with pytest.raises(NotOurs, match=r"photos \(--out\) holds files that are not images "
+                       r"ddpm-sample drew \(cat.png, notes.txt\)"):  # fmt: skip
         foreign.claim({"seed": 0})
+    assert sorted(p.name for p in foreign.folder.iterdir()) == ["cat.png", "notes.txt"]
+    assert (foreign.folder / "cat.png").read_bytes() == b"meow"
 
 
 def test_grayscale_images_round_trip(tmp_path: Path) -> None:

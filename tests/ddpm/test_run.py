@@ -277,3 +277,75 @@ def test_training_data_picks_device_resident_batches_for_in_memory_datasets(
     assert not TrainingData(folder, tiny_config()).on_device
     with pytest.raises(ValueError, match=r"data\.loader=device needs an in-memory dataset"):
         TrainingData(folder, tiny_config({"data.loader": "device"}))
+
+
+def saved_run(folder: Path, config, epochs: int = 2) -> RunDir:
+    """A run folder as a run leaves it: settings.json, metrics.jsonl (one row per epoch, the
+    second evaluated), and an epoch checkpoint per epoch holding the settings and the rows so
+    far (as train_flow saves them)."""
+    run, state = RunDir(folder), build_training(config, 100, settings={"optim": {"lr": 0.5}})
+    state.settings = {"optim": {"lr": 0.5}, "train": {"seed": 3}}
+    rows = []
+    for epoch in range(1, epochs + 1):
+        state.epoch, state.global_step = epoch, 3 * epoch
+        rows.append({"epoch": epoch, "loss": 1.0 / epoch, "global_step": 3 * epoch})
+        if epoch == 2:
+            rows[-1]["fid"] = 12.5
+        save_epoch_checkpoint({**state.snapshot(), "metrics": [dict(r) for r in rows]}, run, 5)
+    run.write_metrics(rows)
+    (run.settings_file).write_text('{"optim": {"lr": 0.5}, "train": {"seed": 3}}\n')
+    return run
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"optim": {"lr"', b"\x8b\x00\xff", b"[]"])
+def test_damaged_settings_are_recovered_from_the_newest_checkpoint(
+    tmp_path: Path, config, caplog, damage: bytes
+) -> None:
+    """A settings.json torn, emptied, binary or of the wrong type is read from the newest
+    checkpoint's settings, with one warning naming the file; without a checkpoint it is
+    None (a new run's, written again from the current settings), also with a warning. The
+    damaged file is not changed by reading it."""
+    run = saved_run(tmp_path / "run", config)
+    run.settings_file.write_bytes(damage)
+    with caplog.at_level(logging.WARNING):
+        assert run.saved_settings() == {"optim": {"lr": 0.5}, "train": {"seed": 3}}
+    assert f"{run.settings_file} is damaged" in caplog.text and "epoch_002.pt" in caplog.text
+    assert run.settings_file.read_bytes() == damage
+    for path in run.checkpoints.iterdir():
+        path.unlink()
+    assert run.saved_settings() is None
+
+
+def test_damaged_metrics_rows_are_recovered_from_the_checkpoint_and_the_good_lines(
+    tmp_path: Path, config, caplog
+) -> None:
+    """A metrics.jsonl with a torn line gets its rows back: those the newest checkpoint holds,
+    then the file's good rows after it; without checkpoints, the good lines alone. One
+    warning names the file and the source. Epoch 2's row, evaluated, keeps its FID."""
+    run = saved_run(tmp_path / "run", config)
+    good = run.metrics_file.read_text()
+    run.metrics_file.write_text(good.splitlines()[0][:7] + "\n" + good.splitlines()[1] + "\n"
+                                + '{"epoch": 3, "loss": 0.3}\n')  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        rows = run.metrics_rows()
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[1]["fid"] == 12.5
+    assert rows[0] == {"epoch": 1, "loss": 1.0, "global_step": 3}
+    assert f"{run.metrics_file} is damaged (line 1 is not a row of metrics)" in caplog.text
+    for path in run.checkpoints.iterdir():
+        path.unlink()
+    assert [r["epoch"] for r in run.metrics_rows()] == [2, 3]
+
+
+def test_a_damaged_best_record_is_recovered_from_the_metrics_rows(
+    tmp_path: Path, config, caplog
+) -> None:
+    """best.json torn or without a FID is rebuilt from the metrics rows: the evaluated epoch
+    with the lowest FID and its checkpoint's name, with a warning naming the file."""
+    run = saved_run(tmp_path / "run", config)
+    run.best_record.write_text('{"fid": 12.5, "epo')
+    with caplog.at_level(logging.WARNING):
+        best = run.best()
+    assert best == {"fid": 12.5, "epoch": 2, "checkpoint": "epoch_002.pt"}
+    assert f"{run.best_record} is damaged" in caplog.text
+    run.best_record.write_text('{"epoch": 2}')
+    assert run.best() == best

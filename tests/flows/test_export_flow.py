@@ -50,8 +50,9 @@ def test_the_readme_export_command_writes_a_folder_ddpm_pipeline_samples_from(
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["README.md", "model_index.json", "scheduler/scheduler_config.json",
-                     "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]  # fmt: skip
+    assert files == [".ddpm-export.json", "README.md", "model_index.json",
+                     "scheduler/scheduler_config.json", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors"]  # fmt: skip
     pipeline = DDPMPipeline.from_pretrained(out)
     images = pipeline(batch_size=2, num_inference_steps=10, output_type="np").images
     assert images.shape == (2, 32, 32, 3) and 0 <= images.min() <= images.max() <= 1

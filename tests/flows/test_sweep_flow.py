@@ -239,3 +239,26 @@ def test_tpe_asks_within_the_spec_and_is_repeatable_from_its_seed(tmp_path: Path
         assert isinstance(params["model.hidden_size"], int) and params["model.hidden_size"] >= 8
         assert params["train.ema_decay"] in (0.99, 0.999)
     assert len({p["optim.lr"] for p in asked[0]}) == 6
+
+
+@pytest.mark.parametrize("message", [None, "", "  \n"])
+def test_a_trial_that_ended_without_a_message_is_a_row_not_a_crash(message: str | None) -> None:
+    """A trial whose flow run ended Crashed with no message (a worker killed under it) is
+    read as a Crashed row with an empty note; reading it used to fail the sweep with an
+    IndexError, leaving the trial recorded as running."""
+    from prefect import flow
+    from prefect.states import Crashed
+
+    from flows.sweep_flow import trial_result_task
+    from flows.sweep_record import Trial
+
+    @flow(name="a-trial")
+    def a_trial() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(a_trial)
+        client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+    trial = trial_result_task.fn(Trial(0, {"optim.lr": 1e-3}, flow_run_id=str(flow_run.id)),
+                                 "epoch/loss", "minimize")  # fmt: skip
+    assert (trial.state, trial.message, trial.metric, trial.curve) == ("Crashed", "", None, [])

@@ -146,3 +146,28 @@ def test_disabled_mode_writes_no_wandb_files(tiny: dict[str, Any]) -> None:
     run_dir = Path(state.result()["run_dir"])
     assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_id.txt").exists()
     assert not list(Path(tiny["run.dir"]).rglob("*.wandb"))
+
+
+def test_a_damaged_wandb_id_is_recovered_from_the_newest_wandb_run_folder(
+    tmp_path: Path, caplog
+) -> None:
+    """The run's W&B id is made once and kept; torn or overwritten, it is read back from the
+    newest W&B run folder (`offline-run-<time>-<id>`), so the resumed run continues its W&B
+    run; with no such folder a new id is made. Either way one warning names the file."""
+    import logging
+
+    from flows.tracking import wandb_run_id
+
+    id_file = tmp_path / "wandb_id.txt"
+    first = wandb_run_id(id_file)
+    assert wandb_run_id(id_file) == first and len(first) == 16
+    (tmp_path / "wandb" / f"offline-run-20261201_101010-{first}").mkdir(parents=True)
+    id_file.write_bytes(b"\x00\xff" + first.encode()[:5])
+    with caplog.at_level(logging.WARNING):
+        assert wandb_run_id(id_file) == first
+    assert f"{id_file} is damaged" in caplog.text and "newest W&B run folder" in caplog.text
+    assert id_file.read_text() == first + "\n"
+    id_file.write_text("")
+    (tmp_path / "wandb" / f"offline-run-20261201_101010-{first}").rmdir()
+    other = wandb_run_id(id_file)
+    assert other != first and id_file.read_text() == other + "\n" and "a new id" in caplog.text

@@ -30,6 +30,7 @@ def test_the_runs_settings_win_and_eval_comes_from_the_environment(
     saved = load_settings({"model.hidden_size": 32, "sample.steps": 40}).model_dump(mode="json")
     monkeypatch.setenv("DDPM_MODEL__HIDDEN_SIZE", "64")
     monkeypatch.setenv("DDPM_EVAL__BATCH_SIZE", "16")
+    Path("r").mkdir()  # a run folder (--run must name one that exists)
     options = GenerateOptions(run=Path("r"), num=4, out=Path("o"), eta=0.5, device="cpu")
     cfg = sampling_settings(saved, options, {"eval.metrics": ["kid"]})
     assert cfg.model.hidden_size == 32
@@ -41,6 +42,7 @@ def test_steps_past_the_runs_timesteps_are_refused() -> None:
     """--steps above the run's diffusion.num_timesteps is an error naming sample.steps."""
     saved = load_settings({"diffusion.num_timesteps": 50, "sample.steps": 10})
     saved = saved.model_dump(mode="json")
+    Path("r").mkdir()  # a run folder (--run must name one that exists)
     options = GenerateOptions(run=Path("r"), num=4, out=Path("o"), steps=100)
     with pytest.raises(SettingsError, match=r"sample\.steps"):
         sampling_settings(saved, options)

@@ -30,6 +30,15 @@ from settings import (
     setting_name,
 )
 
+
+@pytest.fixture(autouse=True)
+def _image_folders(tmp_path: Path) -> None:
+    """The image folders the tests' data.folder values name, in the test's working folder:
+    data.folder must name a folder that exists."""
+    for name in ("imgs", "pics", "images"):
+        (tmp_path / name).mkdir()
+
+
 # Every dotted setting with its default, built without reading the environment or a `.env`.
 DEFAULTS: dict[str, Any] = flatten(Settings.model_construct().model_dump())
 FIELDS = sorted(DEFAULTS)
@@ -40,7 +49,7 @@ FOLDER = {"data.dataset": "folder", "data.folder": "imgs"}
 NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "data.dataset": ("folder", {"data.folder": "imgs"}),
     "data.root": ("datasets/cifar", {}),
-    "data.folder": ("imgs", {}),
+    "data.folder": ("imgs", {"data.dataset": "folder"}),
     "data.url": ("https://mirror.example/cifar-10-python.tar.gz", {}),
     "data.image_size": (64, FOLDER),
     "data.subset": (500, {}),
