@@ -83,7 +83,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     recorded = checksum_path(path)
     if recorded.is_file():
-        expected = (recorded.read_text().split() or [""])[0]
+        expected = (recorded.read_bytes().decode(errors="replace").split() or [""])[0]
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise CheckpointError(f"{path}: SHA-256 {actual[:12]}... does not match {recorded}")

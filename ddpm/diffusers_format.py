@@ -384,7 +384,7 @@ def verify_export(folder: Path) -> None:
         file = Path(folder) / name
         if not file.is_file() or sha256_of(file) != digest:
             what = "missing" if not file.is_file() else "it is not what ddpm-export wrote"
-            raise damaged(file, what, fix)
+            raise damaged(file, f"{what}, by {EXPORT_MARKER}", fix)
 
 
 def _load_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:

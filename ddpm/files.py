@@ -127,13 +127,83 @@ def write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+# ---------------------------------------------------------------------------------------------
+# Checked files: a file a later command relies on, with its SHA-256 beside it
+
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def checksum_file(path: Path) -> Path:
+    """Where a file's SHA-256 is kept: beside it, with '.sha256' appended."""
+    return Path(path).with_name(Path(path).name + CHECKSUM_SUFFIX)
+
+
+def write_checked(path: Path, text: str) -> Path:
+    """Atomically write `text` to path with its SHA-256 beside it (checksum_file), so that a
+    later read tells a file damaged since (a bit flip that leaves valid JSON, say) from the
+    one written (read_checked).
+
+    The checksum file is written first and names the new digest and the one before it: a
+    kill between the two writes leaves the previous file, which still matches.
+    """
+    path, data = Path(path), text.encode()
+    digest = hashlib.sha256(data).hexdigest()
+    previous = [d for d in (_digests(path) or []) if d != digest][:1]
+    if not previous and path.is_file():
+        with contextlib.suppress(OSError):
+            previous = [hashlib.sha256(path.read_bytes()).hexdigest()]
+    lines = "".join(f"{d}  {path.name}\n" for d in [digest, *previous])
+    atomic_write(checksum_file(path), lambda f: f.write(lines.encode()))
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def read_checked(path: Path, fix: str) -> str:
+    """The text of a file written by write_checked, verified against its SHA-256 (a file
+    without one, from an older version, is read unverified).
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        DamagedFile: naming the file, what is wrong and `fix`, if it is unreadable, not UTF-8
+            or not what was written.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise damaged(path, describe(err), fix) from None
+    digests = _digests(path)
+    if digests is not None and hashlib.sha256(data).hexdigest() not in digests:
+        raise damaged(path, f"its SHA-256 differs from {checksum_file(path).name}", fix)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise damaged(path, describe(err), fix) from None
+
+
+def _digests(path: Path) -> list[str] | None:
+    """The digests a file's checksum file allows (the newest first); None without one."""
+    try:
+        text = checksum_file(path).read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return [line.split()[0] for line in text.splitlines() if line.split()]
+
+
+def write_checked_json(path: Path, value: Any, indent: int | None = 2) -> Path:
+    """write_checked of `value` as JSON (keys sorted, a newline at the end)."""
+    return write_checked(path, json.dumps(value, indent=indent, sort_keys=True) + "\n")
+
+
 def write_json(path: Path, value: Any, indent: int | None = 2) -> Path:
     """Atomically write `value` as JSON (keys sorted, a newline at the end) to path."""
     return write_text(path, json.dumps(value, indent=indent, sort_keys=True) + "\n")
 
 
 def read_json(path: Path, fix: str, kind: type = dict) -> Any:
-    """The JSON value in path, checked to be a `kind` (dict by default).
+    """The JSON value in path, checked to be a `kind` (dict by default), and against its
+    SHA-256 when it has one (write_checked).
 
     Args:
         fix: what the user does about a damaged file, for the message (e.g. "remove it to
@@ -145,11 +215,10 @@ def read_json(path: Path, fix: str, kind: type = dict) -> Any:
             UTF-8, not JSON or not a `kind`.
     """
     path = Path(path)
+    text = read_checked(path, fix)
     try:
-        value = json.loads(path.read_bytes().decode())
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
         raise damaged(path, describe(err), fix) from None
     if not isinstance(value, kind):
         raise damaged(path, f"holds a JSON {type(value).__name__}, not a {kind.__name__}", fix)
@@ -277,7 +346,8 @@ def claim_samples_folder(out: Path) -> bool:
     Raises:
         NotOurs: naming the folder and its first files, if it holds anything else.
     """
-    return claim_folder(out, SAMPLES_MARKER, "images ddpm-sample drew", (), "--out")
+    allowed = (SAMPLES_MARKER + CHECKSUM_SUFFIX,)  # written just before the marker
+    return claim_folder(out, SAMPLES_MARKER, "images ddpm-sample drew", allowed, "--out")
 
 
 def check_export_target(out: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,14 @@ from ddpm.config import DiffusionConfig, ModelConfig, Precision, SampleConfig
 from ddpm.data import denormalize
 from ddpm.diffusion import DiffusionModel, Generators
 from ddpm.errors import UserError, first_line
-from ddpm.files import SAMPLES_MARKER, atomic_write, claim_samples_folder, damaged, read_json
+from ddpm.files import (
+    SAMPLES_MARKER,
+    atomic_write,
+    claim_samples_folder,
+    damaged,
+    read_json,
+    write_checked_json,
+)
 from ddpm.run_dir import RunDir, load_newest_valid
 from ddpm.samplers import make_sampler
 from ddpm.schedules import named_betas, schedule_constants
@@ -334,8 +340,7 @@ class ImageFiles(Dataset):
                     "choose another output folder or empty this one"
                 )
             return
-        text = json.dumps(dict(options), indent=2, sort_keys=True) + "\n"
-        atomic_write(record, lambda f: f.write(text.encode()))
+        write_checked_json(record, dict(options))
 
 
 def draw_samples(

@@ -32,7 +32,17 @@ from filelock import FileLock, Timeout
 
 from ddpm.checkpoint import checksum_path, load_checkpoint, save_checkpoint
 from ddpm.errors import UserError, first_line
-from ddpm.files import DamagedFile, atomic_write, claim_folder, damaged, describe, read_json
+from ddpm.files import (
+    DamagedFile,
+    atomic_write,
+    checksum_file,
+    claim_folder,
+    damaged,
+    read_checked,
+    read_json,
+    write_checked,
+    write_checked_json,
+)
 
 _EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
 _STEP_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
@@ -122,7 +132,8 @@ class RunDir:
         Raises:
             NotOurs: naming the folder and files that are not a run's; nothing is changed.
         """
-        claim_folder(self.path, self.settings_file.name, "a run's", ("lock",), "run.dir / run.name")
+        allowed = ("lock", checksum_file(self.settings_file).name)  # written before settings.json
+        claim_folder(self.path, self.settings_file.name, "a run's", allowed, "run.dir / run.name")
 
     def saved_settings(self) -> dict[str, Any] | None:
         """The settings the run was made with (settings.json); None for a new run.
@@ -153,13 +164,13 @@ class RunDir:
         plus the good lines after it, else from the good lines alone.
         """
         try:
-            text = self.metrics_file.read_bytes().decode()
+            text, problem = read_checked(self.metrics_file, ""), ""
         except FileNotFoundError:
             return []
-        except (OSError, UnicodeDecodeError) as err:
-            text, problem = "", describe(err)
-        else:
-            problem = ""
+        except DamagedFile as err:
+            text, problem = "", str(err).split(" is damaged (", 1)[-1].rsplit("); ", 1)[0]
+            with contextlib.suppress(OSError, UnicodeDecodeError):  # its good lines, if any
+                text = self.metrics_file.read_bytes().decode()
         rows: list[dict[str, Any]] = []
         for number, line in enumerate(text.splitlines(), 1):
             try:
@@ -183,9 +194,8 @@ class RunDir:
         return sorted({r["epoch"]: r for r in rows}.values(), key=lambda r: r["epoch"])
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Atomically write metrics.jsonl: one JSON object per epoch."""
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
+        """Atomically write metrics.jsonl (one JSON object per epoch), checked."""
+        write_checked(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
 
     def best(self) -> dict[str, Any] | None:
         """best.json: best.pt's FID (and its other metrics), epoch and checkpoint name; None
@@ -341,6 +351,5 @@ def keep_best(run: RunDir, checkpoint: Path, epoch: int, metrics: Mapping[str, f
     digest = checksum_path(checkpoint).read_text().split()[0]
     atomic_write(checksum_path(best), lambda f: f.write(f"{digest}  {best.name}\n".encode()))
     values = {k: float(v) for k, v in metrics.items()}
-    text = json.dumps({**values, "epoch": epoch, "checkpoint": Path(checkpoint).name}) + "\n"
-    atomic_write(record, lambda f: f.write(text.encode()))
+    write_checked_json(record, {**values, "epoch": epoch, "checkpoint": Path(checkpoint).name})
     return True

@@ -12,14 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ddpm.files import DamagedFile, claim_folder, damaged, read_json, write_text
+from ddpm.files import DamagedFile, claim_folder, damaged, read_json, write_checked
 from settings.sweep import SpecError, SweepSpec, trial_overrides
 
 RECORD = "sweep.json"
 FINISHED = ("Completed", "Pruned")  # a re-run of the sweep skips these
 # What a sweep writes in its folder before its record exists: its lock, and the trials' log
 # (ddpm-sweep's served deployment opens it before the sweep starts).
-_BEFORE_RECORD = ("lock", "trials.log")
+_BEFORE_RECORD = ("lock", "trials.log", RECORD + ".sha256")
 _FIX = (
     "restore it, or remove it to run the sweep's trials again (each resumes from its own "
     "checkpoint, and a finished one does nothing)"
@@ -110,4 +110,4 @@ def write_record(folder: Path, spec: SweepSpec, trials: Mapping[int, Trial]) -> 
         "spec": _comparable(spec),
         "trials": [dataclasses.asdict(trials[i]) for i in sorted(trials)],
     }
-    write_text(folder / RECORD, json.dumps(record, indent=1))
+    write_checked(folder / RECORD, json.dumps(record, indent=1))

@@ -29,7 +29,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from ddpm.files import describe, write_text
+from ddpm.files import DamagedFile, read_checked, write_checked
 from ddpm.images import sample_grid
 from ddpm.run_dir import RunDir
 from ddpm.trainer import EpochResult, StepMetrics
@@ -79,11 +79,11 @@ def wandb_run_id(id_file: Path, wandb_dir: Path | None = None) -> str:
     run), with a warning either way.
     """
     try:
-        saved = id_file.read_bytes().decode().strip()
+        saved = read_checked(id_file, "").strip()
     except FileNotFoundError:
         saved = None
-    except (OSError, UnicodeDecodeError) as err:
-        saved = f"unreadable: {describe(err)}"
+    except DamagedFile as err:
+        saved = f"unreadable: {err}"
     if saved is not None and _WANDB_ID.match(saved):
         return saved
     run_id = secrets.token_hex(8)
@@ -92,8 +92,8 @@ def wandb_run_id(id_file: Path, wandb_dir: Path | None = None) -> str:
         ids = [p.name.rsplit("-", 1)[1] for p in found if _WANDB_ID.match(p.name.rsplit("-", 1)[1])]
         run_id, source = (ids[-1], "its newest W&B run folder") if ids else (run_id, "a new id")
         _LOG.warning("%s is damaged (%r is not a W&B run id); recovered from %s", id_file,
-                     saved[:40], source)  # fmt: skip
-    write_text(id_file, run_id + "\n")
+                     saved[:80], source)  # fmt: skip
+    write_checked(id_file, run_id + "\n")
     return run_id
 
 

@@ -31,7 +31,7 @@ from prefect.utilities.annotations import quote
 from ddpm.config import Config
 from ddpm.distributed import Group, environment, join
 from ddpm.evaluation import inception_weights
-from ddpm.files import write_text
+from ddpm.files import checksum_file, write_checked
 from ddpm.run_dir import RunDir
 from ddpm.trainer import EpochResult, Trainer, share_start
 from flows.download import download_task
@@ -81,9 +81,9 @@ def _write_settings(run: RunDir, cfg: Settings) -> None:
                 ]
             )
         with contextlib.suppress(OSError):
-            if run.settings_file.read_text() == resolved:
+            if run.settings_file.read_bytes() == resolved.encode():
                 return
-    write_text(run.settings_file, resolved)
+    write_checked(run.settings_file, resolved)
 
 
 @contextlib.contextmanager
@@ -106,7 +106,8 @@ def open_run_dir(cfg: Settings) -> Iterator[RunDir]:
             _write_settings(run, cfg)
             yield run
     except BaseException:
-        written = {run.settings_file, run.lock_file}  # all this start wrote, if nothing else
+        # All this start wrote, if nothing else is there.
+        written = {run.settings_file, checksum_file(run.settings_file), run.lock_file}
         if run.path in created and run.path.is_dir() and set(run.path.iterdir()) <= written:
             with contextlib.suppress(OSError):  # rmdir: never a file written meanwhile
                 for path in written:

@@ -846,6 +846,11 @@ def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
                 for flag in unknown
             ]) from None  # fmt: skip
         message = str(err).removeprefix("error parsing CLI: ")
+        valueless = re.fullmatch(r"argument --([\w.]+): expected one argument", message)
+        if valueless:  # a flag last, or before a value argparse takes for a flag (-inf)
+            field = valueless[1]
+            raise SettingsError([(field, f"needs a value (one that starts with '-' goes as "
+                                  f"--{field}=VALUE)")]) from None  # fmt: skip
         raise SettingsError([("", f"bad flags: {message} (see --help)")]) from None
 
 

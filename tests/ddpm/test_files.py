@@ -158,3 +158,20 @@ def test_a_replaced_folder_loses_only_the_files_its_marker_lists(tmp_path: Path)
         "unet", "unet/mine.txt"
     ]  # fmt: skip
     assert (folder / "unet" / "mine.txt").read_text() == "keep me"
+
+
+def test_the_core_imports_where_there_is_no_fcntl() -> None:
+    """Every module of ddpm/ imports where `fcntl` does not exist (Windows): the run folder's
+    and the download's locks come from filelock, not fcntl."""
+    import subprocess
+    import sys
+
+    modules = sorted(p.stem for p in (Path(__file__).parents[2] / "ddpm").glob("*.py"))
+    code = (
+        "import sys, warnings; sys.modules['fcntl'] = None; warnings.simplefilter('ignore')\n"
+        f"for name in {modules!r}: __import__('ddpm.' + name)\n"
+        "print('imported', len(sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("imported"), done.stderr[-2000:]

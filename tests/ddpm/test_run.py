@@ -319,18 +319,22 @@ def test_damaged_settings_are_recovered_from_the_newest_checkpoint(
 def test_damaged_metrics_rows_are_recovered_from_the_checkpoint_and_the_good_lines(
     tmp_path: Path, config, caplog
 ) -> None:
-    """A metrics.jsonl with a torn line gets its rows back: those the newest checkpoint holds,
-    then the file's good rows after it; without checkpoints, the good lines alone. One
-    warning names the file and the source. Epoch 2's row, evaluated, keeps its FID."""
+    """A metrics.jsonl with a torn line, or with a bit flipped where it still reads as JSON
+    ("loss" as "locs": caught by its SHA-256), gets its rows back: those the newest checkpoint
+    holds, then the file's good rows after it; without checkpoints, the good lines alone.
+    One warning names the file and the source. Epoch 2's row, evaluated, keeps its FID."""
     run = saved_run(tmp_path / "run", config)
     good = run.metrics_file.read_text()
+    assert run.metrics_rows()[1]["fid"] == 12.5  # read back as written, verified
+    run.metrics_file.write_text(good.replace('"loss"', '"locs"', 1))
+    with caplog.at_level(logging.WARNING):
+        assert [r.get("loss") for r in run.metrics_rows()] == [1.0, 0.5]
+    assert f"{run.metrics_file} is damaged (its SHA-256 differs" in caplog.text
     run.metrics_file.write_text(good.splitlines()[0][:7] + "\n" + good.splitlines()[1] + "\n"
                                 + '{"epoch": 3, "loss": 0.3}\n')  # fmt: skip
-    with caplog.at_level(logging.WARNING):
-        rows = run.metrics_rows()
+    rows = run.metrics_rows()
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[1]["fid"] == 12.5
     assert rows[0] == {"epoch": 1, "loss": 1.0, "global_step": 3}
-    assert f"{run.metrics_file} is damaged (line 1 is not a row of metrics)" in caplog.text
     for path in run.checkpoints.iterdir():
         path.unlink()
     assert [r["epoch"] for r in run.metrics_rows()] == [2, 3]

@@ -215,7 +215,7 @@ def test_every_bad_setting_exits_2_naming_it(capsys) -> None:
             else:
                 code = main([flag_name(field), value])
         err = capsys.readouterr().err
-        assert code == 2 and "Traceback" not in err and err.startswith("error: invalid settings")
+        assert code == 2 and "Traceback" not in err and err.startswith("error: invalid setting")
         name = flag_name if how == "flag" else env_name
         assert any(name(f) in err for f in [field, *named]), err
         tried.add((field, value, how))

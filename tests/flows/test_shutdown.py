@@ -182,16 +182,17 @@ def test_offline_without_data_ends_in_one_line_with_exit_2_and_leaves_no_run_fol
 @pytest.mark.parametrize(
     ("change", "names"),
     [
-        ({"data.dataset": "folder", "data.folder": "missing"}, "set data.folder"),
+        ({"data.dataset": "folder", "data.folder": "missing"}, "no such folder: missing"),
         ({"data.subset": 10_000}, "data.subset is 10000 but"),
     ],
 )
 def test_errors_the_user_fixes_exit_2_with_one_line(
     tiny: dict[str, Any], change: dict[str, Any], names: str, capsys, monkeypatch
 ) -> None:
-    """A missing image folder and a subset larger than the data: exit 2, the last line names
-    the setting, and no run folder is left behind. (In-process, so the console may hold an
-    earlier test's closed stream: the offline test above checks for tracebacks.)"""
+    """A missing image folder (found before anything starts) and a subset larger than the
+    data: exit 2, the last line names the setting, and no run folder is left behind.
+    (In-process, so the console may hold an earlier test's closed stream: the offline test
+    above checks for tracebacks.)"""
     from flows.cli import main
 
     for key, value in {**tiny, **change}.items():
