@@ -210,8 +210,6 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, folder: Path, image_size: int, channels: int = 3) -> None:
-        from PIL import Image, UnidentifiedImageError
-
         self.folder, self.image_size = Path(folder), image_size
         self.mode = {1: "L", 3: "RGB"}.get(channels)
         if self.mode is None:
@@ -220,35 +218,70 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{self.folder}: image folder does not exist")
         files = sorted(p for p in self.folder.rglob("*") if p.is_file())
         self.paths: list[Path] = []
-        skipped = 0
+        skipped = []
         for path in files:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped += not path.name.startswith(".")
-                continue
-            try:
-                with Image.open(path) as img:
-                    img.verify()  # reads the header and structure, not the pixels
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-                skipped += 1
-                continue
-            self.paths.append(path)
+                if not path.name.startswith("."):
+                    skipped.append(path)
+            elif _readable_image(path):
+                self.paths.append(path)
+            else:
+                skipped.append(path)
         if skipped:
-            log.warning("%s: skipped %d unreadable or non-image files", self.folder, skipped)
+            names = ", ".join(str(p.relative_to(self.folder)) for p in skipped[:3])
+            more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+            log.warning("%s: skipped %d unreadable or non-image files (%s%s)", self.folder,
+                        len(skipped), names, more)  # fmt: skip
         if not self.paths:
             raise DatasetError(f"{self.folder}: no readable PNG or JPEG images found")
+        self._unreadable: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        """Image index, resized and cropped: (C, image_size, image_size) uint8. An image that
+        passed the scan but cannot be decoded (damaged inside: verify() reads no pixels) is
+        named in one warning and stands in as the next image that decodes, every time, so the
+        batches stay a function of (seed, epoch)."""
+        for offset in range(len(self.paths)):
+            i = (index + offset) % len(self.paths)
+            try:
+                return self._load(self.paths[i])
+            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, its own
+                if i not in self._unreadable:
+                    self._unreadable.add(i)
+                    log.warning("%s cannot be decoded (%s); the next image stands in for it",
+                                self.paths[i], " ".join(str(err).split())[:200])  # fmt: skip
+        raise DatasetError(f"{self.folder}: no image in it can be decoded")
+
+    def _load(self, path: Path) -> torch.Tensor:
         from PIL import Image
         from torchvision.transforms import functional as TF
 
-        with Image.open(self.paths[index]) as img:
+        with Image.open(path) as img:
             img = img.convert(self.mode)
             img = TF.resize(img, self.image_size, interpolation=TF.InterpolationMode.BICUBIC)
             img = TF.center_crop(img, [self.image_size, self.image_size])
             return TF.pil_to_tensor(img)  # (C, H, W) uint8
+
+
+def _readable_image(path: Path) -> bool:
+    """Whether PIL reads the file's header and structure (not its pixels), and a JPEG ends with
+    its end-of-image marker (a truncated one does not; verify() does not look)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            jpeg = img.format == "JPEG"
+            img.verify()
+        if jpeg:
+            with open(path, "rb") as f:
+                f.seek(-2, os.SEEK_END)
+                return f.read(2) == b"\xff\xd9"
+    except Exception:  # OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return False
+    return True
 
 
 class TensorImageDataset(Dataset):

@@ -126,16 +126,25 @@ def load_trained_model(path: Path, use_ema: bool = True) -> TrainedModel:
     if (Path(path) / "model_index.json").is_file() or (Path(path) / "config.json").is_file():
         return _diffusers_model(Path(path))
     source, state = find_checkpoint(path)
-    model, diffusion_config, image_shape = architecture(state, str(source))
-    diffusion = build_diffusion(model, diffusion_config, image_shape[-1])
-    check_compatible(state, diffusion, str(source))
-    weights = state["model"]
-    if use_ema:
-        if not state.get("ema"):
-            raise CheckpointError(f"{source} holds no EMA weights; sample without the EMA")
-        # AveragedModel's state dict: the averaged copy under `module.`, and n_averaged.
-        weights = {k[len("module.") :]: v for k, v in state["ema"].items() if k[:7] == "module."}
-    diffusion.load_state_dict(weights)
+    try:
+        model, diffusion_config, image_shape = architecture(state, str(source))
+        diffusion = build_diffusion(model, diffusion_config, image_shape[-1])
+        check_compatible(state, diffusion, str(source))
+        weights = state["model"]
+        if use_ema:
+            if not state.get("ema"):
+                raise CheckpointError(f"{source} holds no EMA weights; sample without the EMA")
+            # AveragedModel's state dict: the averaged copy under `module.`, and n_averaged.
+            weights = {k[7:]: v for k, v in state["ema"].items() if k[:7] == "module."}
+        diffusion.load_state_dict(weights)
+    except (KeyError, AttributeError, TypeError, ValueError, RuntimeError) as err:
+        if isinstance(err, UserError):
+            raise
+        # A file that loads but is not what a run writes (damaged where no checksum said so).
+        raise CheckpointError(
+            f"{source}: not a checkpoint of this project ({type(err).__name__}: "
+            f"{first_line(err)[:200]})"
+        ) from err
     diffusion.eval().requires_grad_(False)
     return TrainedModel(
         diffusion=diffusion,

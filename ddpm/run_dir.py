@@ -144,7 +144,10 @@ class RunDir:
         """
         fix = "it is written again from the current settings"
         try:
-            return read_json(self.settings_file, fix)
+            saved = read_json(self.settings_file, fix)
+            if not all(isinstance(v, dict) for v in saved.values()):  # groups of settings
+                raise damaged(self.settings_file, "not groups of settings", fix)
+            return saved
         except FileNotFoundError:
             return None
         except DamagedFile as err:

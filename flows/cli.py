@@ -27,7 +27,7 @@ from ddpm.files import check_export_target
 from flows.launch import launched_overrides, rank_main, write_outcome
 from flows.shutdown import StopRequest
 from settings import Settings, SettingsError, load_settings, parse_flags
-from settings.config import did_you_mean, flag_name, known_settings
+from settings.config import did_you_mean, flag_name, known_settings, one_line
 from settings.sampling import GenerateOptions, OptionsError, flag, generate_options
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {**launched_overrides(), **parse_flags(argv, prog=PROG)}
         cfg = load_settings(overrides)
     except SettingsError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message(err)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) > 0:  # a launcher's rank: rank 0 runs the flow
         return rank_main(cfg)
@@ -68,7 +68,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         options, overrides = parse_sample_args(argv)
         cfg = load_settings(overrides)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message(err)}", file=sys.stderr)
         return 2
 
     def load() -> Callable[[], State]:
@@ -100,18 +100,22 @@ def export_main(argv: list[str] | None = None) -> int:
                         help="the trained weights instead of their EMA")  # fmt: skip
     args = parse_command(parser, sys.argv[1:] if argv is None else argv)
     try:
-        if not Path(args.run).exists():
-            raise UserError(f"--run {args.run}: no such run folder or checkpoint")
-        check_export_target(Path(args.out))  # a folder of the user's: refused, untouched
+        # argparse gives `--run=--` a list
+        run, out = (v if isinstance(v, str) else "" for v in (args.run, args.out))
+        if not run or not Path(run).exists():
+            raise UserError(one_line(f"--run {run}: no such run folder or checkpoint"))
+        if not out:
+            raise UserError("--out: a folder to write is needed")
+        check_export_target(Path(out))  # a folder of the user's: refused, untouched
         cfg = load_settings({})
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message(err)}", file=sys.stderr)
         return 2
 
     def load() -> Callable[[], State]:
         from flows.export_flow import export_flow  # torch, prefect: seconds
 
-        return lambda: export_flow(args.run, args.out, args.use_ema, return_state=True)
+        return lambda: export_flow(run, out, args.use_ema, return_state=True)
 
     return run_flow(cfg, load)
 
@@ -144,7 +148,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
                              + SWEEP_STOP_GRACE})  # fmt: skip
         claim(spec)  # the sweep's folder: a user's is refused, untouched
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message(err)}", file=sys.stderr)
         return 2
     from prefect.settings import PREFECT_API_URL
 
@@ -172,7 +176,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
 def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """parser.parse_args, where an unknown flag ends the command first (exit 2), with one
     line that names it and the closest known flag ("did you mean --out?")."""
-    unknown = unknown_flag(argv, _flags(parser))
+    unknown = unknown_flag(argv, _flags(parser), _valued(parser))
     if unknown:
         parser.exit(2, f"{parser.prog}: error: {unknown}\n")
     return parser.parse_args(argv)
@@ -182,13 +186,24 @@ def _flags(parser: argparse.ArgumentParser) -> list[str]:
     return [flag for action in parser._actions for flag in action.option_strings]
 
 
-def unknown_flag(argv: list[str], known: list[str]) -> str | None:
+def _valued(parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's flags that take a value (the word after one is never a flag)."""
+    return [f for action in parser._actions if action.nargs != 0 for f in action.option_strings]
+
+
+def unknown_flag(argv: list[str], known: list[str], valued: list[str]) -> str | None:
     """'unknown flag --outt; did you mean --out? (see --help)' for the first flag in argv that
-    is not among `known`, else None."""
+    is not among `known`, else None. The word after a flag among `valued` (given without
+    `=`) is its value, whatever it looks like (`--seed -1`)."""
+    value_next = False
     for arg in argv:
         name = arg.partition("=")[0]
+        if value_next:
+            value_next = False
+            continue
         if name.startswith("-") and name != "-" and name not in known:
-            return f"unknown flag {name}{did_you_mean(name, known)} (see --help)"
+            return one_line(f"unknown flag {name}{did_you_mean(name, known)} (see --help)")
+        value_next = name in valued and "=" not in arg
     return None
 
 
@@ -232,7 +247,7 @@ def parse_sample_args(argv: list[str]) -> tuple[GenerateOptions, dict[str, Any]]
         name = arg.partition("=")[0]
         if name in settings and name not in ours:
             raise SettingsError([(settings[name], "not a setting of sample_flow (see --help)")])
-    unknown = unknown_flag(argv, [*_flags(parser), *ours])
+    unknown = unknown_flag(argv, [*_flags(parser), *ours], [*_valued(parser), *ours])
     if unknown:
         raise OptionsError(unknown)
     try:
@@ -265,7 +280,7 @@ def run_flow(cfg: Settings, load: Callable[[], Callable[[], State]]) -> int:
                 with _expected_errors_quiet(not cfg.run.debug):
                     state = call()
         except UserError as err:
-            return _end(2, f"error: {err}")
+            return _end(2, f"error: {message(err)}")
     if stop():
         return _end(stop.exit_code, f"stopped: {state.message}")
     if state.is_completed():
@@ -277,7 +292,15 @@ def run_flow(cfg: Settings, load: Callable[[], Callable[[], State]]) -> int:
 
     code = getattr(error, "exit_code", 2 if isinstance(error, UserError) else 1)
     final = isinstance(error, (UserError, TrainingDiverged))  # no restart changes these
-    return _end(code, f"error: {error}", final=final)
+    return _end(code, f"error: {message(error)}", final=final)
+
+
+def message(err: BaseException) -> str:
+    """An error's message for the command's last line: one line (its line breaks written as
+    \\n), but for settings and options errors, which give one line per bad value."""
+    if isinstance(err, (SettingsError, OptionsError)):
+        return str(err)
+    return one_line(str(err))
 
 
 def _end(code: int, line: str | None, summary: Any = None, final: bool = True) -> int:

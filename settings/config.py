@@ -12,8 +12,8 @@ their defaults here.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
+import io
 import json
 import os
 import re
@@ -639,9 +639,10 @@ class SettingsError(UserError, ValueError):
         self.problems = list(problems)  # (dotted field, what is wrong)
         self.fields = [field for field, _ in self.problems]
         lines = [
-            f"{field} ({env_name(field)} / {flag_name(field)}): {message}" if field else message
+            one_line(f"{field} ({env_name(field)} / {flag_name(field)}): {message}" if field
+                     else message)
             for field, message in self.problems
-        ]
+        ]  # fmt: skip
         if len(lines) == 1:  # one line, as the command line's last line
             super().__init__(f"invalid setting {lines[0]}" if self.fields[0] else lines[0])
         else:
@@ -658,20 +659,63 @@ def known_settings() -> list[str]:
 
 
 def did_you_mean(name: str, known: Sequence[str]) -> str:
-    """'; did you mean X?' for the known name closest to a misspelt one, else ''."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
+    """'; did you mean X?' for the known name closest to a misspelt one (closest_name), else
+    ''."""
+    close = closest_name(name, known)
+    return f"; did you mean {close}?" if close else ""
+
+
+def closest_name(name: str, known: Sequence[str]) -> str | None:
+    """The known name a misspelt one most likely meant, or None: compared on their letters and
+    digits alone (so `DDPM_MODEL__NUM__RES_BLOCKS` finds `DDPM_MODEL__NUM_RES_BLOCKS`), by edit
+    distance with a swap of two neighbours counting once (`floder` is `folder`, not
+    `loader`), within a third of the name's length."""
+    letters = _letters(name)
+    scored = sorted((_edits(letters, _letters(k)), i, k) for i, k in enumerate(known))
+    if not scored or not letters:
+        return None
+    edits, _, best = scored[0]
+    return best if edits <= max(1, len(letters) // 3) else None
+
+
+def _letters(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of
+    two neighbours, one each."""
+    previous, row = None, list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + (x != y))
+            if previous is not None and i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                current[j] = min(current[j], previous[j - 2] + 1)
+        previous, row = row, current
+    return row[-1]
 
 
 def _unknown(name: str) -> str:
     """The message for a dotted name that is not a setting, with the closest one's doors."""
-    close = difflib.get_close_matches(name, known_settings(), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]} ({env_name(close[0])} / {flag_name(close[0])})?"
-    return "unknown setting" + (hint if close else "") + " (see --help for the list)"
+    close = closest_name(name, known_settings())
+    hint = f"; did you mean {close} ({env_name(close)} / {flag_name(close)})?" if close else ""
+    return f"unknown setting{hint} (see --help for the list)"
 
 
-def _problems(err: ValidationError) -> list[tuple[str, str]]:
-    """Turn pydantic's errors into (dotted field, message saying what is accepted and got)."""
+def one_line(text: str) -> str:
+    """text with its line breaks written as \\n, so a value holding one (a path, say) keeps a
+    message on one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _problems(err: ValidationError, env_names: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Turn pydantic's errors into (dotted field, message saying what is accepted and got).
+
+    Args:
+        env_names: the DDPM_* names the environment and `.env` give: an unknown field that
+            came from one (DDPM_MODEL__NUM__RES_BLOCKS arrives as model.num) is matched as the
+            whole variable."""
     problems = []
     for e in err.errors():
         cause = (e.get("ctx") or {}).get("error")
@@ -682,7 +726,13 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
         entries = [part for part in e["loc"] if isinstance(part, int)]  # a list's items
         field = ".".join(names)
         if e["type"] == "extra_forbidden":
-            problems.append((field, _unknown(field)))
+            given = [n for n in env_names if n.startswith(env_name(field) + ENV_DELIMITER)]
+            if given:  # a variable with a delimiter too many: match the whole name
+                known = [env_name(f) for f in known_settings()]
+                problems.append(("", f"unknown setting {given[0]}{did_you_mean(given[0], known)} "
+                                 "(see --help for the list)"))  # fmt: skip
+            else:
+                problems.append((field, _unknown(field)))
             continue
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] != "value_error" and not isinstance(e.get("input"), (dict, list)):
@@ -728,21 +778,25 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _unknown_env_names(env_file: str | Path | None) -> list[tuple[str, str]]:
-    """DDPM_* variables (environment or .env) whose group is not a setting group: typos such
-    as DDPM_OPTIMM__LR or DDPM_OPTIM_LR, which would otherwise be ignored silently."""
+def _env_names(env_file: str | Path | None) -> list[str]:
+    """The DDPM_* names of the environment and the `.env` file, upper-case, sorted."""
     names = {name.upper() for name in os.environ}
     if env_file is not None and Path(env_file).is_file():
         names |= {name.upper() for name in dotenv_values(env_file)}
+    return sorted(name for name in names if name.startswith(ENV_PREFIX))
+
+
+def _unknown_env_names(env_file: str | Path | None) -> list[tuple[str, str]]:
+    """DDPM_* variables (environment or .env) whose group is not a setting group: typos such
+    as DDPM_OPTIMM__LR or DDPM_OPTIM_LR, which would otherwise be ignored silently."""
     groups = {group.upper() for group in Settings.model_fields}
     known = [env_name(field) for field in known_settings()]
     problems = []
-    for name in sorted(names):
-        if name.startswith(ENV_PREFIX):
-            group = name[len(ENV_PREFIX) :].partition(ENV_DELIMITER)[0]
-            if group not in groups:
-                hint = did_you_mean(name, known)
-                problems.append(("", f"unknown setting {name}{hint} (see --help for the list)"))
+    for name in _env_names(env_file):
+        group = name[len(ENV_PREFIX) :].partition(ENV_DELIMITER)[0]
+        if group not in groups:
+            hint = did_you_mean(name, known)
+            problems.append(("", f"unknown setting {name}{hint} (see --help for the list)"))
     return problems
 
 
@@ -775,7 +829,9 @@ _VALIDATED: dict[str, Settings] = {}
 def _inputs(overrides: Mapping[str, Any] | None, env_file: str | Path | None) -> str:
     """Everything load_settings reads, as one string."""
     env = sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX))
-    text = Path(env_file).read_text() if env_file is not None and Path(env_file).is_file() else None
+    text = None
+    if env_file is not None and Path(env_file).is_file():
+        text = Path(env_file).read_bytes().decode(errors="backslashreplace")
     given = {
         "overrides": dict(overrides or {}), "env": env, "file": [str(env_file), text],
         "cwd": os.getcwd(),  # relative paths (eval.weights) are checked from here
@@ -783,14 +839,41 @@ def _inputs(overrides: Mapping[str, Any] | None, env_file: str | Path | None) ->
     return json.dumps(given, sort_keys=True, default=str)
 
 
+def _check_env_file(env_file: str | Path | None) -> None:
+    """A `.env` that cannot be read as a whole is an error naming the file and the line (python-
+    dotenv would skip the line with a warning that names no setting, and the run would go on
+    without it).
+
+    Raises:
+        SettingsError: for a file that is not UTF-8 text, or a line that is not NAME=VALUE.
+    """
+    from dotenv.parser import parse_stream
+
+    if env_file is None or not Path(env_file).is_file():
+        return
+    try:
+        text = Path(env_file).read_bytes().decode()
+    except UnicodeDecodeError as err:
+        line = Path(env_file).read_bytes()[: err.start].count(b"\n") + 1
+        raise SettingsError([("", f"{env_file}, line {line}: not UTF-8 text")]) from None
+    except OSError as err:
+        raise SettingsError([("", f"{env_file}: cannot be read ({err.strerror})")]) from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            shown = binding.original.string.strip()[:60]
+            raise SettingsError([("", f"{env_file}, line {binding.original.line}: cannot be "
+                                  f"read as NAME=VALUE ({shown!r})")])  # fmt: skip
+
+
 def _validate(overrides: Mapping[str, Any] | None, env_file: str | Path | None) -> Settings:
+    _check_env_file(env_file)
     unknown = _unknown_env_names(env_file)
     if unknown:
         raise SettingsError(unknown)
     try:
         return Settings(_env_file=env_file, **nest(overrides or {}))
     except ValidationError as err:
-        raise SettingsError(_problems(err)) from None
+        raise SettingsError(_problems(err, _env_names(env_file))) from None
     except _PydanticSettingsError as err:
         names = set(os.environ)
         if env_file is not None and Path(env_file).is_file():

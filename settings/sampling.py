@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ddpm.errors import UserError
 from ddpm.files import NotOurs, claim_samples_folder
-from settings.config import Settings, flatten, load_settings, with_legacy
+from settings.config import Settings, flatten, load_settings, one_line, with_legacy
 
 
 class OptionsError(UserError, ValueError):
@@ -86,7 +86,7 @@ def generate_options(values: dict[str, Any]) -> GenerateOptions:
             said = e["type"] in ("missing", "value_error")  # a validator's message says it
             if not isinstance(e.get("input"), (dict, list)) and not said:
                 message += f", got {e.get('input')!r}"
-            lines.append(f"{flag(field)}: {message}" if field else message)
+            lines.append(one_line(f"{flag(field)}: {message}" if field else message))
         if len(lines) == 1:  # one line, as the command line's last line
             raise OptionsError(f"invalid option {lines[0]}") from None
         raise OptionsError("invalid options:\n  " + "\n  ".join(lines)) from None

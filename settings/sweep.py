@@ -45,7 +45,7 @@ from pydantic import (
 )
 
 from ddpm.errors import UserError
-from settings.config import PGPASSWORD_INSTEAD, SettingsError, load_settings, no_password
+from settings.config import PGPASSWORD_INSTEAD, SettingsError, load_settings, no_password, one_line
 
 
 class SpecError(UserError, ValueError):
@@ -129,9 +129,15 @@ def read_spec(path: Path | str) -> SweepSpec:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode()) or {}
     except FileNotFoundError:
         raise SpecError(f"{path}: no such sweep spec") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: a folder, not a sweep spec (a YAML file)") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text, so not a YAML sweep spec") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, Mapping):
@@ -148,13 +154,16 @@ def spec_from(source: Path | str | Mapping[str, Any], where: str = "spec") -> Sw
     """
     if not isinstance(source, Mapping):
         return read_spec(source)
+    names = [key for key in source if not isinstance(key, str)]
+    if names:
+        raise SpecError(f"{where}: {names[0]!r}: a key of a spec is a name (name, vary, ...)")
     try:
         spec = SweepSpec(**source)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
-        raise SpecError(f"{where}: {key + ': ' if key else ''}{message}") from None
+        raise SpecError(one_line(f"{where}: {key + ': ' if key else ''}{message}")) from None
     check_trials(spec, where)
     return spec
 

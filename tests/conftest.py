@@ -119,3 +119,22 @@ def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# Hypothesis profiles (issue 34, bad input by the thousand). `ci`, the default, tries a few hundred
+# cases per kind, the same ones on every run (derandomized, no example database); `pytest
+# --hypothesis-profile=thorough` tries 10,000 per kind, new ones each time. Registered here, at
+# import, so that the plugin's --hypothesis-profile (read after conftest files load) wins.
+def _register_hypothesis_profiles() -> None:
+    from hypothesis import settings as hypothesis_settings
+
+    hypothesis_settings.register_profile(
+        "ci", max_examples=200, deadline=None, database=None, derandomize=True
+    )
+    hypothesis_settings.register_profile(
+        "thorough", max_examples=10_000, deadline=None, database=None
+    )
+    hypothesis_settings.load_profile("ci")
+
+
+_register_hypothesis_profiles()

@@ -168,7 +168,7 @@ def test_verified_archive_is_extracted_without_download(tmp_path: Path, cifar_wr
 
 def test_image_folder_resizes_and_center_crops(tmp_path: Path, caplog) -> None:
     """PNG and JPEG of any size, in subfolders, become (3, S, S) uint8; other files are skipped
-    with one warning that counts them."""
+    with one warning that counts and names them."""
     (tmp_path / "sub").mkdir()
     Image.new("RGB", (80, 40), (255, 0, 0)).save(tmp_path / "wide.png")
     Image.new("L", (30, 50), 128).save(tmp_path / "sub" / "tall.JPG")
@@ -178,12 +178,46 @@ def test_image_folder_resizes_and_center_crops(tmp_path: Path, caplog) -> None:
         dataset = ImageFolderDataset(tmp_path, image_size=32)
     assert len(dataset) == 2
     assert [r.message for r in caplog.records if "skipped" in r.message] == [
-        f"{tmp_path}: skipped 2 unreadable or non-image files"
+        f"{tmp_path}: skipped 2 unreadable or non-image files (broken.png, notes.txt)"
     ]
     red, gray = dataset[1], dataset[0]  # sorted paths: sub/tall.JPG, wide.png
     assert red.shape == gray.shape == (3, 32, 32) and red.dtype == torch.uint8
     assert red[0].float().mean() > 250 and red[1:].float().mean() < 5
     assert gray.float().std() < 2
+
+
+def test_damaged_images_are_skipped_or_stood_in_for_by_the_next(tmp_path: Path, caplog) -> None:
+    """A truncated JPEG (verify() reads no pixels, but its end marker is missing) and a PNG
+    declaring 100000 x 100000 pixels (a decompression bomb) are skipped at the scan; a PNG
+    whose pixel data is damaged passes the scan and, when read, is named in one warning and
+    stood in for by the next image, the same every time."""
+    import io
+    import zlib
+
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(tmp_path / "a.png")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(jpeg, format="JPEG")
+    (tmp_path / "b.jpg").write_bytes(jpeg.getvalue()[:-100])
+    png = io.BytesIO()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(png, format="PNG")
+    data = bytearray(png.getvalue())
+    bomb = data[:16] + (100_000).to_bytes(4, "big") * 2 + data[24:29]  # IHDR: type, size, ...
+    bomb += zlib.crc32(bomb[12:29]).to_bytes(4, "big") + data[33:]  # ... and a valid CRC
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    start = data.index(b"IDAT")  # the chunk's type; its length before, its data after
+    length = int.from_bytes(data[start - 4 : start], "big")
+    data[start + 6 : start + length] = bytes(length - 6)  # the pixels, zeroed
+    crc = zlib.crc32(data[start : start + 4 + length])  # a valid chunk: verify() passes it
+    data[start + 4 + length : start + 8 + length] = crc.to_bytes(4, "big")
+    (tmp_path / "c.png").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        dataset = ImageFolderDataset(tmp_path, image_size=32)
+        assert [p.name for p in dataset.paths] == ["a.png", "c.png"]
+        assert "skipped 2 unreadable or non-image files (b.jpg, bomb.png)" in caplog.text
+        blue = dataset[0]
+        assert torch.equal(dataset[1], blue) and torch.equal(dataset[1], blue)
+    assert blue[2].float().mean() > 250
+    assert caplog.text.count("c.png cannot be decoded") == 1
 
 
 def test_image_folder_grayscale(tmp_path: Path) -> None:

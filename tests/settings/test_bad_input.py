@@ -150,9 +150,7 @@ def _texts(field: str) -> st.SearchStrategy[str]:
 # (and validate it again) for every case.
 TEXTS = {f: _texts(f) for f in FIELDS}
 FIELD_AND_TEXT = st.sampled_from(FIELDS).flatmap(lambda f: st.tuples(st.just(f), TEXTS[f]))
-JSON_LEAVES = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)
-)
+JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))
 JSON_VALUES = st.recursive(
     JSON_LEAVES,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
@@ -298,13 +296,15 @@ def test_every_setting_through_the_environment() -> None:
     @example(case=("train.device", "cuda:\u0661"))
     @example(case=("data.folder", "imgs"))
     @example(case=("model.init_from", "missing"))
+    @example(case=("model.init_from", "two\nlines"))
     def cases(case: tuple[str, str]) -> None:
         field, text = case
         with _environ({env_name(field): text}):
             got = _settings_case("env", field, lambda: load_settings(env_file=None),
                                  env_name(field))  # fmt: skip
-        same = _settings_case("overrides(text)", field,
-                              lambda: load_settings({field: text}, env_file=None), field)
+        same = _settings_case(
+            "overrides(text)", field, lambda: load_settings({field: text}, env_file=None), field
+        )
         assert got == same, f"the environment and the overrides disagree: {got} != {same}"
 
     cases()
@@ -346,8 +346,12 @@ def test_every_setting_through_its_flag() -> None:
         field, text = case
         argv = [f"{flag_name(field)}={text}"] if joined else [flag_name(field), text]
         note(f"argv: {argv}")
-        _settings_case("flags", field,
-                       lambda: load_settings(parse_flags(argv), env_file=None), flag_name(field))
+        _settings_case(
+            "flags",
+            field,
+            lambda: load_settings(parse_flags(argv), env_file=None),
+            flag_name(field),
+        )
 
     cases()
     _saw_both("flags")
@@ -362,8 +366,9 @@ def test_every_setting_through_an_override() -> None:
     @example(case=("model.channel_mult", [1, "x"]))
     def cases(case: tuple[str, Any]) -> None:
         field, value = case
-        _settings_case("overrides", field,
-                       lambda: load_settings({field: value}, env_file=None), field)
+        _settings_case(
+            "overrides", field, lambda: load_settings({field: value}, env_file=None), field
+        )
 
     cases()
     _saw_both("overrides")
@@ -386,7 +391,7 @@ def test_overrides_of_any_shape() -> None:
             s = load_settings(overrides, env_file=None)
         except SettingsError as err:
             assert err.problems, str(err)
-            lines = str(err).splitlines()
+            lines = str(err).split("\n")
             assert len(lines) == (1 if len(err.problems) == 1 else len(err.problems) + 1)
             TALLY["overrides(any)"]["refused"] += 1
             return
@@ -481,21 +486,34 @@ EDITS = st.tuples(
 SUGGESTION = re.compile(r"did you mean (\S+?)[?\s]")
 
 
-@given(field=st.sampled_from(FIELDS), edit=EDITS, door=st.sampled_from(["env", "flag", "key"]))
-@example(field="data.folder", edit=("swap", 6, "x"), door="key")
-@example(field="model.num_res_blocks", edit=("insert", 10, "_"), door="env")
-def _misspelt(field: str, edit: tuple[str, int, str], door: str) -> None:
+# Typos the product once answered with another setting's name.
+TYPO_EXAMPLES = {
+    "env": [("model.num_res_blocks", ("insert", 10, "_")), ("run.server_timeout", ("replace", 10,
+                                                                                 "_"))],
+    "flag": [("data.folder", ("swap", 6, "x"))],
+    "key": [("data.folder", ("swap", 6, "x"))],
+}  # fmt: skip
+
+
+def _closest(typo: str, names: dict[str, str]) -> set[str]:
+    """The settings whose name (in `names`: setting -> name as this door spells it) is fewest
+    edits from typo. A one-edit typo of a name that is none is one edit from its setting, so
+    only names within one character of its length can tie."""
+    near = {f: _distance(typo, n) for f, n in names.items() if abs(len(n) - len(typo)) <= 1}
+    return {f for f, d in near.items() if d == 1}
+
+
+def _misspelt(door: str, field: str, edit: tuple[str, int, str]) -> str:
+    """Give one misspelt name through a door; returns the refusal's message."""
     if door == "env":  # the part after DDPM_: the prefix marks our variables
         spelt = _typo(env_name(field).removeprefix("DDPM_"), edit[0], edit[1], edit[2].upper())
         name = "DDPM_" + spelt
         assume(name.upper() not in {env_name(f) for f in FIELDS})
-        closest = {f: _distance(spelt.upper(), env_name(f).removeprefix("DDPM_")) for f in FIELDS}
+        right = _closest(spelt.upper(), {f: env_name(f).removeprefix("DDPM_") for f in FIELDS})
     else:
         name = _typo(field, *edit)
         assume(name.lower() not in {f.lower() for f in FIELDS} and name not in GROUPS)
-        closest = {f: _distance(name, f) for f in FIELDS}
-    best = min(closest.values())
-    right = {f for f, d in closest.items() if d == best}
+        right = _closest(name, {f: f for f in FIELDS})
     assert field in right
     note(f"{door}: {name!r}; closest {sorted(right)}")
     try:
@@ -515,19 +533,25 @@ def _misspelt(field: str, edit: tuple[str, int, str], door: str) -> None:
         said = setting_name(said) if said.startswith("DDPM_") else said.removeprefix("--")
         assert said in right, f"suggested {said}, the closest are {sorted(right)}: {message}"
         TALLY[f"typo({door})"]["refused"] += 1
-        return
+        return message
     TALLY[f"typo({door})"]["accepted"] += 1
     raise AssertionError(f"a misspelt {door} name was accepted silently")
 
 
-def test_a_one_edit_typo_of_any_name_suggests_the_right_one() -> None:
+@pytest.mark.parametrize("door", ["env", "flag", "key"])
+def test_a_one_edit_typo_of_any_name_suggests_the_right_one(door: str) -> None:
     """A one-edit typo of any setting's env name, flag or override key is refused in one line
     whose "did you mean" names the closest setting."""
-    _misspelt()
-    for door in ("env", "flag", "key"):
-        counts = TALLY[f"typo({door})"]
-        print(f"typo({door}): {sum(counts.values())} cases {dict(counts)}")
-        assert counts["refused"] > 0 and not counts["accepted"]
+
+    def case(field: str, edit: tuple[str, int, str]) -> None:
+        _misspelt(door, field, edit)
+
+    for field, edit in TYPO_EXAMPLES[door]:
+        case = example(field=field, edit=edit)(case)
+    given(field=st.sampled_from(FIELDS), edit=EDITS)(case)()
+    counts = TALLY[f"typo({door})"]
+    print(f"typo({door}): {sum(counts.values())} cases {dict(counts)}")
+    assert counts["refused"] > 0 and not counts["accepted"], counts
 
 
 @pytest.mark.parametrize("door", ["env", "dotenv", "flag", "override"])
@@ -741,12 +765,16 @@ SAMPLE_OPTIONS = [
     "--eval.metrics", "--eval.weights", "--run.debug", "--run.stop_timeout", "--optim.lr",
     "--train.epochs", "--run.name",
 ]  # fmt: skip
+# A word on a command line: any text but a line break (a path holding one is named as it is).
+WORD = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\n\r"), max_size=12
+)
 OPTION_VALUES = st.one_of(
     st.sampled_from(["runs/r", "runs/missing", "samples", "mine", "4", "0", "-1", "1e3", "ddim",
                      "ddpm", "euler", "cpu", "cuda:0", "bf16", "fp8", "true", "fid,kid", "x",
-                     "weights.pth", "", "--", "-", "--num"]),
+                     "weights.pth", "", "-", "--num"]),
     st.integers(-5, 2**64).map(str),
-    ARG_TEXT,
+    WORD,
 )  # fmt: skip
 
 
@@ -779,6 +807,7 @@ def test_sample_command_flags_one_change_at_a_time(tmp_path: Path) -> None:
     @given(change=one_change(base, SAMPLE_OPTIONS, OPTION_VALUES))
     @example(change=(["--run", "runs/missing", "--num", "2", "--out", "x"], "--run"))
     @example(change=([*base[:4], "--out", "mine"], "--out"))
+    @example(change=([*base, "--seed", "-1"], "--seed"))
     def cases(change: tuple[list[str], str]) -> None:
         argv, option = change
         usage = io.StringIO()
@@ -836,11 +865,12 @@ def _command_outcome(kind: str, names: list[str], code: int, stderr: str) -> str
         TALLY[kind]["accepted"] += 1
         return "accepted"
     assert code == 2, (code, stderr)
-    lines = stderr.strip().splitlines()
+    lines = stderr.strip().split("\n")
     if lines and lines[-1].startswith("error: "):
         _one_line_naming(stderr, names)
-    else:  # argparse: the usage, then one line "PROG: error: ..."
-        assert lines and ": error: " in lines[-1] and lines[0].startswith("usage:"), stderr
+    else:  # argparse: "PROG: error: ..." (after the usage, for its own errors)
+        assert lines and ": error: " in lines[-1], stderr
+        assert len(lines) == 1 or lines[0].startswith("usage:"), stderr
         _one_line_naming(lines[-1], names)
     TALLY[kind]["refused"] += 1
     return "refused"
@@ -870,12 +900,13 @@ def test_export_command_flags_one_change_at_a_time(tmp_path: Path, no_flow_runs)
     @example(change=(["--run", "runs/r", "--out", "mine"], "--out"))
     @example(change=(["--run", "runs/r", "--out", "export"], "--out"))
     @example(change=(["--run", "runs/r", "--out", "runs/r/checkpoints/x"], "--out"))
+    @example(change=(["--run=--", "--out", "export/new"], "--run"))
     def cases(change: tuple[list[str], str]) -> None:
         argv, option = change
         before = len(no_flow_runs)
         code, stderr = _command(cli.export_main, argv)
-        names = [option, _value_of(argv, option) or ""] if option in ("--run", "--out") else [
-            option]  # fmt: skip
+        value = _value_of(argv, option) or ""
+        names = [option, value, str(Path(value))] if option in ("--run", "--out") else [option]
         if _command_outcome("export flags", names, code, stderr) == "accepted":
             assert len(no_flow_runs) == before + 1
             assert Path(_value_of(argv, "--run") or "").exists()
@@ -894,8 +925,11 @@ def test_sweep_command_flags_one_change_at_a_time(tmp_path: Path, no_flow_runs) 
     (tmp_path / "bad.yaml").write_text("name: Bad\nvary: {optim.lr: [1]}\n")
     (tmp_path / "binary.yaml").write_bytes(GOOD_YAML + b"\xff")
     (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "same.yml").write_bytes(GOOD_YAML)
+    good = ["good.yaml", "./good.yaml", "specs/same.yml", str(tmp_path / "good.yaml")]
     values = st.one_of(
-        st.sampled_from(["good.yaml", "bad.yaml", "binary.yaml", "specs", "missing.yaml", ""]),
+        st.sampled_from(good),
+        st.sampled_from(["bad.yaml", "binary.yaml", "specs", "missing.yaml", ""]),
         OPTION_VALUES,
     )
 
@@ -905,7 +939,8 @@ def test_sweep_command_flags_one_change_at_a_time(tmp_path: Path, no_flow_runs) 
     def cases(change: tuple[list[str], str]) -> None:
         argv, option = change
         code, stderr = _command(cli.sweep_main, argv)
-        names = [option, _value_of(argv, "--spec") or ""] if option == "--spec" else [option]
+        spec = _value_of(argv, "--spec") or ""
+        names = [option, spec, str(Path(spec))] if option == "--spec" else [option]
         _command_outcome("sweep flags", names, code, stderr)
 
     cases()
@@ -1000,7 +1035,7 @@ def test_commands_refuse_bad_input_in_one_line_at_once(case: str, tmp_path: Path
     code, stderr, took = _run(command, tmp_path, env)
     assert code == 2, stderr
     assert "Traceback" not in stderr and "Prefect server" not in stderr, stderr
-    lines = stderr.strip().splitlines()
+    lines = stderr.strip().split("\n")
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], stderr
     assert took < 10, f"{took:.1f} s"
     assert not (tmp_path / "x").exists()
