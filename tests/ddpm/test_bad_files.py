@@ -22,7 +22,6 @@ import stat
 import struct
 import tempfile
 import zlib
-from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from case_tally import Tally
 from hypothesis import example, given, note
 from hypothesis import strategies as st
 from PIL import Image
@@ -60,24 +60,8 @@ pytestmark = pytest.mark.xdist_group("bad_files")
 # ---------------------------------------------------------------------------------------------
 # Counting cases
 
-TALLY: defaultdict[str, Counter[str]] = defaultdict(Counter)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary() -> Iterator[None]:
-    """Print every kind's counts when the module's tests are done."""
-    yield
-    print("\ncases tried per kind (test_bad_files):")
-    for kind, counts in sorted(TALLY.items()):
-        print(f"  {kind:<22} {sum(counts.values()):>6}  {dict(sorted(counts.items()))}")
-
-
-def _saw(kind: str, good: str, *bad: str) -> None:
-    """Print a kind's counts and fail unless it saw the good outcome and a bad one."""
-    counts = TALLY[kind]
-    print(f"{kind}: {sum(counts.values())} cases {dict(sorted(counts.items()))}")
-    assert counts[good] > 0 and any(counts[b] for b in bad), f"{kind}: {counts}"
-
+TALLY = Tally("test_bad_files")
+_summary = TALLY.summary()
 
 # ---------------------------------------------------------------------------------------------
 # Damage, and proof that reading changed nothing
@@ -309,7 +293,7 @@ def test_damaged_checkpoint_or_checksum_is_refused_by_name(
             TALLY["checkpoint"]["accepted"] += 1
 
     cases()
-    _saw("checkpoint", "accepted", "refused")
+    TALLY.saw("checkpoint", "accepted", "refused")
 
 
 @pytest.mark.slow(seconds=10)
@@ -334,7 +318,7 @@ def test_damaged_checkpoint_given_as_the_run_is_refused_by_name(run: Path, tmp_p
             TALLY["checkpoint(--run)"]["accepted"] += 1
 
     cases()
-    _saw("checkpoint(--run)", "accepted", "refused")
+    TALLY.saw("checkpoint(--run)", "accepted", "refused")
 
 
 NEWEST_DAMAGE = st.tuples(
@@ -379,7 +363,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_good_one(
             TALLY["newest checkpoint"]["newest"] += 1
 
     cases()
-    _saw("newest checkpoint", "newest", "fell back")
+    TALLY.saw("newest checkpoint", "newest", "fell back")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +409,7 @@ def test_damaged_settings_json_is_recovered_from_a_checkpoint_or_read_as_it_is(
         TALLY["settings.json"][kind] += 1
 
     cases()
-    _saw("settings.json", "accepted", "recovered", "none")
+    TALLY.saw("settings.json", "accepted", "recovered", "none")
 
 
 def _parsed_lines(text: bytes) -> list[Any]:
@@ -483,7 +467,7 @@ def test_damaged_metrics_rows_are_recovered_from_the_checkpoint(run: Path, tmp_p
         TALLY["metrics.jsonl"]["recovered"] += 1
 
     cases()
-    _saw("metrics.jsonl", "accepted", "recovered")
+    TALLY.saw("metrics.jsonl", "accepted", "recovered")
 
 
 @pytest.mark.slow(seconds=5)
@@ -521,7 +505,7 @@ def test_damaged_best_json_is_recovered_from_the_metrics_rows(
         TALLY["best.json"]["recovered"] += 1
 
     cases()
-    _saw("best.json", "accepted", "recovered")
+    TALLY.saw("best.json", "accepted", "recovered")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +553,7 @@ def test_damaged_sweep_record_is_read_or_refused_by_name(sweep: Path, tmp_path: 
         TALLY["sweep.json"]["accepted"] += 1
 
     cases()
-    _saw("sweep.json", "accepted", "refused")
+    TALLY.saw("sweep.json", "accepted", "refused")
 
 
 OPTIONS = {"checkpoint": "runs/tiny/checkpoints/epoch_002.pt", "step": 4, "seed": 0,
@@ -614,7 +598,7 @@ def test_damaged_generation_record_is_refused_by_name(samples: Path, tmp_path: P
         TALLY["generation.json"]["accepted"] += 1
 
     cases()
-    _saw("generation.json", "accepted", "refused")
+    TALLY.saw("generation.json", "accepted", "refused")
 
 
 @pytest.fixture(scope="module")
@@ -672,7 +656,7 @@ def test_damaged_export_is_replaced_only_when_it_is_as_written(
         TALLY[".ddpm-export.json"]["accepted"] += 1
 
     cases()
-    _saw(".ddpm-export.json", "accepted", "refused")
+    TALLY.saw(".ddpm-export.json", "accepted", "refused")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -801,7 +785,7 @@ def test_image_folders_with_bad_files_load_or_are_refused_by_name(tmp_path: Path
             shutil.rmtree(base, ignore_errors=True)
 
     cases()
-    _saw("image folder", "accepted", "refused")
+    TALLY.saw("image folder", "accepted", "refused")
 
 
 def test_the_tiny_run_is_read_back_whole(run: Path, originals: dict[str, Any]) -> None:

@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -28,6 +27,7 @@ from typing import Any, Literal, get_args, get_origin
 import annotated_types
 import pytest
 import yaml
+from case_tally import Tally
 from dotenv import dotenv_values
 from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
@@ -54,24 +54,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------------------------
 # Counting cases: every kind must see both outcomes
 
-TALLY: defaultdict[str, Counter[str]] = defaultdict(Counter)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary() -> Iterator[None]:
-    """Print every kind's counts when the module's tests are done."""
-    yield
-    print("\ncases tried per kind (test_bad_input):")
-    for kind, counts in sorted(TALLY.items()):
-        print(f"  {kind:<22} {sum(counts.values()):>6}  {dict(sorted(counts.items()))}")
-
-
-def _saw_both(kind: str, good: str = "accepted", bad: str = "refused") -> None:
-    """Print a kind's counts and fail unless it saw both outcomes."""
-    counts = TALLY[kind]
-    print(f"{kind}: {sum(counts.values())} cases {dict(sorted(counts.items()))}")
-    assert counts[good] > 0 and counts[bad] > 0, f"{kind} never saw both outcomes: {counts}"
-
+TALLY = Tally("test_bad_input")
+_summary = TALLY.summary()
 
 # ---------------------------------------------------------------------------------------------
 # Settings and the values tried for each
@@ -308,7 +292,7 @@ def test_every_setting_through_the_environment() -> None:
         assert got == same, f"the environment and the overrides disagree: {got} != {same}"
 
     cases()
-    _saw_both("env")
+    TALLY.saw("env", "accepted", "refused")
 
 
 def test_every_setting_through_a_dotenv_file(tmp_path: Path) -> None:
@@ -332,7 +316,7 @@ def test_every_setting_through_a_dotenv_file(tmp_path: Path) -> None:
         assert got == same, f".env and the environment disagree on {value!r}: {got} != {same}"
 
     cases()
-    _saw_both(".env")
+    TALLY.saw(".env", "accepted", "refused")
 
 
 def test_every_setting_through_its_flag() -> None:
@@ -354,7 +338,7 @@ def test_every_setting_through_its_flag() -> None:
         )
 
     cases()
-    _saw_both("flags")
+    TALLY.saw("flags", "accepted", "refused")
 
 
 def test_every_setting_through_an_override() -> None:
@@ -371,7 +355,7 @@ def test_every_setting_through_an_override() -> None:
         )
 
     cases()
-    _saw_both("overrides")
+    TALLY.saw("overrides", "accepted", "refused")
 
 
 GROUPS = sorted(Settings.model_fields)
@@ -399,7 +383,7 @@ def test_overrides_of_any_shape() -> None:
         TALLY["overrides(any)"]["accepted"] += 1
 
     cases()
-    _saw_both("overrides(any)")
+    TALLY.saw("overrides(any)", "accepted", "refused")
 
 
 def test_dotenv_files_of_any_text(tmp_path: Path) -> None:
@@ -445,7 +429,7 @@ def test_dotenv_files_of_any_text(tmp_path: Path) -> None:
         TALLY[".env(any)"]["accepted"] += 1
 
     cases()
-    _saw_both(".env(any)")
+    TALLY.saw(".env(any)", "accepted", "refused")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,7 +655,7 @@ def test_sweep_specs_of_any_shape() -> None:
         TALLY["spec(mapping)"]["accepted"] += 1
 
     cases()
-    _saw_both("spec(mapping)")
+    TALLY.saw("spec(mapping)", "accepted", "refused")
 
 
 def _flip(data: bytes, at: int, bit: int) -> bytes:
@@ -714,7 +698,7 @@ def test_sweep_spec_files_of_any_text(tmp_path: Path) -> None:
         TALLY["spec(file)"]["accepted"] += 1
 
     cases()
-    _saw_both("spec(file)")
+    TALLY.saw("spec(file)", "accepted", "refused")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,7 +813,7 @@ def test_sample_command_flags_one_change_at_a_time(tmp_path: Path) -> None:
         TALLY["sample flags"]["accepted"] += 1
 
     cases()
-    _saw_both("sample flags")
+    TALLY.saw("sample flags", "accepted", "refused")
 
 
 @pytest.fixture
@@ -915,7 +899,7 @@ def test_export_command_flags_one_change_at_a_time(tmp_path: Path, no_flow_runs)
             assert len(no_flow_runs) == before, "the flow started after a refusal"
 
     cases()
-    _saw_both("export flags")
+    TALLY.saw("export flags", "accepted", "refused")
 
 
 def test_sweep_command_flags_one_change_at_a_time(tmp_path: Path, no_flow_runs) -> None:
@@ -944,7 +928,7 @@ def test_sweep_command_flags_one_change_at_a_time(tmp_path: Path, no_flow_runs) 
         _command_outcome("sweep flags", names, code, stderr)
 
     cases()
-    _saw_both("sweep flags")
+    TALLY.saw("sweep flags", "accepted", "refused")
 
 
 # ---------------------------------------------------------------------------------------------
