@@ -16,6 +16,7 @@ import yaml
 from cli_run import REPO, Cli, signal_group
 from prefect.client.orchestration import get_client
 
+from ddpm.files import write_checked
 from ddpm.run_dir import RunDir
 from flows.sweep_flow import _distributions, local_runner, open_study, sweep_flow
 from flows.train_flow import train_flow
@@ -63,8 +64,9 @@ def test_a_grid_sweep_runs_its_trials_through_run_deployment_and_a_rerun_starts_
         trials = record(tmp_path, "lr")
         saved = json.loads((folder / "sweep.json").read_text())
         saved["trials"][1].update(state="Running", metric=None, curve=[])
-        (folder / "sweep.json").write_text(json.dumps(saved))
+        write_checked(folder / "sweep.json", json.dumps(saved))  # as the sweep writes it
         adopted = sweep_flow(str(spec), poll_seconds=0.5, return_state=True)
+    assert adopted.is_completed(), adopted.message
     assert record(tmp_path, "lr") == trials
     assert set(task_runs(adopted.state_details.flow_run_id)) == {"trial-result"}  # no new run
     assert [t["state"] for t in trials.values()] == ["Completed", "Completed"]
@@ -165,7 +167,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(
     again = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
     assert again.finish(timeout=300) == 0, again.output[-4000:]
     trial = record(tmp_path, "kill")["trial-000"]
-    assert trial["state"] == "Completed"
+    assert trial["state"] == "Completed", trial
     assert [epoch for epoch, _ in trial["curve"]] == [1, 2, 3, 4, 5, 6]
     log = (tmp_path / "runs" / "sweeps" / "kill" / "trials.log").read_text()
     assert log.count("Flow run 'kill-trial-000' - Beginning") == 2
