@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -78,6 +79,7 @@ def export(path: Path, out: Path, use_ema: bool = True) -> Exported:
     """
     out = Path(out)
     check_export_target(out)
+    _remove_leftovers(out)
     trained = load_trained_model(Path(path), use_ema=use_ema)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -90,6 +92,17 @@ def export(path: Path, out: Path, use_ema: bool = True) -> Exported:
         shutil.rmtree(staging, ignore_errors=True)  # made by mkdtemp above: ours alone
         raise
     return Exported(out, trained.checkpoint, trained.model.arch, use_ema, trained.global_step)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """What an export of out killed midway left beside it: its staging folder, or the earlier
+    export it had renamed aside (only the files that export listed)."""
+    name = re.escape(out.name)
+    for path in out.parent.glob(f".{out.name}.*"):
+        if re.fullmatch(rf"\.{name}\.[A-Za-z0-9_]{{8}}\.partial", path.name):
+            shutil.rmtree(path, ignore_errors=True)  # mkdtemp's name: made by an export
+        elif re.fullmatch(rf"\.{name}\.replaced-[0-9a-f]{{8}}", path.name):
+            remove_listed(path, MARKER)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

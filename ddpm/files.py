@@ -111,6 +111,23 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+# What atomic_write names its temporary file: "." + the file's name + mkstemp's 8 characters.
+_PARTIAL = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files atomic_write left in folder when its process was killed
+    mid-write (a checkpoint's can be as large as the checkpoint); returns them. Call it only
+    while no other process writes there (holding the folder's lock)."""
+    if not Path(folder).is_dir():
+        return []
+    removed = [p for p in Path(folder).iterdir() if _PARTIAL.match(p.name) and p.is_file()]
+    for path in removed:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return removed
+
+
 def _fsync_folder(folder: Path) -> None:
     if os.name == "nt":  # folders cannot be opened (nor need to be synced) there
         return

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -281,6 +282,16 @@ def run_flow(cfg: Settings, load: Callable[[], Callable[[], State]]) -> int:
                     state = call()
         except UserError as err:
             return _end(2, f"error: {message(err)}")
+        except BaseException as err:
+            if type(err).__name__ != "TerminationSignal":  # prefect.exceptions'
+                raise
+            # A signal while the flow run was ending, after the run's own handler was gone
+            # (the launcher stopping rank 0 of a group that lost a rank): Prefect's handler
+            # raises it; the run has ended already, so one line says so. Not final: under the
+            # launcher the group is started again.
+            code = 128 + getattr(err, "signal", signal.SIGTERM)
+            return _end(code, f"stopped: {signal.Signals(code - 128).name} received as the "
+                        "run was ending; re-run to resume", final=False)  # fmt: skip
     if stop():
         return _end(stop.exit_code, f"stopped: {state.message}")
     if state.is_completed():

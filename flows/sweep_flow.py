@@ -27,6 +27,8 @@ if __name__ == "__main__":
 
 import contextlib
 import dataclasses
+import datetime
+import io
 import json
 import math
 import os
@@ -48,9 +50,16 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.deployments import run_deployment
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled, Cancelling, State
+from prefect.states import Cancelled, Cancelling, Crashed, State
 
+from ddpm.files import atomic_write, remove_partial_writes
 from ddpm.run_dir import RunDir
 from flows import children
 from flows.shutdown import StopRequest, active_stop_request
@@ -60,6 +69,17 @@ from settings import Settings, load_settings
 from settings.sweep import Range, SpecError, SweepSpec, planned, spec_from, trial_overrides
 
 __all__ = ["Trial", "local_runner", "sweep_flow"]
+
+# A trial's flow run sends a heartbeat event every HEARTBEAT_SECONDS (Prefect's least; set for
+# the served deployment here and the deployments of deployments/prefect.yaml). One Running but
+# silent for SILENT_SECONDS has lost its process or its machine (a worker killed with it, a
+# host down): nothing would ever end it, so the sweep marks it Crashed.
+HEARTBEAT = "prefect.flow-run.heartbeat"
+HEARTBEAT_SECONDS = 30
+SILENT_SECONDS = 3 * HEARTBEAT_SECONDS  # three missed: as Prefect's docs detect zombie runs
+# A trial that crashed (its process killed, its machine lost, the Prefect API gone) starts
+# again, from its checkpoint, this many times before it is a row that says why.
+TRIAL_RESTARTS = 2
 
 # ---- a trial's result, read from its flow run ---------------------------------------------------
 
@@ -166,9 +186,10 @@ def plot(spec: SweepSpec, trials: Mapping[int, Trial], path: Path) -> Path:
     final.set(ylabel=spec.metric, title="last value (orange: pruned, red: did not finish)")
     final.tick_params(axis="x", labelrotation=60, labelsize="small")
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return path
+    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def log_to_wandb(cfg: Settings, spec: SweepSpec, folder: Path, rows: list[dict], png: Path) -> None:
@@ -239,6 +260,8 @@ def _distributions(spec: SweepSpec) -> dict[str, Any]:
 class Sweep:
     """Starts trials up to the spec's concurrency, records each as it ends, stops on request."""
 
+    silent_seconds: float = SILENT_SECONDS  # a Running trial with no heartbeat this long is gone
+
     def __init__(
         self,
         spec: SweepSpec,
@@ -253,6 +276,7 @@ class Sweep:
         if spec.search == "tpe":
             self.study, self.storage = open_study(spec, folder)
         self.running: dict[str, Trial] = {}
+        self._checked: dict[str, float] = {}  # flow run id -> when its heartbeat was checked
         self.logger = get_run_logger()
         unfinished = [t for _, t in sorted(self.trials.items()) if t.state not in FINISHED]
         self.todo = [t for t in unfinished if not (adopt and self._adopted(t))]
@@ -308,6 +332,11 @@ class Sweep:
 
     def _finish(self, trial: Trial) -> None:
         trial = trial_result_task(trial, self.spec.metric, self.spec.goal)
+        if trial.state == "Crashed" and trial.restarts < TRIAL_RESTARTS and not self.stop():
+            self.logger.warning("%s crashed (%s); starting it again (%d of %d), from its "
+                                "checkpoint", trial.name, trial.message or "no message",
+                                trial.restarts + 1, TRIAL_RESTARTS)  # fmt: skip
+            self.todo.insert(0, dataclasses.replace(trial, restarts=trial.restarts + 1))
         self.trials[trial.index] = trial
         if self.study is not None:
             self._tell(trial)
@@ -345,8 +374,46 @@ class Sweep:
         self.logger.info("cancelled %d running trial(s): %s", len(self.running),
                          ", ".join(t.name for t in self.running.values()))  # fmt: skip
 
-    def run(self, poll_seconds: float) -> None:
-        cancelled = False
+    def _silent(self, flow_run: Any) -> bool:
+        """Whether a trial's flow run is Running but has sent no heartbeat for silent_seconds,
+        though it did send them (a deployment without heartbeats is never judged)."""
+        state, window = flow_run.state, self.silent_seconds
+        now = datetime.datetime.now(datetime.UTC)
+        if not state.is_running() or (now - state.timestamp).total_seconds() < window:
+            return False
+
+        def heartbeats(since: datetime.datetime) -> bool:
+            found = self.client.read_events(filter=EventFilter(
+                event=EventNameFilter(name=[HEARTBEAT]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run.id}"]),
+                occurred=EventOccurredFilter(since=since),
+            ), limit=1)  # fmt: skip
+            return bool(found.events)
+
+        silent = datetime.timedelta(seconds=window)
+        return not heartbeats(now - silent) and heartbeats(state.timestamp - silent)
+
+    def _check(self, flow_run_id: str) -> bool:
+        """Whether a running trial has ended; one that went silent is marked Crashed first."""
+        flow_run = self.client.read_flow_run(flow_run_id)
+        if flow_run.state.is_final():
+            return True
+        if time.monotonic() - self._checked.get(flow_run_id, 0.0) < HEARTBEAT_SECONDS / 3:
+            return False
+        self._checked[flow_run_id] = time.monotonic()
+        if not self._silent(flow_run):
+            return False
+        message = (f"no heartbeat for {self.silent_seconds:g} s: its process or machine is gone "
+                   f"(marked by the sweep {self.spec.name})")  # fmt: skip
+        self.client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+        self.logger.warning("%s: %s", self.running[flow_run_id].name, message)
+        return True
+
+    def run(self, poll_seconds: float, stop_grace: float) -> None:
+        """Start trials up to the concurrency, and record each as it ends, until none is left
+        or a stop request: then the running trials are cancelled, and those not ended
+        `stop_grace` seconds later are marked Cancelled."""
+        cancelled_at = None
         while True:
             while not self.stop() and len(self.running) < self.spec.concurrency:
                 trial = self._next()
@@ -355,12 +422,17 @@ class Sweep:
                 self._start(trial)
             if not self.running:
                 return
-            if self.stop() and not cancelled:
+            if self.stop() and cancelled_at is None:
                 self._cancel_running()
-                cancelled = True
+                cancelled_at = time.monotonic()
+            if cancelled_at is not None and time.monotonic() - cancelled_at > stop_grace:
+                for flow_run_id in self.running:  # gone, or not stopping: ended here
+                    message = f"did not stop within {stop_grace:g} s of the sweep's stop"
+                    self.client.set_flow_run_state(flow_run_id, Cancelled(message=message),
+                                                   force=True)  # fmt: skip
             time.sleep(poll_seconds)
             for flow_run_id, trial in list(self.running.items()):
-                if self.client.read_flow_run(flow_run_id).state.is_final():
+                if self._check(flow_run_id):
                     del self.running[flow_run_id]
                     self._finish(trial)
 
@@ -396,6 +468,7 @@ def sweep_flow(
         RunDir(folder).locked(doing="running this sweep"),
         get_client(sync_client=True) as client,
     ):
+        remove_partial_writes(folder)  # a killed write's, now the lock is ours
         try:
             client.read_deployment_by_name(sweep.deployment)
         except ObjectNotFound:
@@ -406,13 +479,24 @@ def sweep_flow(
         runner = Sweep(sweep, folder, client, stop, adopt)
         logger.info("sweep %s: %s search, %s at once, folder %s", sweep.name, sweep.search,
                     sweep.concurrency, folder)  # fmt: skip
+        error = None
         try:
-            runner.run(poll_seconds)
+            runner.run(poll_seconds, stop_grace=cfg.run.stop_timeout + 20)
+        except BaseException as err:
+            error = err
+            raise
         finally:
             trials = runner.trials
             rows = table_rows(sweep, trials, folder)
-            png = plot(sweep, trials, folder / "metric.png")
-            log_to_wandb(cfg, sweep, folder, rows, png)
+            png = folder / "metric.png"
+            try:
+                plot(sweep, trials, png)
+                log_to_wandb(cfg, sweep, folder, rows, png)
+            except Exception as late:
+                if error is None:
+                    raise
+                # The error under way says what went wrong; this one must not hide it.
+                logger.warning("could not draw the plot or log to W&B either: %s", late)
     logger.info("sweep %s:\n%s\nplot: %s", sweep.name, text_table(rows), png)
     if stop():
         left = [t.name for t in trials.values() if t.state not in FINISHED]
@@ -442,7 +526,8 @@ def local_runner(deployment: str, limit: int, timeout: float, log: Path) -> Iter
     """
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS), **os.environ,
+           "PREFECT_API_URL": PREFECT_API_URL.value()}  # fmt: skip
     command = [sys.executable, "-m", "deployments.serve", "--deployment", deployment,
                "--limit", str(limit)]  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ class Trial:
     images_per_s: float | None = None
     wandb: str | None = None
     curve: list[list[float]] = dataclasses.field(default_factory=list)  # [epoch, metric]
+    restarts: int = 0  # times it was started again after it crashed
 
     @property
     def name(self) -> str:

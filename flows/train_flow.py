@@ -31,7 +31,7 @@ from prefect.utilities.annotations import quote
 from ddpm.config import Config
 from ddpm.distributed import Group, environment, join
 from ddpm.evaluation import inception_weights
-from ddpm.files import checksum_file, write_checked
+from ddpm.files import checksum_file, remove_partial_writes, write_checked
 from ddpm.run_dir import RunDir
 from ddpm.trainer import EpochResult, Trainer, share_start
 from flows.download import download_task
@@ -103,6 +103,8 @@ def open_run_dir(cfg: Settings) -> Iterator[RunDir]:
     created = [p for p in (run.path.parent, run.path) if not p.exists()]
     try:
         with run.locked():
+            for folder in (run.path, run.checkpoints, run.samples):
+                remove_partial_writes(folder)  # a killed write's, now the lock is ours
             _write_settings(run, cfg)
             yield run
     except BaseException:

@@ -203,3 +203,21 @@ def test_export_replaces_only_an_earlier_export_as_it_wrote_it(tmp_path: Path) -
     with pytest.raises(NotOurs, match=r"is not a verifiable ddpm-export folder: "
                        r".*\.ddpm-export\.json is damaged \(not JSON"):  # fmt: skip
         export(run, out)
+
+
+def test_what_a_killed_export_left_beside_its_folder_is_removed(tmp_path: Path) -> None:
+    """An export killed midway leaves its staging folder, or the earlier export it had moved
+    aside, beside --out; the next export removes them, all but a file the user had put in the
+    earlier export (which stays, in the folder moved aside)."""
+    run, out = tiny_checkpoint(tmp_path / "run"), tmp_path / "export"
+    staging = tmp_path / ".export.ab12cd34.partial"
+    (staging / "unet").mkdir(parents=True)
+    (staging / "unet" / "config.json").write_text("{}")
+    aside = tmp_path / ".export.replaced-0123abcd"
+    export(run, aside)  # an earlier export, as the killed one had moved it
+    (aside / "mine.txt").write_text("keep me")
+    export(run, out)
+    assert not staging.exists()
+    assert [p.name for p in aside.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.replaced-0123abcd", "export",
+                                                          "run"]  # fmt: skip

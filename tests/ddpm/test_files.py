@@ -20,6 +20,7 @@ from ddpm.files import (
     claim_folder,
     read_json,
     remove_listed,
+    remove_partial_writes,
     write_marker,
     write_text,
 )
@@ -175,3 +176,15 @@ def test_the_core_imports_where_there_is_no_fcntl() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).parents[2])  # fmt: skip
     assert done.returncode == 0 and done.stdout.startswith("imported"), done.stderr[-2000:]
+
+
+def test_a_killed_writes_temporary_file_is_removed_and_nothing_else(tmp_path: Path) -> None:
+    """remove_partial_writes deletes the temporary files atomic_write leaves when its process is
+    killed mid-write (".NAME.XXXXXXXX.tmp"), and no other file, however alike."""
+    left = tmp_path / ".step_0000018.pt.gwqtf0o5.tmp"
+    left.write_bytes(b"half a checkpoint")
+    kept = [".notes.tmp", "step.tmp", ".a.tmp", ".step_0000018.pt.gwqtf0o5.tmp.bak"]
+    for name in kept:
+        (tmp_path / name).write_text("mine")
+    assert remove_partial_writes(tmp_path) == [left]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)

@@ -264,3 +264,47 @@ def test_a_trial_that_ended_without_a_message_is_a_row_not_a_crash(message: str 
     trial = trial_result_task.fn(Trial(0, {"optim.lr": 1e-3}, flow_run_id=str(flow_run.id)),
                                  "epoch/loss", "minimize")  # fmt: skip
     assert (trial.state, trial.message, trial.metric, trial.curve) == ("Crashed", "", None, [])
+
+
+def test_a_running_trial_whose_heartbeats_stopped_is_silent() -> None:
+    """A trial Running for longer than the silence window (SILENT_SECONDS; 8 s here, as the
+    server stamps states itself) whose last heartbeat is older than that (its process or
+    machine is gone: nothing would ever end it) is silent, and the sweep marks it Crashed;
+    a recent heartbeat, or a flow run that never sent one (a deployment without
+    heartbeats), is not."""
+    import datetime
+    import types
+
+    from prefect import flow
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.states import Running
+
+    from flows.sweep_flow import HEARTBEAT, Sweep
+
+    @flow(name="a-trial")
+    def a_trial() -> None:
+        pass
+
+    def beat(flow_run_id: Any) -> None:
+        emit_event(event=HEARTBEAT, occurred=datetime.datetime.now(datetime.UTC),
+                   resource={"prefect.resource.id": f"prefect.flow-run.{flow_run_id}"})  # fmt: skip
+
+    with get_client(sync_client=True) as client:
+        runs = {name: client.create_flow_run(a_trial, name=name)
+                for name in ("dead", "alive", "quiet")}  # fmt: skip
+        for name, run in runs.items():
+            client.set_flow_run_state(run.id, Running(), force=True)
+            if name != "quiet":
+                beat(run.id)
+        time.sleep(9)  # Running for longer than the window, those heartbeats older
+        beat(runs["alive"].id)
+        EventsWorker.drain_all(timeout=10)
+        sweep = types.SimpleNamespace(client=client, silent_seconds=8)
+        deadline = time.monotonic() + 30  # the server stores events in batches, seconds later
+        while Sweep._silent(sweep, client.read_flow_run(runs["alive"].id)):
+            assert time.monotonic() < deadline, "the heartbeat never reached the server"
+            time.sleep(0.5)
+        silent = {name: Sweep._silent(sweep, client.read_flow_run(run.id))
+                  for name, run in runs.items()}  # fmt: skip
+    assert silent == {"dead": True, "alive": False, "quiet": False}
