@@ -30,7 +30,10 @@ Each record lists what missed the product's promises (`misses`): 0 damaged files
 every run finishing on re-run, at most one checkpoint interval of steps lost, the final weights
 of a run never interrupted, no user file deleted, no command hanging. The JSON (--out) holds
 every record and a summary per kind; the markdown table is printed at the end and written
-beside the JSON (.md). A record's `seed` replays it: `--only KIND:SEED`.
+beside the JSON (.md). A record's `seed` replays it: `--only KIND:SEED`. A batch stopped part-way
+(a 300-injection batch takes hours) goes on where it stopped when the same command runs again
+at the same commit: each record is appended to a journal beside the JSON (.journal.jsonl) as
+it ends, and the JSON counts the sittings.
 
 Linux only (/proc). As root with CAP_SYS_ADMIN the disk fills on a small tmpfs and a folder turns
 read-only through a read-only bind mount over it; otherwise the fallbacks run: RLIMIT_FSIZE set
@@ -1623,6 +1626,42 @@ def checkout() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "uncommitted": changed}
 
 
+def append_line(path: Path, line: dict[str, Any]) -> None:
+    """One JSON line appended and synced (a kill loses at most the line being written)."""
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def resume(journal: Path, head: dict[str, Any]) -> tuple[list[Injection], float, int]:
+    """The records of an earlier sitting of the same batch (its journal's first line is head),
+    the wall seconds it spent, and which sitting this is; a new journal where there is none. A
+    journal of another batch or commit stops the command (a table is of one code and one plan)."""
+    if not journal.exists():
+        append_line(journal, {"head": head})
+        return [], 0.0, 1
+    lines = []
+    for text in journal.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            break  # the line a kill tore, and nothing after it
+    if not lines or json.loads(json.dumps(head)) != lines[0].get("head"):
+        raise SystemExit(f"error: {journal} is the journal of another batch or commit; finish "
+                         "that one (its command, at its commit) or remove the file")  # fmt: skip
+    kept = [line for line in lines[1:] if "record" in line]
+    sittings = 2 + sum("sitting" in line for line in lines)  # the first has no line of its own
+    whole = journal.with_name(journal.name + ".tmp")  # without a torn last line
+    whole.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    whole.replace(journal)
+    append_line(journal, {"sitting": sittings, "after": len(kept)})
+    wall = kept[-1]["wall_s"] if kept else 0.0
+    print(f"resuming {journal}: {len(kept)} of {len(head['todo'])} injections recorded",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return [Injection(**line["record"]) for line in kept], wall, sittings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the injections the flags ask for; write the JSON and the table; print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1655,19 +1694,28 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown kinds {unknown}; the kinds are {', '.join(KINDS)}")
         todo = plan(args.injections, args.seed, kinds)
-    start, records, code = time.monotonic(), [], checkout()
+    start, code = time.monotonic(), checkout()
+    # A long batch is journaled: each record is appended as it ends, and the same command run
+    # again (same flags, same commit) goes on after the last one recorded.
+    head = {"todo": todo, "options": dataclasses.asdict(options), "commit": code["commit"]}
+    journal = None if args.only else args.out.with_suffix(".journal.jsonl")
+    records, before, sittings = resume(journal, head) if journal else ([], 0.0, 1)
     with laboratory(args.keep, options) as lab:
-        for index, (kind, seed) in enumerate(todo):
+        for index, (kind, seed) in enumerate(todo[len(records) :], len(records)):
             records.append(inject(lab, kind, seed))
             rec = records[-1]
             print(f"[{index + 1}/{len(todo)}] {kind}:{seed} {rec.target} {rec.where} -> "
                   f"{'; '.join(rec.misses) or 'all targets met'} ({rec.seconds} s)",
                   file=sys.stderr, flush=True)  # fmt: skip
+            if journal:
+                wall = round(before + time.monotonic() - start, 1)
+                append_line(journal, {"record": dataclasses.asdict(rec), "wall_s": wall})
         mounting = lab.mounting
     summary = summarize(records)
     result = {
         "command": "python benchmarks/faults.py " + " ".join(argv or sys.argv[1:]),
-        "seed": args.seed, "wall_s": round(time.monotonic() - start, 1),
+        "seed": args.seed, "wall_s": round(before + time.monotonic() - start, 1),
+        "sittings": sittings,
         "code": {"at_start": code, "at_end": checkout()},
         "machine": {"cpus": os.cpu_count(), "root": os.geteuid() == 0,
                     "faults_made_with": "tmpfs and bind mounts" if mounting else
@@ -1678,6 +1726,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(summary)
     args.out.with_suffix(".md").write_text(table)
+    if journal:
+        journal.unlink()  # everything it held is in the JSON
     print(table)
     return 0
 
