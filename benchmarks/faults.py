@@ -1003,6 +1003,21 @@ def rank_pid(launcher: int, rank: int, timeout: float = 120) -> int | None:
     return None
 
 
+def steps_before_restart(lines: Sequence[str], killed_at: int) -> int:
+    """The last step a group logged before its restart: step lines up to the first "resumed
+    after step" line after the kill (line killed_at on), or, for a group restarted before its
+    first checkpoint (it says nothing of resuming), up to the first step that counts again."""
+    last = 0
+    for i, line in enumerate(lines):
+        if i >= killed_at and RESUMED.search(line):
+            break
+        if m := STEP_LINE.search(line):
+            if i >= killed_at and int(m[1]) <= last:
+                break
+            last = max(last, int(m[1]))
+    return last
+
+
 def kill_rank(lab: Lab, rec: Injection, rng: random.Random) -> None:
     """SIGKILL of rank 1 of a 2-process run at a seeded step: the launcher should restart the
     group (train.max_restarts) and the command finish by itself; if not, it is re-run."""
@@ -1021,9 +1036,7 @@ def kill_rank(lab: Lab, rec: Injection, rng: random.Random) -> None:
     code = await_struck(first, rec)
     resumes = [(i, int(m[1])) for i, line in enumerate(first.lines)
                if i >= before and (m := RESUMED.search(line))]  # fmt: skip
-    upto = resumes[0][0] if resumes else len(first.lines)
-    rec.last_step = max((int(m[1]) for line in first.lines[:upto]
-                         if (m := STEP_LINE.search(line))), default=0)  # fmt: skip
+    rec.last_step = steps_before_restart(first.lines, before)
     rec.where = f"step {rec.last_step} (aimed at {step})"
     if code == 0:  # the launcher's restart finished it: judge the command itself
         rec.rerun_exit, rec.rerun_last_line = 0, "(no re-run needed: the launcher restarted it)"
