@@ -14,20 +14,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ddpm.config import (
     Config,
     DiffusionConfig,
     ModelConfig,
 )
+from ddpm.data import sigma_data_of
 from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel
+from ddpm.edm import SIGMA_DATA, EDMParams
 from ddpm.run_dir import RunDir, load_newest_valid
 from ddpm.training import (
     EMA,
     TrainingState,
     build_lr_scheduler,
     build_optimizer,
+    power_emas,
     run_warmup_steps,
     seed_everything,
 )
@@ -60,7 +64,27 @@ def build_diffusion(
         prediction=diffusion.prediction,
         loss_weighting=diffusion.loss_weighting,
         min_snr_gamma=diffusion.min_snr_gamma,
+        edm=EDMParams(
+            diffusion.sigma_data or SIGMA_DATA,  # resolved by the run (with_sigma_data)
+            diffusion.p_mean,
+            diffusion.p_std,
+        )
+        if diffusion.formulation == "edm"
+        else None,
     )
+
+
+def with_sigma_data(config: Config, dataset: Dataset) -> Config:
+    """config with diffusion.sigma_data measured on the training images where an edm run
+    leaves it unset (ddpm.data.sigma_data_of), so the model, its checkpoints' architecture
+    record and a resumed run all hold the value; config itself otherwise."""
+    diffusion = config.diffusion
+    if diffusion.formulation != "edm" or diffusion.sigma_data is not None:
+        return config
+    measured = sigma_data_of(dataset)
+    log.info("diffusion.sigma_data %.4f, measured on the training images", measured)
+    resolved = dataclasses.replace(diffusion, sigma_data=measured)
+    return dataclasses.replace(config, diffusion=resolved)
 
 
 def build_training(
@@ -91,6 +115,10 @@ def build_training(
         opt,
         scheduler=build_lr_scheduler(opt, warmup, total_steps, optim.schedule),
         ema=EMA(diffusion, train.ema_decay),
+        profiles=power_emas(diffusion, train.ema_snapshots),
+        ema_snapshot_every=max(1, round(total_steps / train.ema_snapshots))
+        if train.ema_snapshots
+        else 0,
         grad_clip=optim.grad_clip,
         precision=train.precision,
         settings=dict(settings or {}),

@@ -164,10 +164,11 @@ def check_compatible(
 
 
 def _check_diffusion(state: Mapping[str, Any], model: nn.Module, source: str) -> None:
-    """Refuse weights trained for another schedule, prediction target or T: they would load,
-    and sample noise. The diffusion is read where ddpm.generate.architecture reads it (the
-    architecture record, else the settings saved with older checkpoints); keys a record lacks
-    predate the choice (LEGACY_DIFFUSION)."""
+    """Refuse weights trained for another formulation, schedule, prediction target or T (or, for
+    edm, sigma_data): they would load, and sample noise. The diffusion is read where
+    ddpm.generate.architecture reads it (the architecture record, else the settings saved with
+    older checkpoints); keys a record lacks predate the choice (LEGACY_DIFFUSION); sigma_data
+    is the checkpoint's own buffer."""
     from ddpm.config import LEGACY_DIFFUSION
 
     if not hasattr(model, "prediction"):  # not a DiffusionModel
@@ -176,10 +177,19 @@ def _check_diffusion(state: Mapping[str, Any], model: nn.Module, source: str) ->
         (state.get("settings") or {}).get("diffusion") or {}
     )
     record = {**LEGACY_DIFFUSION, **saved}
-    keys = ["schedule", "prediction", "num_timesteps"]
-    if model.schedule == "linear":
-        keys += ["beta_start", "beta_end"]
+    formulation = getattr(model, "formulation", "discrete")
+    keys = ["formulation"]
+    if record["formulation"] == formulation == "edm":
+        saved_sigma = (state.get("model") or {}).get("sigma_data")
+        record["sigma_data"] = None if saved_sigma is None else round(float(saved_sigma), 6)
+        keys.append("sigma_data")
+    elif formulation == "discrete":
+        keys += ["schedule", "prediction", "num_timesteps"]
+        if model.schedule == "linear":
+            keys += ["beta_start", "beta_end"]
     ours = {
+        "formulation": formulation,
+        "sigma_data": round(float(model.sigma_data), 6) if formulation == "edm" else None,
         "schedule": model.schedule,
         "prediction": model.prediction,
         "num_timesteps": model.num_timesteps,

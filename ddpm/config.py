@@ -62,6 +62,12 @@ class DiffusionConfig:
     prediction: Literal["eps", "v", "x0"] = "v"
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     min_snr_gamma: float = 5.0  # Hang et al. 2023
+    # discrete (the above; DDPM) or edm (Karras et al. 2022, ddpm.edm: continuous sigma,
+    # EDM's preconditioning, noise distribution and loss weight; the above unused).
+    formulation: Literal["discrete", "edm"] = "discrete"
+    sigma_data: float | None = None  # edm: the data's std; None = measured when a run starts
+    p_mean: float = -1.2  # edm: ln sigma ~ N(p_mean, p_std^2) in training (EDM Table 1)
+    p_std: float = 1.2
 
     @classmethod
     def from_record(cls, record: dict) -> DiffusionConfig:
@@ -71,7 +77,10 @@ class DiffusionConfig:
 
 
 # What every run trained with before diffusion.schedule, prediction and loss_weighting existed.
-LEGACY_DIFFUSION = {"schedule": "linear", "prediction": "eps", "loss_weighting": "uniform"}
+LEGACY_DIFFUSION = {
+    "schedule": "linear", "prediction": "eps", "loss_weighting": "uniform",
+    "formulation": "discrete",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,9 @@ class TrainConfig:
     seed: int = 0  # weights, data order and flips, noise, the sample grid's noise
     device: str = "cpu"  # resolved: cpu, cuda or cuda:N
     ema_decay: float = 0.9999
+    # Post-hoc EMA (EDM2, ddpm.phema): snapshots over the run of two power-function EMAs
+    # (sigma_rel 0.05 and 0.10), from which ddpm-ema rebuilds any EMA length; 0 = off.
+    ema_snapshots: int = 0
     log_every: int = 100  # steps between reads of the step metrics (each read waits)
     max_bad_steps: int = 10  # non-finite steps in a row before the run fails
     deterministic: bool = False
@@ -115,12 +127,24 @@ class SampleConfig:
 
     every: int = 1  # epochs between grids; 0 = never
     num: int = 64
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "dpmpp_2m"
-    steps: int = 20  # network calls of ddim and dpmpp_2m (ddpm always takes all T)
+    # ddpm, ddim, dpmpp_2m: on the discrete timesteps; euler, heun, dpmpp_2m_karras,
+    # dpmpp_3m_karras: on Karras steps of sigma (ddpm.sigma_samplers), either formulation.
+    sampler: Literal[
+        "ddpm", "ddim", "dpmpp_2m", "euler", "heun", "dpmpp_2m_karras", "dpmpp_3m_karras"
+    ] = "dpmpp_2m"
+    steps: int = 20  # the sampler's steps: network calls (heun: 2 steps - 1; ddpm: all T)
     eta: float = 1.0  # DDIM's fresh noise per step: 0 = deterministic, 1 = ancestral
     use_ema: bool = True
     clip_denoised: bool = True  # clip each step's x0 estimate to [-1, 1]
     compile: bool = False  # torch.compile the sampler's steps
+    # The samplers on sigma (EDM sec. 3-4, Algorithm 2):
+    rho: float = 7.0  # Karras steps' exponent (EDM eq. 5)
+    sigma_min: float | None = None  # None: edm 0.002, discrete its schedule's sigma_0
+    sigma_max: float | None = None  # None: edm 80, discrete its schedule's sigma_{T-1}
+    s_churn: float = 0.0  # euler and heun: stochasticity (0 = the deterministic ODE)
+    s_tmin: float = 0.0
+    s_tmax: float | None = None  # None: no upper bound
+    s_noise: float = 1.0
 
 
 @dataclass(frozen=True)

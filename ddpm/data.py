@@ -21,6 +21,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ddpm.config import CIFAR10_URL, Config, DataConfig
+from ddpm.edm import measure_sigma_data
 from ddpm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -565,6 +566,23 @@ def locate_dataset(data: DataConfig) -> Path:
             raise DatasetError(f"image folder {data.folder} does not exist; set data.folder")
         return Path(data.folder)
     raise ValueError(f"unknown dataset {data.dataset!r}; expected cifar10 or folder")
+
+
+SIGMA_DATA_IMAGES = 2000  # images sigma_data is measured on: its std error is ~1e-4 there
+
+
+def sigma_data_of(dataset: Dataset) -> float:
+    """EDM's sigma_data: the standard deviation of the training images in [-1, 1], measured on
+    up to SIGMA_DATA_IMAGES of them spread evenly over the dataset (the same ones every time,
+    so a resumed run measures the same value; ddpm.edm.measure_sigma_data)."""
+    n = len(dataset)
+    if n == 0:
+        raise DatasetError("no training images to measure diffusion.sigma_data on")
+    count = min(n, SIGMA_DATA_IMAGES)
+    indices = [i * n // count for i in range(count)]
+    if isinstance(dataset, TensorImageDataset):
+        return measure_sigma_data(dataset.images[indices])
+    return measure_sigma_data(torch.stack([dataset[i] for i in indices]))
 
 
 def load_dataset(config: Config, path: Path) -> Dataset:

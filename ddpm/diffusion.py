@@ -1,12 +1,17 @@
-"""Gaussian diffusion (Ho et al. 2020) around any network: the forward process, the training
-loss, and sampling with any of the samplers of ddpm.samplers.
+"""Gaussian diffusion around any network: the forward process, the training loss, and
+sampling with any of the samplers of ddpm.samplers and ddpm.sigma_samplers.
 
-Timesteps are 0-indexed: t in {0, ..., T-1}. The network is given (t + 1) / T, a float in
-(0, 1], and predicts `prediction` (eps, v or x0; see ddpm.schedules).
+Two formulations (`formulation`):
+- discrete (Ho et al. 2020): timesteps 0-indexed, t in {0, ..., T-1}; the network is given
+  (t + 1) / T, a float in (0, 1], and predicts `prediction` (eps, v or x0; ddpm.schedules).
+- edm (Karras et al. 2022): a continuous noise level sigma; the network F is given c_in x and
+  c_noise = ln(sigma) / 4 and wrapped by EDM's preconditioning (ddpm.edm).
+Either is a denoiser D(x; sigma) (`denoise`), which the samplers on sigma integrate.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.edm import (
+    P_MEAN,
+    P_STD,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    EDMParams,
+    edm_training_target,
+    precondition,
+    sigma_to_t,
+    vp_sigmas,
+)
 from ddpm.samplers import make_sampler
 from ddpm.schedules import (
     check_prediction,
@@ -22,7 +38,9 @@ from ddpm.schedules import (
     named_betas,
     prediction_target,
     schedule_constants,
+    split_prediction,
 )
+from ddpm.sigma_samplers import SIGMA_SAMPLERS, make_sigma_sampler
 
 __all__ = ["DiffusionModel", "Generators", "extract", "linear_beta_schedule"]
 
@@ -66,10 +84,11 @@ class _Compiled(dict):
         return _Compiled()
 
 
-def _network_output(model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The network at (x_t, t): a plain function, so torch.compile can take it with the model
-    as an argument (a bound method in the model's own cache would keep the model alive)."""
-    return model.eps_model(x_t, model._net_time(t))
+def _network_output(model: DiffusionModel, x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    """The network at (x_in, its (B,) float time input): a plain function, so torch.compile can
+    take it with the model as an argument (a bound method in the model's own cache would keep
+    the model alive)."""
+    return model.eps_model(x_in, time)
 
 
 class DiffusionModel(nn.Module):
@@ -85,6 +104,10 @@ class DiffusionModel(nn.Module):
         prediction: what the network predicts: eps, v or x0.
         loss_weighting: uniform (L_simple) or min_snr.
         min_snr_gamma: min_snr's cap on the SNR.
+        edm: the EDM formulation with these parameters (ddpm.edm; betas, schedule,
+            prediction and the loss weighting are then unused, the schedule's buffers kept as
+            they are; sigma_data becomes a buffer, so a checkpoint keeps it); None: the
+            discrete formulation (`formulation` says which).
     """
 
     def __init__(
@@ -97,8 +120,11 @@ class DiffusionModel(nn.Module):
         prediction: str = "eps",
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        edm: EDMParams | None = None,
     ) -> None:
         super().__init__()
+        if edm is not None and (edm.sigma_data <= 0 or edm.p_std <= 0):
+            raise ValueError(f"sigma_data and p_std must be positive, got {edm}")
         check_prediction(prediction)
         loss_weight(loss_weighting, prediction, torch.ones(1), min_snr_gamma)  # fail now
         self.eps_model = eps_model
@@ -111,6 +137,12 @@ class DiffusionModel(nn.Module):
         self.alphas_cumprod_f64 = constants["alphas_cumprod"]
         for name, values in constants.items():
             self.register_buffer(name, values.to(torch.float32))
+        self.formulation = "discrete" if edm is None else "edm"
+        self.p_mean, self.p_std = (P_MEAN, P_STD) if edm is None else (edm.p_mean, edm.p_std)
+        if edm is not None:  # measured on the data when a run starts: kept with the weights
+            self.register_buffer("sigma_data", torch.tensor(edm.sigma_data, dtype=torch.float64))
+        # The discrete schedule on sigma (EDM Table 1, VP): ln sigma_t, increasing in t.
+        self.log_sigmas = vp_sigmas(self.alphas_cumprod_f64).log()
         self._compiled = _Compiled()
 
     def _net_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -134,8 +166,12 @@ class DiffusionModel(nn.Module):
         )
 
     def draw_training_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t ~ U{0..T-1} (B,) and eps ~ N(0, I) like x0, from the global generator of x0's
-        device (t first, then eps: a data-parallel run draws them for the global batch)."""
+        """t ~ U{0..T-1} (B,) (edm: the noise levels sigma, ln sigma ~ N(p_mean, p_std^2))
+        and eps ~ N(0, I) like x0, from the global generator of x0's device (t first, then eps:
+        a data-parallel run draws them for the global batch)."""
+        if self.formulation == "edm":  # EDM Table 1, "Ours": the training noise distribution
+            ln_sigma = torch.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean
+            return ln_sigma.exp(), torch.randn_like(x0)
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         return t, torch.randn_like(x0)
 
@@ -145,16 +181,26 @@ class DiffusionModel(nn.Module):
         """The training loss: the squared error of the network's prediction (DDPM eq. 14's
         L_simple for eps with uniform weighting), weighted per timestep by loss_weighting.
 
+        For edm, EDM's loss (sec. 5, eq. 8): lambda(sigma) ||D(y + sigma n; sigma) - y||^2,
+        as the equal unweighted error of F (ddpm.edm.edm_training_target).
+
         Args:
             x0: (B, C, H, W) clean images in [-1, 1].
-            t, eps: (B,) timesteps and (B, C, H, W) noise; drawn here when not given.
+            t, eps: (B,) timesteps (edm: noise levels sigma) and (B, C, H, W) noise; drawn
+                here when not given.
 
         Returns:
             scalar: the mean over the batch of each example's weighted mean squared error
-            between the network's output at x_t and its target (eps, v or x0).
+            between the network's output at x_t and its target (eps, v or x0; edm: F's).
         """
         if t is None or eps is None:
             t, eps = self.draw_training_noise(x0)
+        if self.formulation == "edm":
+            sigma = t.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
+            sigma_data = float(self.sigma_data)
+            _, _, c_in, c_noise = precondition(sigma, sigma_data)
+            output = self.eps_model(c_in * (x0 + sigma * eps), c_noise.flatten())
+            return F.mse_loss(output, edm_training_target(x0, eps, sigma, sigma_data))
         sqrt_abar = extract(self.sqrt_alphas_cumprod, t, x0.ndim)
         sqrt_one_minus_abar = extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
         x_t = sqrt_abar * x0 + sqrt_one_minus_abar * eps  # q_sample
@@ -209,8 +255,14 @@ class DiffusionModel(nn.Module):
         its own); on CUDA as a CUDA graph (mode "reduce-overhead"): one replay per step instead
         of a launch per kernel, which is what bounds a small network's sampling speed.
         """
+        run = self._network_at(compile)
+        return lambda x_t, t: run(x_t, self._net_time(t))
+
+    def _network_at(self, compile: bool = False) -> Network:
+        """The network as (x_in (B, C, H, W), its time input (B,) float) -> its output, through
+        torch.compile if asked (see network)."""
         if not compile:
-            return lambda x_t, t: _network_output(self, x_t, t)
+            return lambda x_in, time: _network_output(self, x_in, time)
         if "network" not in self._compiled:
             cuda = self.betas.device.type == "cuda"
             self._compiled["network"] = torch.compile(
@@ -218,12 +270,53 @@ class DiffusionModel(nn.Module):
             )
         compiled = self._compiled["network"]
 
-        def run(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def run(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
             # A CUDA graph's outputs are overwritten by its next replay: copy them out.
             torch.compiler.cudagraph_mark_step_begin()
-            return compiled(self, x_t, t).clone()
+            return compiled(self, x_in, time).clone()
 
         return run
+
+    def sigma_range(self) -> tuple[float, float]:
+        """The default (sigma_min, sigma_max) of the Karras steps: EDM's (0.002, 80), or the
+        discrete schedule's own ends, sigma_0 and sigma_{T-1} (as k-diffusion and diffusers'
+        use_karras_sigmas)."""
+        if self.formulation == "edm":
+            return SIGMA_MIN, SIGMA_MAX
+        return float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp())
+
+    def denoise(
+        self, x: torch.Tensor, sigma: float, network: Network | None = None, clip: bool = False
+    ) -> torch.Tensor:
+        """D(x; sigma): the model's estimate of the clean image under noise of level sigma.
+
+        edm: c_skip x + c_out F(c_in x; c_noise) (ddpm.edm.precondition). discrete: the
+        network at x_t = x / sqrt(1 + sigma^2) and the fractional timestep of sigma (ddpm.edm.
+        sigma_to_t; its time input (t + 1) / T), its output turned into x0 (split_prediction).
+
+        Args:
+            x: (B, C, H, W), any float dtype (the network is given float32; D is computed in
+                x's dtype).
+            sigma: the noise level, > 0.
+            network: the network as _network_at returns it (default: uncompiled).
+            clip: clip D to [-1, 1] (sample.clip_denoised).
+
+        Returns:
+            (B, C, H, W) D(x; sigma) in x's dtype.
+        """
+        network = network or self._network_at()
+        batch = torch.full((x.shape[0],), 1.0, device=x.device)
+        if self.formulation == "edm":
+            c_skip, c_out, c_in, c_noise = precondition(sigma, float(self.sigma_data))
+            output = network((c_in * x).float(), batch * c_noise)
+            d = c_skip * x + c_out * output.to(x.dtype)
+            return d.clamp(-1.0, 1.0) if clip else d
+        scale = 1.0 / math.sqrt(1.0 + sigma**2)  # sqrt(abar) of this sigma
+        x_t = x * scale
+        time = (sigma_to_t(sigma, self.log_sigmas) + 1) / self.num_timesteps
+        output = network(x_t.float(), batch * time).to(x.dtype)
+        x0_hat, _ = split_prediction(self.prediction, output, x_t, scale, sigma * scale, clip)
+        return x0_hat
 
     @torch.no_grad()
     def sample(
@@ -242,7 +335,9 @@ class DiffusionModel(nn.Module):
         Args:
             num_samples: B.
             size: (C, H, W) of one image.
-            sampler: ddpm (Algorithm 2, all T steps), ddim or dpmpp_2m.
+            sampler: ddpm (Algorithm 2, all T steps), ddim or dpmpp_2m on the discrete
+                formulation's timesteps; euler, heun, dpmpp_2m_karras or dpmpp_3m_karras on
+                Karras steps of sigma (either formulation; ddpm.sigma_samplers).
             generator: source of all noise; the same seed gives the same samples on one kind
                 of device. x_T is drawn from it wherever it is; the per-step noise on the
                 module's device (see _step_generator). A sequence of B generators gives each
@@ -254,11 +349,26 @@ class DiffusionModel(nn.Module):
                 and dpmpp_2m, in [1, T], default T), eta (DDIM's share of fresh noise per
                 step, in [0, 1], default 0), clip_denoised (clip each step's x0 estimate to
                 [-1, 1], as the DDPM reference code does; default on, off gives the samplers
-                as printed).
+                as printed). The samplers on sigma take steps (default 18, EDM's CIFAR-10
+                choice), rho, sigma_min and sigma_max (default: sigma_range), s_churn,
+                s_tmin, s_tmax and s_noise (ddpm.sigma_samplers.make_sigma_sampler).
 
         Returns:
             (B, C, H, W) float samples clamped to [-1, 1].
+
+        Raises:
+            ValueError: for a sampler on timesteps with the edm formulation, or bad options.
         """
+        if sampler in SIGMA_SAMPLERS:
+            return self._sample_on_sigma(
+                (num_samples, *size), sampler, generator, compile, progress, options
+            )
+        if self.formulation == "edm":
+            raise ValueError(
+                f"sampler {sampler} steps through the discrete formulation's timesteps; an edm "
+                f"model is sampled with one of {SIGMA_SAMPLERS}"
+            )
+        options = {k: v for k, v in options.items() if k in ("steps", "eta", "clip_denoised")}
         method = make_sampler(sampler, self.alphas_cumprod_f64, self.prediction, **options)
         network = self.network(compile)
         x = self._noise((num_samples, *size), generator)  # x_T ~ N(0, I)
@@ -274,3 +384,32 @@ class DiffusionModel(nn.Module):
             if progress is not None:
                 progress()
         return x.clamp(-1.0, 1.0)
+
+    def _sample_on_sigma(
+        self,
+        shape: Sequence[int],
+        sampler: str,
+        generator: Generators,
+        compile: bool,
+        progress: Callable[[], None] | None,
+        options: dict[str, Any],
+    ) -> torch.Tensor:
+        """sample with a sampler on sigma: x = sigma_max z, integrated in float64 to sigma = 0
+        (the network itself runs in float32, or in the caller's autocast)."""
+        options = {k: v for k, v in options.items() if k != "eta"}  # DDIM's
+        steps, clip = options.pop("steps", None), options.pop("clip_denoised", True)
+        low, high = self.sigma_range()
+        low, high = options.pop("sigma_min", None) or low, options.pop("sigma_max", None) or high
+        method = make_sigma_sampler(sampler, 18 if steps is None else steps, low, high, **options)
+        network = self._network_at(compile)
+        x = self._noise(shape, generator).double() * method.sigmas[0]
+        step_generator = self._step_generator(generator) if method.stochastic else None
+
+        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return self.denoise(x, sigma, network, clip)
+
+        def noise() -> torch.Tensor:
+            return self._noise(x.shape, step_generator).double()
+
+        x = method.sample(denoise, x, noise if method.stochastic else None, progress)
+        return x.float().clamp(-1.0, 1.0)

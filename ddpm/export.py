@@ -31,6 +31,7 @@ from ddpm.diffusers_format import (
     CUSTOM_MODULE,
     DIFFUSERS_VERSION,
     WEIGHTS_FILE,
+    FormatError,
     assignment_config,
     assignment_module,
     scheduler_config,
@@ -81,6 +82,12 @@ def export(path: Path, out: Path, use_ema: bool = True) -> Exported:
     check_export_target(out)
     _remove_leftovers(out)
     trained = load_trained_model(Path(path), use_ema=use_ema)
+    if trained.diffusion_config.formulation == "edm":
+        raise FormatError(
+            f"{trained.checkpoint} was trained with diffusion.formulation edm; this export "
+            "writes diffusers' DDPMScheduler for the discrete formulation only, and does not "
+            "yet write EDM's preconditioning around the network (diffusers' EDM schedulers)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from ddpm.checkpoint import CheckpointError, check_compatible, load_checkpoint, 
 from ddpm.config import DiffusionConfig, ModelConfig, Precision, SampleConfig
 from ddpm.data import denormalize
 from ddpm.diffusion import DiffusionModel, Generators
+from ddpm.edm import SIGMA_MAX, SIGMA_MIN
 from ddpm.errors import UserError, first_line
 from ddpm.files import (
     SAMPLES_MARKER,
@@ -38,6 +40,7 @@ from ddpm.files import (
 from ddpm.run_dir import RunDir, load_newest_valid
 from ddpm.samplers import make_sampler
 from ddpm.schedules import named_betas, schedule_constants
+from ddpm.sigma_samplers import SIGMA_SAMPLERS, make_sigma_sampler
 from ddpm.training import TrainingState, autocast
 
 OPTIONS_FILE = SAMPLES_MARKER  # what drew a folder's images; a re-run must match it
@@ -411,6 +414,13 @@ def run_sampler(
         "clip_denoised": sample.clip_denoised,
         "progress": progress,
     }
+    if sample.sampler in SIGMA_SAMPLERS:
+        options.update(
+            rho=sample.rho, sigma_min=sample.sigma_min, sigma_max=sample.sigma_max,
+            s_churn=sample.s_churn, s_tmin=sample.s_tmin,
+            s_tmax=math.inf if sample.s_tmax is None else sample.s_tmax,
+            s_noise=sample.s_noise,
+        )  # fmt: skip
     try:
         with autocast(model.betas.device.type, precision):
             return model.sample(num, image_shape, **options)
@@ -420,6 +430,8 @@ def run_sampler(
 
 def network_calls(diffusion: DiffusionConfig, sample: SampleConfig) -> int:
     """How many times sample's sampler calls the network for one batch (all T for ddpm)."""
+    if sample.sampler in SIGMA_SAMPLERS:  # the range changes no count
+        return make_sigma_sampler(sample.sampler, sample.steps, SIGMA_MIN, SIGMA_MAX).network_calls
     betas = named_betas(
         diffusion.schedule, diffusion.num_timesteps, diffusion.beta_start, diffusion.beta_end
     )

@@ -30,7 +30,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ddpm.checkpoint import checksum_path, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import checksum_path, load_checkpoint, save_checkpoint, to_cpu
 from ddpm.errors import UserError, first_line
 from ddpm.files import (
     DamagedFile,
@@ -45,6 +45,7 @@ from ddpm.files import (
 )
 
 _EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
+_EMA_SNAPSHOT = re.compile(r"^snapshot_(\d+)\.pt$")
 _STEP_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -72,6 +73,22 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.path / "samples"
+
+    @property
+    def ema(self) -> Path:
+        """ema/: post-hoc EMA's snapshots and the checkpoints ddpm-ema rebuilds from them."""
+        return self.path / "ema"
+
+    def ema_snapshot(self, global_step: int) -> Path:
+        """ema/snapshot_XXXXXXX.pt: the power-function EMAs after `global_step` steps."""
+        return self.ema / f"snapshot_{global_step:07d}.pt"
+
+    def ema_snapshots(self) -> list[Path]:
+        """The post-hoc EMA snapshots, oldest first."""
+        if not self.ema.is_dir():
+            return []
+        found = [(int(m[1]), p) for p in self.ema.iterdir() if (m := _EMA_SNAPSHOT.match(p.name))]
+        return [p for _, p in sorted(found)]
 
     @property
     def settings_file(self) -> Path:
@@ -321,6 +338,20 @@ def save_epoch_checkpoint(snapshot: Mapping[str, Any], run: RunDir, keep: int) -
     prune_checkpoints(run, keep)
     _remove(run.step_checkpoints())
     return path
+
+
+def save_ema_snapshot(profiles: Mapping[float, Any], run: RunDir, global_step: int) -> Path:
+    """Atomically write the power-function EMAs (ddpm.training.EMA by sigma_rel) as the run's
+    post-hoc EMA snapshot after global_step steps: each profile's averaged weights and t, the
+    updates it has averaged (steps skipped as non-finite are not among them)."""
+    snapshot = {
+        "global_step": global_step,
+        "profiles": {
+            str(s): {"t": int(p.n_averaged), "weights": to_cpu(p.module.state_dict())}
+            for s, p in profiles.items()
+        },
+    }
+    return save_checkpoint(run.ema_snapshot(global_step), snapshot)
 
 
 def save_step_checkpoint(snapshot: Mapping[str, Any], run: RunDir) -> Path:

@@ -25,12 +25,12 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
-from ddpm.build import build_training
+from ddpm.build import build_training, with_sigma_data
 from ddpm.checkpoint import CheckpointWriter
 from ddpm.config import Config, TrainConfig
 from ddpm.data import TrainingData, load_dataset, locate_dataset, shard_bounds
 from ddpm.distributed import Group, Shard, collectives
-from ddpm.run_dir import RunDir, save_step_checkpoint
+from ddpm.run_dir import RunDir, save_ema_snapshot, save_step_checkpoint
 from ddpm.training import TrainingState, autocast
 
 
@@ -162,6 +162,7 @@ class Trainer:
                         state.global_step + 1, state.epoch_step + 1, images + n,
                     )  # fmt: skip
                     self._checkpoint(writer)  # every train.checkpoint_every steps
+                    self._ema_snapshot()  # every state.ema_snapshot_every steps
                     hooks.after_step(state.global_step)
                     if len(reader.pending) >= train.log_every:
                         reader.read()
@@ -201,6 +202,15 @@ class Trainer:
         if self.state.global_step % self.train.checkpoint_every == 0:
             snapshot, run = self.state.snapshot(), self.run
             writer.submit(lambda: save_step_checkpoint(snapshot, run))
+
+    def _ema_snapshot(self) -> None:
+        """Every ema_snapshot_every steps, save the power-function EMAs to the run's ema/
+        folder (post-hoc EMA; a resumed run writes the ones it repeats again)."""
+        state = self.state
+        every = state.ema_snapshot_every
+        if self.run is None or not state.profiles or not every or state.global_step % every:
+            return
+        save_ema_snapshot(state.profiles, self.run, state.global_step)
 
     def _end_epoch(
         self, reader: _Reader, images: int, seconds: float, stopped: bool
@@ -277,6 +287,8 @@ def train_step(
         state.scheduler.step()
     if state.ema is not None:
         state.ema.update_parameters(diffusion, taken)
+    for profile in state.profiles.values():
+        profile.update_parameters(diffusion, taken)
     return StepResult(loss, grad_norm, taken, bad, lr)
 
 
@@ -389,7 +401,8 @@ class _ListBatches:
 def share_start(group: Group, state: TrainingState, data_path: str) -> None:
     """(rank 0) Send the other ranks what they start from: where the data is, and the state
     built or resumed here (EMA aside: it is rank 0's alone), RNGs included."""
-    start = {"data_path": data_path, "state": {**state.snapshot(), "ema": None}}
+    start = {"data_path": data_path,
+             "state": {**state.snapshot(), "ema": None, "ema_profiles": None}}  # fmt: skip
     if state.device.type == "cuda":  # training draws on each rank's own device
         start["device_rng"] = torch.cuda.get_rng_state(state.device)
     group.broadcast(start)
@@ -412,8 +425,9 @@ def train_rank(group: Group, config: Config) -> EpochResult | None:
     if not path.exists():
         path = locate_dataset(config.data)
     data = TrainingData(load_dataset(config, path), config, group.rank, group.world_size)
+    config = with_sigma_data(config, data.dataset)  # rank 0's value: the same images
     state = build_training(config, data.steps_per_epoch * config.train.epochs)
-    state.ema = None
+    state.ema, state.profiles = None, {}  # rank 0's alone
     state.restore(start["state"])
     if "device_rng" in start:
         torch.cuda.set_rng_state(start["device_rng"], torch.device(config.train.device))

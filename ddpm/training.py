@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     check_compatible,
     package_versions,
@@ -24,6 +25,7 @@ from ddpm.checkpoint import (
 )
 from ddpm.config import OptimConfig, Precision
 from ddpm.diffusion import DiffusionModel
+from ddpm.phema import PROFILES, power_decay, sigma_rel_to_gamma
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -171,18 +173,25 @@ class EMA(AveragedModel):
     after n updates the average spans roughly the last n / 9 of them; the full decay applies
     from n = (10 d - 1) / (1 - d) on (89,990 updates for 0.9999, 1,790 for 0.995).
 
+    With `gamma`, a power-function EMA instead (EDM2, ddpm.phema): update k decays by
+    (1 - 1/k)^(gamma + 1), averaging step k's weights with weight proportional to k^gamma.
+
     Args:
         model: the network to average; `ema.module` is a copy holding the averaged weights.
         decay: d in ema = d * ema + (1 - d) * weights, once warmed up.
+        gamma: the power-function profile's exponent (ddpm.phema.sigma_rel_to_gamma); None:
+            the warmed-up exponential decay above.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, gamma: float | None = None) -> None:
         super().__init__(model, use_buffers=True)
-        self.decay = decay
+        self.decay, self.gamma = decay, gamma
 
     def current_decay(self) -> torch.Tensor:
         """() float tensor on the device: the decay the next update applies; 0 for the first
         (a copy of the weights)."""
+        if self.gamma is not None:
+            return power_decay(self.gamma, self.n_averaged + 1)
         n = self.n_averaged.float()
         warm = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         return torch.where(self.n_averaged == 0, 0.0, warm)
@@ -215,6 +224,14 @@ class EMA(AveragedModel):
         self.n_averaged += 1 if taken is None else taken.long()
 
 
+def power_emas(model: nn.Module, snapshots: int) -> dict[float, EMA]:
+    """The power-function EMAs of post-hoc EMA (sigma_rel 0.05 and 0.10, EDM2's), by sigma_rel;
+    none when snapshots is 0."""
+    if not snapshots:
+        return {}
+    return {s: EMA(model, 0.0, gamma=sigma_rel_to_gamma(s)) for s in PROFILES}
+
+
 @dataclass
 class TrainingState:
     """Everything a run trains, how it steps, and how far it got.
@@ -229,6 +246,10 @@ class TrainingState:
     optimizer: Optimizer
     scheduler: LambdaLR | None = None  # stepped after every batch
     ema: EMA | None = None
+    # Post-hoc EMA (ddpm.phema): power-function EMAs by sigma_rel, snapshotted every
+    # ema_snapshot_every steps (0 = never) into the run's ema/ folder.
+    profiles: dict[float, EMA] = field(default_factory=dict)
+    ema_snapshot_every: int = 0
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     precision: Precision = "fp32"  # autocast to bf16 / fp16 for those
     scaler: torch.amp.GradScaler | None = None  # fp16 only
@@ -254,6 +275,8 @@ class TrainingState:
             self.diffusion.to(device)
             if self.ema is not None:
                 self.ema.to(device)
+            for profile in self.profiles.values():
+                profile.to(device)
             # load_state_dict puts each state tensor where its parameter now lives, by torch's
             # own rules (Adam's step stays on the CPU unless the optimizer is fused/capturable).
             self.optimizer.load_state_dict(self.optimizer.state_dict())
@@ -270,6 +293,7 @@ class TrainingState:
             {
                 "model": self.diffusion.state_dict(),
                 "ema": state_of(self.ema),
+                "ema_profiles": {str(s): p.state_dict() for s, p in self.profiles.items()} or None,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": state_of(self.scheduler),
                 "scaler": state_of(self.scaler),
@@ -307,6 +331,17 @@ class TrainingState:
         ):
             if part is not None and state.get(key):
                 part.load_state_dict(state[key])
+        if self.profiles:
+            saved = state.get("ema_profiles") or {}
+            missing = [s for s in self.profiles if str(s) not in saved]
+            if missing:
+                raise CheckpointError(
+                    f"{source} was trained without train.ema_snapshots: the power-function "
+                    "EMAs must cover a run from its start; set train.ema_snapshots 0 to resume "
+                    "it, or start a new run"
+                )
+            for s, profile in self.profiles.items():
+                profile.load_state_dict(saved[str(s)])
         restore_rng_state(state["rng"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.epoch_step, self.dirty = state.get("epoch_step", 0), False

@@ -121,6 +121,46 @@ def export_main(argv: list[str] | None = None) -> int:
     return run_flow(cfg, load)
 
 
+EMA_PROG = "ddpm-ema"
+
+
+def ema_main(argv: list[str] | None = None) -> int:
+    """`ddpm-ema --run RUN --sigma-rel 0.05,0.10`: run ema_flow; returns the exit status
+    above."""
+    parser = argparse.ArgumentParser(
+        prog=EMA_PROG, allow_abbrev=False,
+        description="Rebuild EMA lengths of a run trained with train.ema_snapshots (EDM2's "
+        "post-hoc EMA) as checkpoints in RUN/ema/.",
+    )  # fmt: skip
+    parser.add_argument("--run", required=True, help="a run folder")
+    parser.add_argument(
+        "--sigma-rel", required=True, help="EMA lengths, each in (0, 0.288), e.g. 0.05,0.1"
+    )
+    args = parse_command(parser, sys.argv[1:] if argv is None else argv)
+    try:
+        run = args.run if isinstance(args.run, str) else ""
+        if not run or not Path(run).is_dir():
+            raise UserError(one_line(f"--run {run}: no such run folder"))
+        try:
+            sigma_rels = [float(s) for s in str(args.sigma_rel).split(",") if s.strip()]
+        except ValueError:
+            message_ = f"--sigma-rel {args.sigma_rel}: numbers, comma-separated"
+            raise UserError(one_line(message_)) from None
+        if not sigma_rels or any(not 0 < s < 0.2886 for s in sigma_rels):
+            raise UserError(one_line(f"--sigma-rel {args.sigma_rel}: each in (0, 0.288)"))
+        cfg = load_settings({})
+    except UserError as err:
+        print(f"error: {message(err)}", file=sys.stderr)
+        return 2
+
+    def load() -> Callable[[], State]:
+        from flows.ema_flow import ema_flow  # torch, prefect: seconds
+
+        return lambda: ema_flow(run, sigma_rels, return_state=True)
+
+    return run_flow(cfg, load)
+
+
 SWEEP_PROG = "ddpm-sweep"
 # A stopped sweep waits for its trials to save (their run.stop_timeout) and for the workers to
 # see the cancellation (Prefect's workers look every few seconds).

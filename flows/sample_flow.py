@@ -28,6 +28,7 @@ from ddpm.config import Config
 from ddpm.errors import UserError
 from ddpm.evaluation import inception_weights
 from ddpm.generate import ImageFiles, TrainedModel
+from ddpm.sigma_samplers import SIGMA_SAMPLERS
 from flows.download import download_task
 from flows.gpu import gpu_slot
 from flows.sample_tasks import (
@@ -123,7 +124,12 @@ def _generation_record(
 ) -> dict[str, Any]:
     """What makes the images in `out` what they are: a re-run must match it to add to them."""
     sample = config.sample
+    on_sigma = {}  # the samplers on sigma's options (none for the timestep samplers' records)
+    if sample.sampler in SIGMA_SAMPLERS:
+        names = ("rho", "sigma_min", "sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise")
+        on_sigma = {name: getattr(sample, name) for name in names}
     return {
+        **on_sigma,
         "checkpoint": str(trained.checkpoint.resolve()),
         "global_step": trained.global_step,
         "ema": trained.ema,

@@ -28,6 +28,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, State
 from prefect.utilities.annotations import quote
 
+from ddpm.build import with_sigma_data
 from ddpm.config import Config
 from ddpm.distributed import Group, environment, join
 from ddpm.evaluation import inception_weights
@@ -221,6 +222,11 @@ def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
         if not Path(data_path).exists():  # cached, but deleted since: fetch again
             data_path = download_task.with_options(refresh_cache=True)(*download_args)
         data = load_data_task(config, data_path, group and (group.rank, group.world_size))
+        if config.diffusion.formulation == "edm":
+            measured = config.diffusion.sigma_data is None
+            config = with_sigma_data(config, data.dataset)
+            logger.info("diffusion.sigma_data %.4f%s", config.diffusion.sigma_data,
+                        ", measured on the training images" if measured else "")  # fmt: skip
         try:
             state = build_model_task(config, run, data.steps_per_epoch, resolved)
             if group is not None:  # the other ranks start from this state

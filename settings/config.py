@@ -283,6 +283,25 @@ class DiffusionSettings(_Group):
     min_snr_gamma: float = Field(
         DiffusionConfig.min_snr_gamma, gt=0, le=1e6, description="min_snr's gamma (paper: 5)"
     )
+    # Karras et al. 2022 (EDM): continuous sigma, EDM's preconditioning, the log-normal
+    # training sigma and its loss weight (ddpm.edm); the discrete settings above then unused.
+    formulation: Literal["discrete", "edm"] = Field(
+        DiffusionConfig.formulation,
+        description="discrete (DDPM timesteps: schedule, prediction, loss_weighting) or edm "
+        "(Karras et al. 2022)",
+    )
+    # EDM: 0.5 for CIFAR-10; measured on the training images when unset, kept in checkpoints.
+    sigma_data: float | None = Field(
+        DiffusionConfig.sigma_data, gt=0, le=100,
+        description="edm: the data's standard deviation; unset = measured when a run starts",
+    )  # fmt: skip
+    # EDM Table 1: ln sigma ~ N(-1.2, 1.2^2) in training.
+    p_mean: float = Field(
+        DiffusionConfig.p_mean, ge=-20, le=20, description="edm: mean of ln sigma in training"
+    )
+    p_std: float = Field(
+        DiffusionConfig.p_std, gt=0, le=20, description="edm: std of ln sigma in training"
+    )
 
     @field_validator("beta_end")
     @classmethod
@@ -339,6 +358,12 @@ class TrainSettings(_Group):
     ema_decay: float = Field(
         TrainConfig.ema_decay, ge=0, lt=1, description="EMA decay of the weights"
     )
+    # EDM2: power-function EMA snapshots, for any EMA length after training (ddpm-ema).
+    ema_snapshots: int = Field(
+        TrainConfig.ema_snapshots, ge=0, le=10_000,
+        description="snapshots of two power-function EMAs (sigma_rel 0.05, 0.10) over the run, "
+        "for ddpm-ema; 0 = off",
+    )  # fmt: skip
     # Each read of the step metrics waits for the GPU: reading every step would stall it.
     log_every: int = Field(
         TrainConfig.log_every,
@@ -402,14 +427,20 @@ class SampleSettings(_Group):
     # DPM-Solver++(2M) at 20 network calls scores within 5 % of the 1000-step ancestral
     # sampler at a fiftieth of its cost, and within 7 % of stochastic DDIM at 100 calls at a
     # fifth.
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = Field(
+    # With diffusion.formulation edm and no sampler named: heun, 18 steps (35 network calls),
+    # EDM's CIFAR-10 choice; the timestep samplers need the discrete formulation.
+    sampler: Literal[
+        "ddpm", "ddim", "dpmpp_2m", "euler", "heun", "dpmpp_2m_karras", "dpmpp_3m_karras"
+    ] = Field(
         SampleConfig.sampler,
-        description="ddim (steps, eta), dpmpp_2m (DPM-Solver++(2M), steps) or ddpm "
-        "(Algorithm 2, all T steps)",
+        description="on timesteps (discrete only): ddim (steps, eta), dpmpp_2m (DPM-Solver++(2M)) "
+        "or ddpm (Algorithm 2, all T steps); on Karras sigmas (either formulation): euler, heun "
+        "(EDM Algorithm 2), dpmpp_2m_karras, dpmpp_3m_karras",
     )
     steps: int = Field(
-        SampleConfig.steps, ge=1, description="network calls of ddim and dpmpp_2m (ddpm: all T)"
-    )
+        SampleConfig.steps, ge=1, le=100_000,
+        description="the sampler's steps: network calls (heun: 2 steps - 1; ddpm: all T)",
+    )  # fmt: skip
     eta: float = Field(
         SampleConfig.eta,
         ge=0,
@@ -427,6 +458,27 @@ class SampleSettings(_Group):
         "auto",
         description="torch.compile the sampler's steps (CUDA graphs on CUDA); auto = on for "
         "CUDA with sampler ddpm",
+    )
+    # EDM eq. 5 and Algorithm 2 (its Table 1 values), for the samplers on sigma.
+    rho: float = Field(SampleConfig.rho, gt=0, le=100, description="Karras steps' exponent")
+    sigma_min: float | None = Field(
+        SampleConfig.sigma_min, gt=0,
+        description="the last sigma before 0; unset: edm 0.002, discrete the schedule's sigma_0",
+    )  # fmt: skip
+    sigma_max: float | None = Field(
+        SampleConfig.sigma_max, gt=0,
+        description="the first sigma; unset: edm 80, discrete the schedule's sigma_{T-1}",
+    )  # fmt: skip
+    s_churn: float = Field(
+        SampleConfig.s_churn, ge=0, le=1e6,
+        description="euler and heun: noise added per step (EDM's S_churn; 0 = the ODE)",
+    )  # fmt: skip
+    s_tmin: float = Field(SampleConfig.s_tmin, ge=0, description="churn only where sigma >= this")
+    s_tmax: float | None = Field(
+        SampleConfig.s_tmax, ge=0, description="churn only where sigma <= this; unset: no bound"
+    )
+    s_noise: float = Field(
+        SampleConfig.s_noise, ge=0, le=10, description="scale of the churn's noise (S_noise)"
     )
 
 
@@ -609,12 +661,47 @@ class Settings(BaseSettings):
                 f"must be at most train.batch_size ({self.train.batch_size}): each process "
                 "takes a share of every batch",
             )
-        if self.sample.sampler != "ddpm" and self.sample.steps > self.diffusion.num_timesteps:
+        self._sample_rules()
+        return self
+
+    def _sample_rules(self) -> None:
+        """The sample.* settings against each other and the diffusion's (_consistent's)."""
+        self._sampler_fits_the_formulation()
+        sample = self.sample
+        timestep_sampler = sample.sampler in ("ddpm", "ddim", "dpmpp_2m")
+        if sample.s_churn > 0 and sample.sampler not in ("euler", "heun"):
+            raise _FieldError("sample.s_churn", "applies to sample.sampler euler or heun only")
+        if sample.sigma_min and sample.sigma_max and sample.sigma_min > sample.sigma_max:
+            raise _FieldError("sample.sigma_min", f"must be at most sample.sigma_max "
+                              f"({sample.sigma_max}), got {sample.sigma_min}")  # fmt: skip
+        if (
+            timestep_sampler
+            and sample.sampler != "ddpm"
+            and sample.steps > self.diffusion.num_timesteps
+        ):
             raise _FieldError(
                 "sample.steps",
                 f"must be at most diffusion.num_timesteps ({self.diffusion.num_timesteps})",
             )
-        return self
+
+    def _sampler_fits_the_formulation(self) -> None:
+        """An edm run has no timesteps: with no sampler named it samples with heun on 18
+        steps (EDM's CIFAR-10 choice, 35 network calls); a timestep sampler named is refused."""
+        if self.diffusion.formulation != "edm":
+            return
+        sample = self.sample
+        if sample.sampler not in ("ddpm", "ddim", "dpmpp_2m"):
+            return
+        if "sampler" in sample.model_fields_set:
+            raise _FieldError(
+                "sample.sampler",
+                f"{sample.sampler} steps through the discrete formulation's timesteps; with "
+                "diffusion.formulation edm use euler, heun, dpmpp_2m_karras or dpmpp_3m_karras",
+            )
+        update = {"sampler": "heun"}
+        if "steps" not in sample.model_fields_set:
+            update["steps"] = 18
+        self.sample = sample.model_copy(update=update)
 
 
 def env_name(field: str) -> str:
@@ -984,9 +1071,16 @@ def result_settings(settings: Settings) -> dict[str, Any]:
         keep.pop("diffusion.min_snr_gamma")
     if settings.model.init_from is None:  # runs before the setting existed keep their names
         keep.pop("model.init_from")
+    if not settings.train.ema_snapshots:  # the same: off, as every run before it
+        keep.pop("train.ema_snapshots")
     if settings.diffusion.schedule != "linear":  # the betas are the linear schedule's
         keep.pop("diffusion.beta_start")
         keep.pop("diffusion.beta_end")
+    edm = ("sigma_data", "p_mean", "p_std")
+    discrete = ("num_timesteps", "beta_start", "beta_end", "schedule", "prediction",
+                "loss_weighting", "min_snr_gamma")  # fmt: skip
+    for key in discrete if settings.diffusion.formulation == "edm" else edm:
+        keep.pop(f"diffusion.{key}", None)  # the other formulation's: unused
     return keep
 
 

@@ -30,11 +30,16 @@ class GenerateOptions(BaseModel):
     num: int = Field(ge=1, le=10_000_000, description="images to draw")
     out: Path = Field(description="folder for 000000.png, ...; a re-run resumes it")
     seed: int = Field(0, ge=0, lt=2**63, description="image i's noise comes from (seed, i)")
-    sampler: Literal["ddim", "dpmpp_2m", "ddpm"] | None = Field(
-        None, description="ddim, dpmpp_2m or ddpm; default: the run's sample.sampler"
+    sampler: (
+        Literal["ddim", "dpmpp_2m", "ddpm", "euler", "heun", "dpmpp_2m_karras", "dpmpp_3m_karras"]
+        | None
+    ) = Field(
+        None,
+        description="ddim, dpmpp_2m or ddpm (discrete runs), euler, heun, dpmpp_2m_karras or "
+        "dpmpp_3m_karras (any run); default: the run's sample.sampler",
     )
     steps: int | None = Field(
-        None, ge=1, description="network calls of ddim and dpmpp_2m; default: the run's"
+        None, ge=1, description="the sampler's steps (heun: 2 steps - 1 calls); default: the run's"
     )
     eta: float | None = Field(None, ge=0, le=1, description="DDIM noise; default: the run's")
     batch_size: int = Field(128, ge=1, le=65_536, description="images per sampling batch")

@@ -37,7 +37,8 @@ def test_children_started_from_a_busy_threaded_process_die_with_it(tmp_path: Pat
     """A process with eight busy threads starts five children (no preexec_fn runs Python in
     the forked child, so this is safe); SIGKILLed, each child gets its death signal and ends."""
     script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, signal, sys, threading, time
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         from flows import children
@@ -52,7 +53,8 @@ def test_children_started_from_a_busy_threaded_process_die_with_it(tmp_path: Pat
                                death_signal=signal.SIGTERM) for _ in range(5)]
         print(" ".join(str(k.pid) for k in kids), flush=True)
         time.sleep(120)
-    """))
+    """)
+    )
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     pids = [int(pid) for pid in parent.stdout.readline().split()]
     assert len(pids) == 5 and not any(gone(pid, timeout=0.5) for pid in pids)
@@ -75,7 +77,7 @@ def test_stopping_a_child_stops_every_process_it_started() -> None:
     deadline = time.monotonic() + 10
     while not children.descendants(child.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    (grandchild, _), = children.descendants(child.pid)
+    ((grandchild, _),) = children.descendants(child.pid)
     started = time.monotonic()
     children.stop(child, signal.SIGTERM, grace=1.0)
     assert 1.0 <= time.monotonic() - started < 10

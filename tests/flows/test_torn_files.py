@@ -213,7 +213,9 @@ def same_rows(rows: list[dict], control: list[dict], fid: bool) -> bool:
 @pytest.mark.slow(seconds=200)
 @pytest.mark.parametrize(
     ("product", "name", "kind"),
-    cases("run", RUN_FILES) + cases("images", SAMPLE_FILES) + cases("export", EXPORT_FILES)
+    cases("run", RUN_FILES)
+    + cases("images", SAMPLE_FILES)
+    + cases("export", EXPORT_FILES)
     + cases("sweep", SWEEP_FILES),
 )
 def test_a_torn_file_is_recovered_or_named_in_one_line(

@@ -156,6 +156,11 @@ DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+# Defaults that follow another setting (README, Settings): an edm run samples with heun on 18
+# steps unless a sampler is named.
+FOLLOWERS = {"diffusion.formulation": ("sample.sampler", "sample.steps")}
+
+
 def _keeps_the_rules(s: Settings) -> None:
     """The documented rules (README, Settings), written independently of settings/config.py,
     and that the settings, saved as settings.json saves them, load back the same."""
@@ -163,7 +168,7 @@ def _keeps_the_rules(s: Settings) -> None:
     for key, value in flatten(s.model_dump()).items():
         default = DEFAULTS[key]
         if default is None:
-            assert value is None or isinstance(value, (str, Path, int)), key
+            assert value is None or isinstance(value, (str, Path, int, float)), key
         else:
             assert type(value) is type(default), (key, value)
         if isinstance(value, float):
@@ -192,8 +197,14 @@ def _keeps_the_rules(s: Settings) -> None:
     assert 0 <= t.seed < 2**63 and DEVICE.fullmatch(t.device) and 0 <= t.ema_decay < 1
     assert t.accumulate <= t.batch_size and t.devices <= t.batch_size
     assert p.every >= 0 and p.num >= 1 and p.steps >= 1 and 0 <= p.eta <= 1
-    if p.sampler != "ddpm":
+    timestep_samplers = ("ddpm", "ddim", "dpmpp_2m")  # the rest step on Karras sigmas
+    if p.sampler in ("ddim", "dpmpp_2m"):
         assert p.steps <= f.num_timesteps
+    assert f.formulation == "discrete" or p.sampler not in timestep_samplers
+    assert f.sigma_data is None or 0 < f.sigma_data <= 100
+    assert f.p_std > 0 and p.rho > 0 and p.s_noise >= 0 and p.s_tmin >= 0
+    assert p.s_churn == 0 or p.sampler in ("euler", "heun")
+    assert not (p.sigma_min and p.sigma_max) or p.sigma_min <= p.sigma_max
     assert s.eval.weights is None or s.eval.weights.is_file()
     assert s.eval.metrics and set(s.eval.metrics) <= {"fid", "kid"}
     assert r.name is None or RUN_NAME.fullmatch(r.name)
@@ -233,7 +244,7 @@ def _settings_case(kind: str, field: str, load: Callable[[], Settings], door: st
         TALLY[kind]["refused"] += 1
         return ("refused", sorted(set(err.fields)))
     changed = {k for k, v in flatten(s.model_dump()).items() if v != DEFAULTS[k]}
-    assert changed <= {field}, changed
+    assert changed <= {field, *FOLLOWERS.get(field, ())}, changed
     _keeps_the_rules(s)
     TALLY[kind]["accepted"] += 1
     return ("accepted", s.model_dump())

@@ -72,6 +72,10 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "diffusion.prediction": ("x0", {}),
     "diffusion.loss_weighting": ("min_snr", {}),
     "diffusion.min_snr_gamma": (1.0, {}),
+    "diffusion.formulation": ("edm", {}),
+    "diffusion.sigma_data": (0.5, {}),
+    "diffusion.p_mean": (-1.0, {}),
+    "diffusion.p_std": (1.0, {}),
     "optim.name": ("sgd", {}),
     "optim.lr": (0.0003, {}),
     "optim.momentum": (0.5, {}),
@@ -84,6 +88,7 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "train.seed": (42, {}),
     "train.device": ("cuda:1", {}),
     "train.ema_decay": (0.999, {}),
+    "train.ema_snapshots": (16, {}),
     "train.log_every": (10, {}),
     "train.max_bad_steps": (3, {}),
     "train.precision": ("bf16", {}),
@@ -101,6 +106,13 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "sample.use_ema": (False, {}),
     "sample.clip_denoised": (False, {}),
     "sample.compile": ("on", {}),
+    "sample.rho": (5.0, {}),
+    "sample.sigma_min": (0.01, {"sample.sampler": "heun"}),
+    "sample.sigma_max": (70.0, {"sample.sampler": "heun"}),
+    "sample.s_churn": (10.0, {"sample.sampler": "heun"}),
+    "sample.s_tmin": (0.05, {}),
+    "sample.s_tmax": (50.0, {}),
+    "sample.s_noise": (1.003, {}),
     "eval.every": (5, {}),
     "eval.num_samples": (10_000, {}),
     "eval.metrics": (["fid"], {}),
@@ -173,6 +185,10 @@ def test_documented_defaults() -> None:
         "diffusion.prediction": "v",
         "diffusion.loss_weighting": "uniform",
         "diffusion.min_snr_gamma": 5.0,
+        "diffusion.formulation": "discrete",
+        "diffusion.sigma_data": None,
+        "diffusion.p_mean": -1.2,
+        "diffusion.p_std": 1.2,
         "optim.name": "adam",
         "optim.lr": 2e-4,
         "optim.momentum": 0.9,
@@ -185,6 +201,7 @@ def test_documented_defaults() -> None:
         "train.seed": 0,
         "train.device": "auto",
         "train.ema_decay": 0.9999,
+        "train.ema_snapshots": 0,
         "train.log_every": 100,
         "train.max_bad_steps": 10,
         "train.precision": "auto",
@@ -202,6 +219,13 @@ def test_documented_defaults() -> None:
         "sample.use_ema": True,
         "sample.clip_denoised": True,
         "sample.compile": "auto",
+        "sample.rho": 7.0,
+        "sample.sigma_min": None,
+        "sample.sigma_max": None,
+        "sample.s_churn": 0.0,
+        "sample.s_tmin": 0.0,
+        "sample.s_tmax": None,
+        "sample.s_noise": 1.0,
         "run.name": None,
         "run.dir": "runs",
         "run.keep": 3,
@@ -455,7 +479,7 @@ BAD = [
     ("train.epochs", {"train.epochs": 0}, ""),
     ("run.name", {"run.name": "../escape"}, "../escape"),
     ("run.name", {"run.name": "/abs"}, "/abs"),
-    ("sample.sampler", {"sample.sampler": "euler"}, "euler"),
+    ("sample.sampler", {"sample.sampler": "lms"}, "lms"),
     ("sample.steps", {"sample.sampler": "dpmpp_2m", "sample.steps": 5000}, "1000"),
     ("diffusion.schedule", {"diffusion.schedule": "quadratic"}, "quadratic"),
     ("diffusion.prediction", {"diffusion.prediction": "noise"}, "noise"),
@@ -617,7 +641,7 @@ def _check_invariants(s: Settings) -> None:
     for key, value in flatten(s.model_dump()).items():
         default = DEFAULTS[key]
         if default is None:
-            assert value is None or isinstance(value, (str, Path)), key
+            assert value is None or isinstance(value, (str, Path, float)), key
         else:
             assert type(value) is type(default), (key, value)
         if isinstance(value, float):
@@ -644,9 +668,12 @@ def _check_invariants(s: Settings) -> None:
     assert p.every >= 0 and p.num >= 1 and p.steps >= 1
     assert f.schedule in ("linear", "cosine") and f.prediction in ("eps", "v", "x0")
     assert f.loss_weighting in ("uniform", "min_snr") and f.min_snr_gamma > 0
-    assert p.sampler in ("ddpm", "ddim", "dpmpp_2m")
-    if p.sampler != "ddpm":
+    on_sigma = ("euler", "heun", "dpmpp_2m_karras", "dpmpp_3m_karras")
+    assert p.sampler in ("ddpm", "ddim", "dpmpp_2m", *on_sigma)
+    if p.sampler in ("ddim", "dpmpp_2m"):
         assert p.steps <= f.num_timesteps
+    assert f.formulation == "discrete" or p.sampler in on_sigma
+    assert p.s_churn == 0 or p.sampler in ("euler", "heun")
     if r.name is not None:
         assert r.name and "/" not in r.name and "\\" not in r.name
         assert not r.name.startswith(".")
@@ -899,3 +926,30 @@ def test_a_saved_run_from_before_the_diffusion_choices_reads_as_linear_eps_unifo
     assert result_changes(saved, load_settings(legacy, env_file=None)) == []
     changed = load_settings({**legacy, "diffusion.prediction": "v"}, env_file=None)
     assert result_changes(saved, changed) == ["diffusion.prediction: 'eps' -> 'v'"]
+
+
+def test_an_edm_run_samples_on_sigma_by_default_and_refuses_a_timestep_sampler() -> None:
+    """diffusion.formulation edm with no sampler named samples with heun on 18 steps (EDM's
+    CIFAR-10 choice); steps named are kept; a timestep sampler named is refused naming
+    sample.sampler, churn is refused where the sampler has none, and sigma_min above
+    sigma_max is refused; core_config carries every sampler option."""
+    edm = load_settings({"diffusion.formulation": "edm"}, env_file=None)
+    assert (edm.sample.sampler, edm.sample.steps) == ("heun", 18)
+    named = load_settings({"diffusion.formulation": "edm", "sample.steps": 7}, env_file=None)
+    assert (named.sample.sampler, named.sample.steps) == ("heun", 7)
+    assert load_settings({}, env_file=None).sample.sampler == "dpmpp_2m"  # discrete: as before
+    refused = [
+        ({"diffusion.formulation": "edm", "sample.sampler": "ddim"}, "sample.sampler"),
+        ({"sample.sampler": "dpmpp_3m_karras", "sample.s_churn": 5}, "sample.s_churn"),
+        ({"sample.sampler": "heun", "sample.sigma_min": 3, "sample.sigma_max": 2},
+         "sample.sigma_min"),
+    ]  # fmt: skip
+    for overrides, field in refused:
+        with pytest.raises(SettingsError) as info:
+            load_settings(overrides, env_file=None)
+        assert info.value.fields == [field], str(info.value)
+    chosen = {"sample.sampler": "heun", "sample.s_churn": 40, "sample.s_tmin": 0.05,
+              "sample.s_tmax": 50, "sample.s_noise": 1.003, "sample.rho": 5,
+              "sample.sigma_min": 0.01, "sample.sigma_max": 70}  # fmt: skip
+    sample = core_config(load_settings(chosen, env_file=None)).sample
+    assert {f"sample.{k}": getattr(sample, k) for k in [c[7:] for c in chosen]} == chosen
