@@ -1,4 +1,4 @@
-"""Serve the deployments of train-flow, sample-flow, export-flow and sweep-flow from this
+"""Serve the deployments of train-flow, sample-flow, export-flow, ema-flow and sweep-flow from this
 process, for users without a worker:
 
     python deployments/serve.py
@@ -33,6 +33,7 @@ def served_deployments(only: str | None = None) -> list:
     Raises:
         SystemExit: if no deployment is named `only`.
     """
+    from flows.ema_flow import ema_flow
     from flows.export_flow import export_flow
     from flows.sample_flow import sample_flow  # prefect, torch: seconds
     from flows.sweep_flow import sweep_flow
@@ -42,6 +43,7 @@ def served_deployments(only: str | None = None) -> list:
         "flows/train_flow.py:train_flow": train_flow,
         "flows/sample_flow.py:sample_flow": sample_flow,
         "flows/export_flow.py:export_flow": export_flow,
+        "flows/ema_flow.py:ema_flow": ema_flow,
         "flows/sweep_flow.py:sweep_flow": sweep_flow,
     }
     deployments, name = [], only and only.rpartition("/")[2]
