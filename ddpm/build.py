@@ -48,8 +48,11 @@ def build_network(model: ModelConfig, image_size: int) -> nn.Module:
             model.num_res_blocks, model.attention_resolutions, model.dropout, image_size,
         )  # fmt: skip
         network.enable_gradient_checkpointing(model.checkpointing)
-        return network
-    return UNet(model.channels, model.channels, model.hidden_size)
+    else:
+        network = UNet(model.channels, model.channels, model.hidden_size)
+    if model.augment_labels:
+        network.enable_augment_labels()
+    return network
 
 
 def build_diffusion(

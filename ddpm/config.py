@@ -48,6 +48,9 @@ class ModelConfig:
     dropout: float = 0.1
     checkpointing: bool = False  # recompute activations in the backward pass (less memory)
     init_from: Path | None = None  # a diffusers folder whose weights start a new run
+    # Non-leaky flips (EDM Appendix F): the training step flips (data.random_flip) and tells
+    # the network, which samples with the label 0, so samples are not mirrored data.
+    augment_labels: bool = False
 
 
 @dataclass(frozen=True)

@@ -633,6 +633,7 @@ class TrainingData:
         self, dataset: Dataset, config: Config, rank: int = 0, world_size: int = 1
     ) -> None:
         self.dataset, self.data, self.train = dataset, config.data, config.train
+        self.augment_labels = config.model.augment_labels
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(config.train.device)
         in_memory = isinstance(dataset, TensorImageDataset)
@@ -662,7 +663,9 @@ class TrainingData:
             (B, C, H, W) float32 in [-1, 1] on the training device: this rank's slice of each
             global batch (the whole batch for one process).
         """
-        batch_size, seed, flip = self.train.batch_size, self.train.seed, self.data.random_flip
+        # With augmentation labels the training step flips and labels the images itself.
+        flip = self.data.random_flip and not self.augment_labels
+        batch_size, seed = self.train.batch_size, self.train.seed
         shard = {"rank": self.rank, "world_size": self.world_size}
         if self.on_device:
             images = self.dataset.on(self.device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ddpm.unet import sinusoidal_embedding, timestep_frequencies
+from ddpm.unet import AUGMENT_DIM, AugmentLabels, sinusoidal_embedding, timestep_frequencies
 
 GROUPS = 32  # GroupNorm(32), as the reference code
 
@@ -177,6 +177,12 @@ class DDPMUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         self.gradient_checkpointing = False
+        self.augment: AugmentLabels | None = None
+
+    def enable_augment_labels(self, dim: int = AUGMENT_DIM) -> None:
+        """Take augmentation labels (ddpm.unet.AugmentLabels) from now on: forward's
+        `augment`, added to the sinusoidal embedding before its MLP (as EDM's DDPM++)."""
+        self.augment = AugmentLabels(dim, self.freqs.numel() * 2)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Keep only each stage's input during training and recompute its activations in the
@@ -195,12 +201,15 @@ class DDPMUNet(nn.Module):
             h = layer(h, temb) if isinstance(layer, ResnetBlock) else layer(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, augment: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the noise in x.
 
         Args:
             x: (B, C, H, W) noisy images x_t, H and W multiples of 2 ** (levels - 1).
             t: (B,) float in (0, 1]: the timestep divided by the number of timesteps.
+            augment: (B, A) augmentation labels, for a network that takes them; None = zeros.
 
         Returns:
             (B, out_channels, H, W) the noise estimate.
@@ -210,7 +219,10 @@ class DDPMUNet(nn.Module):
                 f"DDPMUNet expects (B, C, H, W) with H and W multiples of {self.downsample}, "
                 f"got {tuple(x.shape)}"
             )
-        temb = self.temb(sinusoidal_embedding(t, self.freqs))  # (B, 4ch)
+        emb = sinusoidal_embedding(t, self.freqs)  # (B, ch)
+        if self.augment is not None and augment is not None:
+            emb = emb + self.augment(augment)
+        temb = self.temb(emb)  # (B, 4ch)
         hs = [self.conv_in(x)]  # (B, ch, H, W)
         for layers in self.down:
             hs.append(self._run(layers, hs[-1], temb))

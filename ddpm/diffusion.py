@@ -165,18 +165,34 @@ class DiffusionModel(nn.Module):
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * eps
         )
 
-    def draw_training_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def labels_flips(self) -> bool:
+        """Whether training flips the images itself and tells the network (non-leaky
+        augmentation, EDM Appendix F): the network takes augmentation labels."""
+        return getattr(self.eps_model, "augment", None) is not None
+
+    def draw_training_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """t ~ U{0..T-1} (B,) (edm: the noise levels sigma, ln sigma ~ N(p_mean, p_std^2))
-        and eps ~ N(0, I) like x0, from the global generator of x0's device (t first, then eps:
-        a data-parallel run draws them for the global batch)."""
+        and eps ~ N(0, I) like x0, and where the network takes augmentation labels
+        (labels_flips) the flips (B,) bool, each with probability 1/2; from the global
+        generator of x0's device, in that order (a data-parallel run draws them for the global
+        batch). The forward takes them as they come: model(x0, *noise)."""
         if self.formulation == "edm":  # EDM Table 1, "Ours": the training noise distribution
             ln_sigma = torch.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean
-            return ln_sigma.exp(), torch.randn_like(x0)
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        return t, torch.randn_like(x0)
+            t = ln_sigma.exp()
+        else:
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        if not self.labels_flips:
+            return t, eps
+        return t, eps, torch.rand(x0.shape[0], device=x0.device) < 0.5
 
     def forward(
-        self, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        flips: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The training loss: the squared error of the network's prediction (DDPM eq. 14's
         L_simple for eps with uniform weighting), weighted per timestep by loss_weighting.
@@ -188,23 +204,31 @@ class DiffusionModel(nn.Module):
             x0: (B, C, H, W) clean images in [-1, 1].
             t, eps: (B,) timesteps (edm: noise levels sigma) and (B, C, H, W) noise; drawn
                 here when not given.
+            flips: (B,) bool: mirror these images left-right and tell the network (its
+                augmentation label 1; 0 for the others and at sampling); drawn here with t
+                and eps where the network takes labels (labels_flips).
 
         Returns:
             scalar: the mean over the batch of each example's weighted mean squared error
             between the network's output at x_t and its target (eps, v or x0; edm: F's).
         """
         if t is None or eps is None:
-            t, eps = self.draw_training_noise(x0)
+            t, eps, *drawn = self.draw_training_noise(x0)
+            flips = drawn[0] if drawn else flips
+        labels = None
+        if flips is not None and self.labels_flips:
+            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+            labels = flips.to(x0.dtype)[:, None]  # (B, 1): [flipped]
         if self.formulation == "edm":
             sigma = t.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
             sigma_data = float(self.sigma_data)
             _, _, c_in, c_noise = precondition(sigma, sigma_data)
-            output = self.eps_model(c_in * (x0 + sigma * eps), c_noise.flatten())
+            output = self._train_network(c_in * (x0 + sigma * eps), c_noise.flatten(), labels)
             return F.mse_loss(output, edm_training_target(x0, eps, sigma, sigma_data))
         sqrt_abar = extract(self.sqrt_alphas_cumprod, t, x0.ndim)
         sqrt_one_minus_abar = extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
         x_t = sqrt_abar * x0 + sqrt_one_minus_abar * eps  # q_sample
-        output = self.eps_model(x_t, self._net_time(t))
+        output = self._train_network(x_t, self._net_time(t), labels)
         target = prediction_target(self.prediction, x0, eps, sqrt_abar, sqrt_one_minus_abar)
         if self.loss_weighting == "uniform":
             return F.mse_loss(output, target)
@@ -214,6 +238,14 @@ class DiffusionModel(nn.Module):
             self.loss_weighting, self.prediction, abar / (1.0 - abar), self.min_snr_gamma
         )
         return (weights * per_example).mean()
+
+    def _train_network(
+        self, x_in: torch.Tensor, time: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The network in training: with the augmentation labels where it takes them."""
+        if labels is None:
+            return self.eps_model(x_in, time)
+        return self.eps_model(x_in, time, labels)
 
     def _noise(self, shape: Sequence[int], generator: Generators) -> torch.Tensor:
         """Standard Gaussian noise on the module's device, drawn from `generator` when given.

@@ -135,7 +135,10 @@ def _move_into_place(staging: Path, out: Path) -> None:
 def write_folder(trained: TrainedModel, folder: Path, readme: str) -> None:
     """model_index.json, unet/, scheduler/ and README.md of trained, in folder."""
     model, diffusion, size = trained.model, trained.diffusion_config, trained.image_shape[-1]
-    weights = trained.diffusion.eps_model.state_dict()
+    # The augmentation labels are all zero when sampling, so their layer adds nothing: the
+    # exported network is the sampled one without it (diffusers' UNet2DModel has no such input).
+    weights = {k: v for k, v in trained.diffusion.eps_model.state_dict().items()
+               if not k.startswith("augment.")}  # fmt: skip
     clip = _clip(trained)
     unet = folder / "unet"
     if model.arch == "ddpm":

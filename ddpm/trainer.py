@@ -266,14 +266,14 @@ def train_step(
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     # DDPM Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), drawn for the whole global batch of n.
-    t, eps = diffusion.draw_training_noise(x0.new_empty((n or len(x0), *x0.shape[1:])))
-    model, pieces = (shard.model if shard else diffusion), micro_batches(x0, t, eps, shard, parts)
+    noise = diffusion.draw_training_noise(x0.new_empty((n or len(x0), *x0.shape[1:])))
+    model, pieces = (shard.model if shard else diffusion), micro_batches(x0, noise, shard, parts)
     loss = torch.zeros((), device=x0.device)
-    for i, (x, t_i, eps_i, weight) in enumerate(pieces):
+    for i, (x, noise_i, weight) in enumerate(pieces):
         alone = shard is None or i == len(pieces) - 1  # else DDP skips the all-reduce
         with contextlib.nullcontext() if alone else shard.model.no_sync():
             with autocast(x0.device.type, state.precision):
-                part = model(x, t_i, eps_i) * weight  # the weighted mean loss, L_simple
+                part = model(x, *noise_i) * weight  # the weighted mean loss, L_simple
             (scaler.scale(part) if scaler is not None else part).backward()
         loss = loss + part.detach().float()
     if scaler is not None:
@@ -293,25 +293,27 @@ def train_step(
 
 
 def micro_batches(
-    x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, shard: Shard | None, parts: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    x0: torch.Tensor, noise: tuple[torch.Tensor, ...], shard: Shard | None, parts: int
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...], float]]:
     """This rank's slice of the global batch (all of it in one process) in `parts` pieces of
-    torch.chunk's sizes, each (x0, t, eps, weight) with the weight size * k / n that makes
+    torch.chunk's sizes, each (x0, noise, weight) with the weight size * k / n that makes
     the sum of the pieces' mean losses, averaged over the k ranks by DDP, the mean loss of
     the global batch of n. An empty slice gives one blank piece of weight 0, so the rank
     still joins the gradient all-reduce.
 
     Args:
-        x0: (m, C, H, W) this rank's slice; t (n,) and eps (n, C, H, W) the global batch's.
+        x0: (m, C, H, W) this rank's slice.
+        noise: the global batch's per-image draws (DiffusionModel.draw_training_noise: t (n,),
+            eps (n, C, H, W) and, with augmentation labels, the flips (n,)).
     """
-    n, k = len(t), shard.world_size if shard else 1
+    n, k = len(noise[0]), shard.world_size if shard else 1
     lo, hi = shard_bounds(n, shard.rank, k) if shard else (0, n)
     if hi == lo:
-        return [(torch.zeros_like(eps[:1]), t[:1], eps[:1], 0.0)]
+        return [(x0.new_zeros((1, *x0.shape[1:])), tuple(v[:1] for v in noise), 0.0)]
     size = -(-(hi - lo) // parts)
     starts = range(lo, hi, size)
     return [
-        (x0[a - lo : b - lo], t[a:b], eps[a:b], (b - a) * k / n)
+        (x0[a - lo : b - lo], tuple(v[a:b] for v in noise), (b - a) * k / n)
         for a, b in zip(starts, [*starts[1:], hi], strict=True)
     ]
 

@@ -97,6 +97,29 @@ def sinusoidal_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat((angles.sin(), angles.cos()), dim=1)
 
 
+AUGMENT_DIM = 1  # augmentation labels: [flipped] (EDM's geometric pipeline has 9)
+
+
+class AugmentLabels(nn.Module):
+    """EDM's map_augment (Karras et al. 2022, Appendix F): the augmentations an image had,
+    (B, A) labels, mapped to the noise embedding's width and added to it. No bias: all-zero
+    labels, as every sampler gives, add nothing, and the network draws un-augmented images
+    while training still learns from augmented ones ("non-leaky" augmentation).
+
+    Args:
+        dim: A, the labels per image.
+        emb_dim: the width of the embedding they are added to.
+    """
+
+    def __init__(self, dim: int, emb_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, emb_dim, bias=False)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels: (B, A) -> (B, emb_dim)."""
+        return self.linear(labels.to(self.linear.weight.dtype))
+
+
 class TimestepEmbedding(nn.Module):
     """The DDPM paper's sinusoidal timestep embedding, then a two-layer MLP (Ho et al. 2020,
     Appendix B, as in the Transformer's position embedding).
@@ -117,13 +140,16 @@ class TimestepEmbedding(nn.Module):
         self.lin1 = nn.Linear(emb_dim, emb_dim)
         self.lin2 = nn.Linear(emb_dim, emb_dim)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t: (B,) float in (0, 1] -> (B, emb_dim, 1, 1), ready to add to a feature map.
+    def forward(self, t: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """t: (B,) float in (0, 1] -> (B, emb_dim, 1, 1), ready to add to a feature map;
+        extra (B, emb_dim), the augmentation labels' embedding, is added before the MLP.
 
         The original code returned (B, emb_dim) and added it to a (B, emb_dim, 1, 1) map, which
         broadcast silently to (B, emb_dim, B, emb_dim).
         """
         emb = sinusoidal_embedding(t, self.freqs)  # (B, emb_dim)
+        if extra is not None:
+            emb = emb + extra
         emb = self.lin2(F.silu(self.lin1(emb)))  # (B, emb_dim)
         return emb[:, :, None, None]  # (B, emb_dim, 1, 1)
 
@@ -166,13 +192,21 @@ class UNet(nn.Module):
         self.up2 = UpBlock(4 * h, h)
         self.up3 = UpBlock(2 * h, h)
         self.out = nn.Conv2d(2 * h, out_channels, 3, 1, 1)
+        self.augment: AugmentLabels | None = None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def enable_augment_labels(self, dim: int = AUGMENT_DIM) -> None:
+        """Take augmentation labels (AugmentLabels) from now on: forward's `augment`."""
+        self.augment = AugmentLabels(dim, 2 * self.hidden_size)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, augment: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the noise in x.
 
         Args:
             x: (B, C, H, W) noisy images x_t, H and W multiples of 32.
             t: (B,) float in (0, 1]: the timestep divided by the number of timesteps.
+            augment: (B, A) augmentation labels, for a network that takes them; None = zeros.
 
         Returns:
             (B, out_channels, H, W) the noise estimate.
@@ -187,7 +221,8 @@ class UNet(nn.Module):
         down2 = self.down2(down1)  # (B, 2h, H/4, W/4)
         down3 = self.down3(down2)  # (B, 2h, H/8, W/8)
         thro = self.to_vec(down3)  # (B, 2h, H/32, W/32)
-        temb = self.timestep_embedding(t)  # (B, 2h, 1, 1)
+        extra = self.augment(augment) if self.augment is not None and augment is not None else None
+        temb = self.timestep_embedding(t, extra)  # (B, 2h, 1, 1)
         thro = self.up0(thro + temb)  # (B, 2h, H/8, W/8)
         up1 = self.up1(thro, down3) + temb  # (B, 2h, H/4, W/4)
         up2 = self.up2(up1, down2)  # (B, h, H/2, W/2)

@@ -214,6 +214,12 @@ class ModelSettings(_Group):
         ModelConfig.checkpointing,
         description="ddpm: activation checkpointing (less memory, ~1/3 more compute)",
     )
+    # EDM Appendix F: augmentations the network is told of do not leak into its samples.
+    augment_labels: bool = Field(
+        ModelConfig.augment_labels,
+        description="non-leaky flips: the network is told which images data.random_flip "
+        "mirrored, and samples unmirrored",
+    )
 
     # Fine-tuning, or sampling without training: google/ddpm-cifar10-32 or an export.
     init_from: OptionalPath = Field(
@@ -649,6 +655,9 @@ class Settings(BaseSettings):
                 )
         if model.checkpointing and model.arch != "ddpm":
             raise _FieldError("model.checkpointing", "applies to model.arch=ddpm only")
+        if model.augment_labels and not self.data.random_flip:
+            raise _FieldError("model.augment_labels", "labels the flips of data.random_flip, "
+                              "which is off")  # fmt: skip
         if self.train.accumulate > self.train.batch_size:
             raise _FieldError(
                 "train.accumulate",
@@ -1073,6 +1082,8 @@ def result_settings(settings: Settings) -> dict[str, Any]:
         keep.pop("model.init_from")
     if not settings.train.ema_snapshots:  # the same: off, as every run before it
         keep.pop("train.ema_snapshots")
+    if not settings.model.augment_labels:
+        keep.pop("model.augment_labels")
     if settings.diffusion.schedule != "linear":  # the betas are the linear schedule's
         keep.pop("diffusion.beta_start")
         keep.pop("diffusion.beta_end")
