@@ -124,6 +124,13 @@ class TrainConfig:
     rank_timeout: float = 300.0  # seconds a rank may go silent before the run fails
 
 
+# The samplers by what they step through (ddpm.samplers, ddpm.sigma_samplers), here so that the
+# settings check them without importing torch.
+TIMESTEP_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m")
+SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "heun", "dpmpp_2m_karras", "dpmpp_3m_karras")
+CHURN_SAMPLERS: tuple[str, ...] = ("euler", "heun")  # take EDM's S_churn
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """The sample grid drawn during training."""

@@ -91,6 +91,11 @@ def _network_output(model: DiffusionModel, x_in: torch.Tensor, time: torch.Tenso
     return model.eps_model(x_in, time)
 
 
+def _read_sigma_data(model: DiffusionModel, _: Any) -> None:
+    """After a state dict is loaded into an edm model: its host copy of sigma_data."""
+    model.sigma_data_value = float(model.sigma_data)
+
+
 class DiffusionModel(nn.Module):
     """A DDPM: the forward (noising) process, the training loss, and sampling.
 
@@ -141,8 +146,12 @@ class DiffusionModel(nn.Module):
         self.p_mean, self.p_std = (P_MEAN, P_STD) if edm is None else (edm.p_mean, edm.p_std)
         if edm is not None:  # measured on the data when a run starts: kept with the weights
             self.register_buffer("sigma_data", torch.tensor(edm.sigma_data, dtype=torch.float64))
+            # Its value on the host, which every step reads: reading the buffer on a GPU would
+            # wait for the device. Loading a state dict (a checkpoint) is what changes it.
+            self.sigma_data_value = edm.sigma_data
+            self.register_load_state_dict_post_hook(_read_sigma_data)
         # The discrete schedule on sigma (EDM Table 1, VP): ln sigma_t, increasing in t.
-        self.log_sigmas = vp_sigmas(self.alphas_cumprod_f64).log()
+        self.log_sigmas = vp_sigmas(self.alphas_cumprod_f64).log().tolist()
         self._compiled = _Compiled()
 
     def _net_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -221,7 +230,7 @@ class DiffusionModel(nn.Module):
             labels = flips.to(x0.dtype)[:, None]  # (B, 1): [flipped]
         if self.formulation == "edm":
             sigma = t.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
-            sigma_data = float(self.sigma_data)
+            sigma_data = self.sigma_data_value
             _, _, c_in, c_noise = precondition(sigma, sigma_data)
             output = self._train_network(c_in * (x0 + sigma * eps), c_noise.flatten(), labels)
             return F.mse_loss(output, edm_training_target(x0, eps, sigma, sigma_data))
@@ -315,7 +324,7 @@ class DiffusionModel(nn.Module):
         use_karras_sigmas)."""
         if self.formulation == "edm":
             return SIGMA_MIN, SIGMA_MAX
-        return float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp())
+        return math.exp(self.log_sigmas[0]), math.exp(self.log_sigmas[-1])
 
     def denoise(
         self, x: torch.Tensor, sigma: float, network: Network | None = None, clip: bool = False
@@ -339,7 +348,7 @@ class DiffusionModel(nn.Module):
         network = network or self._network_at()
         batch = torch.full((x.shape[0],), 1.0, device=x.device)
         if self.formulation == "edm":
-            c_skip, c_out, c_in, c_noise = precondition(sigma, float(self.sigma_data))
+            c_skip, c_out, c_in, c_noise = precondition(sigma, self.sigma_data_value)
             output = network((c_in * x).float(), batch * c_noise)
             d = c_skip * x + c_out * output.to(x.dtype)
             return d.clamp(-1.0, 1.0) if clip else d
@@ -400,7 +409,6 @@ class DiffusionModel(nn.Module):
                 f"sampler {sampler} steps through the discrete formulation's timesteps; an edm "
                 f"model is sampled with one of {SIGMA_SAMPLERS}"
             )
-        options = {k: v for k, v in options.items() if k in ("steps", "eta", "clip_denoised")}
         method = make_sampler(sampler, self.alphas_cumprod_f64, self.prediction, **options)
         network = self.network(compile)
         x = self._noise((num_samples, *size), generator)  # x_T ~ N(0, I)

@@ -18,7 +18,9 @@ ddpm.sigma_samplers needs nothing else.
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,24 +127,24 @@ def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - abar) / abar).sqrt()
 
 
-def sigma_to_t(sigma: float, log_sigmas: torch.Tensor) -> float:
+def sigma_to_t(sigma: float, log_sigmas: Sequence[float]) -> float:
     """The fractional timestep of a noise level: linear in ln sigma between the schedule's two
     nearest timesteps, clamped to [0, T-1] (k-diffusion's DiscreteSchedule.sigma_to_t,
     diffusers' _sigma_to_t).
 
     Args:
         sigma: a noise level > 0.
-        log_sigmas: (T,) ln sigma_t, increasing.
+        log_sigmas: the T values ln sigma_t, increasing (floats: a sampler calls this at every
+            step, and a tensor would be read back from it each time).
     """
-    values = log_sigmas.tolist()
     s = math.log(sigma)
-    if s <= values[0]:
+    if s <= log_sigmas[0]:
         return 0.0
-    if s >= values[-1]:
-        return float(len(values) - 1)
-    high = int(torch.searchsorted(log_sigmas, torch.tensor(s, dtype=log_sigmas.dtype)))
+    if s >= log_sigmas[-1]:
+        return float(len(log_sigmas) - 1)
+    high = bisect.bisect_right(log_sigmas, s)
     low = high - 1
-    return low + (s - values[low]) / (values[high] - values[low])
+    return low + (s - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
 
 
 def measure_sigma_data(images: torch.Tensor) -> float:

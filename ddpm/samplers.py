@@ -29,10 +29,11 @@ from typing import Literal
 
 import torch
 
+from ddpm.config import TIMESTEP_SAMPLERS
 from ddpm.schedules import check_prediction, split_prediction
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS = TIMESTEP_SAMPLERS
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:

@@ -27,10 +27,10 @@ from typing import Literal
 
 import torch
 
+from ddpm.config import SIGMA_SAMPLERS
 from ddpm.edm import RHO, karras_sigmas
 
 SigmaSamplerName = Literal["euler", "heun", "dpmpp_2m_karras", "dpmpp_3m_karras"]
-SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "heun", "dpmpp_2m_karras", "dpmpp_3m_karras")
 # diffusers' lower_order_final: under this many steps the second-to-last step is at most
 # second order (a third-order step there is unstable at few steps).
 LOWER_ORDER_BELOW = 15

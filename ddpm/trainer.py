@@ -15,6 +15,7 @@ stay there and are read together every train.log_every steps (one sync per read)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -25,7 +26,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
-from ddpm.build import build_training, with_sigma_data
+from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointWriter
 from ddpm.config import Config, TrainConfig
 from ddpm.data import TrainingData, load_dataset, locate_dataset, shard_bounds
@@ -427,7 +428,11 @@ def train_rank(group: Group, config: Config) -> EpochResult | None:
     if not path.exists():
         path = locate_dataset(config.data)
     data = TrainingData(load_dataset(config, path), config, group.rank, group.world_size)
-    config = with_sigma_data(config, data.dataset)  # rank 0's value: the same images
+    # rank 0's sigma_data (measured there, or set): the model is built to load its state
+    recorded = start["state"]["architecture"]["diffusion"].get("sigma_data")
+    config = dataclasses.replace(
+        config, diffusion=dataclasses.replace(config.diffusion, sigma_data=recorded)
+    )
     state = build_training(config, data.steps_per_epoch * config.train.epochs)
     state.ema, state.profiles = None, {}  # rank 0's alone
     state.restore(start["state"])

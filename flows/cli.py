@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -146,7 +147,8 @@ def ema_main(argv: list[str] | None = None) -> int:
         except ValueError:
             message_ = f"--sigma-rel {args.sigma_rel}: numbers, comma-separated"
             raise UserError(one_line(message_)) from None
-        if not sigma_rels or any(not 0 < s < 0.2886 for s in sigma_rels):
+        # ddpm.phema's range (not imported here: torch): below the uniform average's sqrt(1/12)
+        if not sigma_rels or any(not 0 < s < math.sqrt(1 / 12) for s in sigma_rels):
             raise UserError(one_line(f"--sigma-rel {args.sigma_rel}: each in (0, 0.288)"))
         cfg = load_settings({})
     except UserError as err:

@@ -37,7 +37,9 @@ from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, Setting
 from pydantic_settings import SettingsError as _PydanticSettingsError
 
 from ddpm.config import (
+    CHURN_SAMPLERS,
     LEGACY_DIFFUSION,
+    TIMESTEP_SAMPLERS,
     DataConfig,
     DiffusionConfig,
     EvalConfig,
@@ -677,17 +679,12 @@ class Settings(BaseSettings):
         """The sample.* settings against each other and the diffusion's (_consistent's)."""
         self._sampler_fits_the_formulation()
         sample = self.sample
-        timestep_sampler = sample.sampler in ("ddpm", "ddim", "dpmpp_2m")
-        if sample.s_churn > 0 and sample.sampler not in ("euler", "heun"):
+        if sample.s_churn > 0 and sample.sampler not in CHURN_SAMPLERS:
             raise _FieldError("sample.s_churn", "applies to sample.sampler euler or heun only")
         if sample.sigma_min and sample.sigma_max and sample.sigma_min > sample.sigma_max:
             raise _FieldError("sample.sigma_min", f"must be at most sample.sigma_max "
                               f"({sample.sigma_max}), got {sample.sigma_min}")  # fmt: skip
-        if (
-            timestep_sampler
-            and sample.sampler != "ddpm"
-            and sample.steps > self.diffusion.num_timesteps
-        ):
+        if sample.sampler in ("ddim", "dpmpp_2m") and sample.steps > self.diffusion.num_timesteps:
             raise _FieldError(
                 "sample.steps",
                 f"must be at most diffusion.num_timesteps ({self.diffusion.num_timesteps})",
@@ -699,7 +696,7 @@ class Settings(BaseSettings):
         if self.diffusion.formulation != "edm":
             return
         sample = self.sample
-        if sample.sampler not in ("ddpm", "ddim", "dpmpp_2m"):
+        if sample.sampler not in TIMESTEP_SAMPLERS:
             return
         if "sampler" in sample.model_fields_set:
             raise _FieldError(

@@ -63,6 +63,18 @@ def test_with_sigma_data_one_the_edm_target_is_minus_v() -> None:
     assert torch.allclose(edm_training_target(y, n, sigma, 1.0), -v, rtol=0, atol=1e-14)
 
 
+def test_a_loaded_state_brings_its_sigma_data_into_the_loss() -> None:
+    """An edm model built with one sigma_data and loaded with another's state (a checkpoint,
+    an EMA's) computes its loss with the loaded value, as a model built with it does."""
+    torch.manual_seed(0)
+    source = DiffusionModel(Mixer(), num_timesteps=10, edm=EDMParams(sigma_data=0.3))
+    loaded = DiffusionModel(Mixer(), num_timesteps=10, edm=EDMParams(sigma_data=0.5))
+    loaded.load_state_dict(source.state_dict())
+    y, n = torch.rand(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    sigma = torch.tensor([0.1, 2.0], dtype=torch.float64)
+    assert float(loaded(y, sigma, n)) == float(source(y, sigma, n))
+
+
 def test_training_sigmas_are_log_normal() -> None:
     """The edm training draws ln sigma ~ N(p_mean, p_std^2): over 200,000 draws the sample
     mean and std lie within 5 standard errors of p_mean and p_std."""

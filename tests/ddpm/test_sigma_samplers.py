@@ -170,7 +170,7 @@ def test_sigma_to_t_is_diffusers() -> None:
     for sigma in (1e-4, 0.03, 0.5, 1.0, 7.5, 150.0, 1e5):
         wide = torch.tensor([sigma], dtype=torch.float64).numpy()
         theirs = float(scheduler._sigma_to_t(wide, log_sigmas.numpy())[0])
-        assert sigma_to_t(sigma, log_sigmas) == pytest.approx(theirs, abs=1e-9)
+        assert sigma_to_t(sigma, log_sigmas.tolist()) == pytest.approx(theirs, abs=1e-9)
 
 
 class ScaledTime(torch.nn.Module):
