@@ -84,16 +84,47 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), data.target
 
 
-def write_folder(folder: Path) -> Path:
-    """The digits as 32x32 RGB PNG files under folder (written once)."""
+NUM_PHOTO_CROPS = 2000
+
+
+def photos() -> tuple[np.ndarray, np.ndarray]:
+    """(2000, 32, 32, 3) uint8 colour images and which photograph each comes from (0, 1):
+    seeded crops of scikit-learn's two sample photographs (china.jpg, flower.jpg, 427x640),
+    48 to 128 pixels square, box-filtered down to 32x32, alternating between the two."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    sources = load_sample_images().images
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(NUM_PHOTO_CROPS):
+        photo = sources[i % 2]
+        size = int(rng.integers(48, 129))
+        top = int(rng.integers(0, photo.shape[0] - size + 1))
+        left = int(rng.integers(0, photo.shape[1] - size + 1))
+        crop = Image.fromarray(photo[top : top + size, left : left + size])
+        images.append(np.asarray(crop.resize((32, 32), Image.BOX)))
+        labels.append(i % 2)
+    return np.stack(images), np.asarray(labels)
+
+
+DATASETS = {"digits": digits, "photos": photos}
+
+
+def write_folder(folder: Path, dataset: str = "digits") -> Path:
+    """The data set's images as 32x32 RGB PNG files under folder (written once)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    images, _ = digits()
+    images, _ = DATASETS[dataset]()
     if len(list(folder.glob("*.png"))) != len(images):
         for i, im in enumerate(images):
             Image.fromarray(im).convert("RGB").save(folder / f"{i:04d}.png")
     return folder
+
+
+def data_folder(dataset: str) -> Path:
+    return write_folder(ROOT / "runs" / f"{dataset}-data", dataset)
 
 
 def grey(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -111,6 +142,27 @@ def features(grey_images: np.ndarray) -> np.ndarray:
     return (F.avg_pool2d(x, 4).flatten(1) * 16).numpy()
 
 
+def channels_first(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N, 3, 32, 32) or (N, 32, 32, 3) uint8 -> (N, 3, 32, 32) float in [0, 1]."""
+    x = np.asarray(images).astype(np.float64) / 255
+    return x if x.shape[1] == 3 else x.transpose(0, 3, 1, 2)
+
+
+def colour_features(images: np.ndarray) -> np.ndarray:
+    """(N, 3, 32, 32) float in [0, 1] -> (N, 48): 4x4 area averages of R, G and B, 0-16."""
+    return (F.avg_pool2d(torch.from_numpy(images), 8).flatten(1) * 16).numpy()
+
+
+def colourfulness(images: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) float in [0, 1] -> (N,): Hasler & Suesstrunk's colourfulness (2003),
+    sigma_rgyb + 0.3 mu_rgyb of the opponent channels rg = R - G, yb = (R + G) / 2 - B, 0-255."""
+    r, g, b = (images[:, c].reshape(len(images), -1) * 255 for c in range(3))
+    rg, yb = r - g, (r + g) / 2 - b
+    spread = np.sqrt(rg.std(1) ** 2 + yb.std(1) ** 2)
+    centre = np.sqrt(rg.mean(1) ** 2 + yb.mean(1) ** 2)
+    return spread + 0.3 * centre
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets (as FID)."""
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -118,6 +170,18 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     root_a = (v * np.sqrt(w.clip(0))) @ v.T
     cross = np.sqrt(np.linalg.eigvalsh(root_a @ s_b @ root_a).clip(0)).sum()
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b) - 2 * cross)
+
+
+def class_scores(classifier: Any, f: np.ndarray, classes: int) -> dict[str, float]:
+    """confidence (mean top probability) and coverage (entropy of the assigned classes over
+    log(classes): 1 = every class equally often) of a classifier on (N, D) features."""
+    proba = classifier.predict_proba(f)
+    counts = np.bincount(proba.argmax(1), minlength=classes) / len(f)
+    entropy = -(counts[counts > 0] * np.log(counts[counts > 0])).sum()
+    return {
+        "confidence": float(proba.max(1).mean()),
+        "coverage": float(entropy / math.log(classes)),
+    }
 
 
 class Judge:
@@ -134,19 +198,49 @@ class Judge:
         """samples: (N, C, 32, 32) uint8 -> fd, confidence, coverage, median, corners."""
         g = grey(samples)
         f = features(g)
-        proba = self.classifier.predict_proba(f)
-        counts = np.bincount(proba.argmax(1), minlength=10) / len(f)
-        entropy = -(counts[counts > 0] * np.log(counts[counts > 0])).sum()
         corners = np.concatenate(
             [g[:, :3, :3], g[:, :3, -3:], g[:, -3:, :3], g[:, -3:, -3:]], axis=1
         )
         return {
             "fd": frechet_distance(self.real, f),
-            "confidence": float(proba.max(1).mean()),
-            "coverage": float(entropy / math.log(10)),
+            **class_scores(self.classifier, f, 10),
             "median": float(np.median(g)),
             "corners": float(corners.mean()),
         }
+
+
+class PhotoJudge:
+    """The colour measure: the photograph crops' colour features and a classifier telling the
+    two photographs apart.
+
+    fd: the Fréchet distance between Gaussians fitted to 4x4 RGB area averages (0-16 scale) of
+    the samples and of all 2,000 crops; confidence and coverage of the photograph classifier
+    (coverage 1 = both photographs equally often, as in the data); colourfulness: the samples'
+    mean (Hasler & Suesstrunk), beside the data's.
+    """
+
+    def __init__(self) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        images, labels = photos()
+        x = channels_first(images)
+        self.real = colour_features(x)
+        self.classifier = LogisticRegression(max_iter=5000).fit(self.real, labels)
+        self.data_colourfulness = float(colourfulness(x).mean())
+
+    def score(self, samples: torch.Tensor | np.ndarray) -> dict[str, float]:
+        """samples: (N, 3, 32, 32) uint8 -> fd, confidence, coverage, colourfulness."""
+        x = channels_first(samples)
+        f = colour_features(x)
+        return {
+            "fd": frechet_distance(self.real, f),
+            **class_scores(self.classifier, f, 2),
+            "colourfulness": float(colourfulness(x).mean()),
+            "data_colourfulness": self.data_colourfulness,
+        }
+
+
+JUDGES = {"digits": Judge, "photos": PhotoJudge}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,30 +257,37 @@ def project_config(data_folder: Path, overrides: dict[str, Any]):
     return settings, core_config(settings)
 
 
-def train(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Train at the budget with the project's path; save the state and the time taken."""
-    from ddpm.build import build_training
-    from ddpm.checkpoint import save_checkpoint
+def train(out: Path, overrides: dict[str, Any], dataset: str = "digits") -> dict[str, Any]:
+    """Train at the budget with the project's path (an edm run measures sigma_data as
+    train_flow does; train.ema_snapshots go to out/ema); save the final state as the run
+    folder's epoch checkpoint, the losses and the time taken."""
+    from ddpm.build import build_training, with_sigma_data
     from ddpm.data import TrainingData, load_dataset
+    from ddpm.run_dir import RunDir, save_epoch_checkpoint
     from ddpm.trainer import Trainer
 
     torch.set_num_threads(1)
-    folder = write_folder(ROOT / "runs" / "digits-data")
+    folder = data_folder(dataset)
     settings, config = project_config(folder, overrides)
-    data = TrainingData(load_dataset(config, folder), config)
+    images = load_dataset(config, folder)
+    config = with_sigma_data(config, images)
+    data = TrainingData(images, config)
     state = build_training(config, data.steps_per_epoch * config.train.epochs)
+    run = RunDir(out)
+    run.path.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     losses = []
-    trainer = Trainer(state, data, config.train)
+    trainer = Trainer(state, data, config.train, run=run)
     while state.epoch < config.train.epochs:
         losses.append(trainer.epoch().loss)
     seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
     snapshot = state.snapshot()
     snapshot["settings"] = settings.model_dump(mode="json")
-    save_checkpoint(out / "state.pt", snapshot)
+    save_epoch_checkpoint(snapshot, run, keep=1)
     record = {
+        "data": dataset,
         "overrides": overrides,
+        "sigma_data": config.diffusion.sigma_data,
         "steps": state.global_step,
         "train_seconds": seconds,
         "epoch_loss": losses,
@@ -195,33 +296,71 @@ def train(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def trained_state(out: Path, ema: float | None = None) -> Path:
+    """The checkpoint to sample: out/state.pt (runs before the run folder) or the run folder;
+    with ema, the post-hoc EMA of that sigma_rel, rebuilt from out/ema's snapshots once."""
+    if ema is None:
+        return out / "state.pt" if (out / "state.pt").is_file() else out
+    from ddpm.posthoc import posthoc_checkpoint, posthoc_ema
+    from ddpm.run_dir import RunDir
+
+    path = posthoc_checkpoint(RunDir(out), ema)
+    return path if path.is_file() else posthoc_ema(RunDir(out), [ema])[0]
+
+
+def dataset_of(out: Path) -> str:
+    trained = out / "train.json"
+    return json.loads(trained.read_text()).get("data", "digits") if trained.is_file() else "digits"
+
+
 def sample(
-    out: Path, options: dict[str, Any], seed: int = SAMPLE_SEED, num: int = NUM_SAMPLES
+    out: Path,
+    options: dict[str, Any],
+    seed: int = SAMPLE_SEED,
+    num: int = NUM_SAMPLES,
+    ema: float | None = None,
 ) -> dict[str, Any]:
-    """Draw num images from the trained EMA weights as sample_flow does (image i from noise
-    seeded by (seed, i)); score them. Scores already in `out` for these options are kept."""
+    """Draw num images from the trained EMA weights (or the post-hoc EMA of sigma_rel ema) as
+    sample_flow does (image i from noise seeded by (seed, i)); score them with the run's data
+    set's judge. Scores already in `out` for these options are kept."""
     from ddpm.config import SampleConfig
     from ddpm.generate import load_trained_model, sample_set
 
     tag = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
+    tag += f"-ema={ema}" if ema is not None else ""
     tag += f"-seed={seed}" if seed != SAMPLE_SEED else ""
     if (out / f"scores-{tag}.json").is_file():
         return json.loads((out / f"scores-{tag}.json").read_text())
     torch.set_num_threads(1)
-    trained = load_trained_model(out / "state.pt")
+    trained = load_trained_model(trained_state(out, ema))
     config = SampleConfig(**options)
     start = time.perf_counter()
     images = sample_set(trained.diffusion, num, trained.image_shape, config, seed, batch_size=num)
     seconds = time.perf_counter() - start
     np.savez_compressed(out / f"samples-{tag}.npz", images=images.numpy())
-    scores = {**Judge().score(images), "sample_seconds": seconds, "sampler": options, "seed": seed}
+    scores = {
+        **JUDGES[dataset_of(out)]().score(images),
+        "sample_seconds": seconds,
+        "sampler": {**options, **({"ema": ema} if ema is not None else {})},
+        "seed": seed,
+    }
     (out / f"scores-{tag}.json").write_text(json.dumps(scores, indent=2))
     return scores
 
 
+def network_calls(options: dict[str, Any]) -> int:
+    """Network evaluations per image of a sampler spec (heun: 2 per step but the last)."""
+    if options["sampler"] == "ddpm":
+        return 1000
+    return 2 * options["steps"] - 1 if options["sampler"] == "heun" else options["steps"]
+
+
+SCORE_COLUMNS = ("confidence", "coverage", "median", "corners", "colourfulness")
+
+
 def table(folders: list[Path]) -> str:
     """A markdown table of every score under the given run folders: the mean over seeds (and
-    how many), with the training and sampling time."""
+    each seed's FD), the network calls per image, and the training and sampling time."""
     rows = []
     for folder in folders:
         trained = folder / "train.json"
@@ -234,20 +373,24 @@ def table(folders: list[Path]) -> str:
             by_sampler.setdefault(key, []).append(scores)
         for key, runs in by_sampler.items():
             runs.sort(key=lambda r: r.get("seed", SAMPLE_SEED))
-
-            def mean(name: str, runs: list = runs) -> float:
-                return float(np.mean([r[name] for r in runs]))
-
+            spec = runs[0].get("sampler")
+            calls = network_calls(spec) if spec else "-"
             fds = ", ".join(f"{r['fd']:.0f}" for r in runs)
+            cells = [
+                f"{np.mean([r[c] for r in runs]):.3f}" if c in runs[0] else "-"
+                for c in SCORE_COLUMNS
+            ]
+            seconds = record.get("train_seconds", runs[0].get("train_seconds", 0))
             rows.append(
-                f"| {folder.name} | {key} | {mean('fd'):.1f} ({fds}) | {mean('confidence'):.3f} "
-                f"| {mean('coverage'):.3f} | {mean('median'):.3f} | {mean('corners'):.3f} "
-                f"| {record.get('train_seconds', runs[0].get('train_seconds', 0)):.0f} "
-                f"| {mean('sample_seconds'):.0f} |"
+                f"| {folder.name} | {key} | {calls} | {np.mean([r['fd'] for r in runs]):.1f} "
+                f"({fds}) | {' | '.join(cells)} | {seconds:.0f} "
+                f"| {np.mean([r['sample_seconds'] for r in runs]):.0f} |"
             )
+    columns = " | ".join(SCORE_COLUMNS)
     head = (
-        "| run | sampler | FD (per seed) | confidence | coverage | median | corners "
-        "| train s | sample s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        f"| run | sampler | calls | FD (per seed) | {columns} | train s | sample s |\n"
+        + "| --- " * (len(SCORE_COLUMNS) + 6)
+        + "|"
     )
     return "\n".join([head, *rows])
 
@@ -271,7 +414,7 @@ def diagnose(out: Path, sampler: str = "ddim", steps: int = 100, eta: float = 1.
     torch.set_num_threads(1)
     trained = load_trained_model(out / "state.pt")
     model = trained.diffusion
-    folder = write_folder(ROOT / "runs" / "digits-data")
+    folder = data_folder("digits")
     _, config = project_config(folder, {})
     dataset = load_dataset(config, folder)
     x0 = normalize(torch.stack([dataset[i] for i in range(512)]))
@@ -332,24 +475,23 @@ def diagnose(out: Path, sampler: str = "ddim", steps: int = 100, eta: float = 1.
 # diffusers' trainer on the same budget
 
 
-def train_diffusers(out: Path) -> dict[str, Any]:
-    """diffusers' train_unconditional.py loop at the project's budget, then its DDIM sampler."""
-    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+DIFFUSERS_VARIANTS = {
+    # diffusers' train_unconditional.py as it ships: eps on the linear schedule, then DDIM
+    # (eta 1, clipped) in 100 steps, on the project's batches (with its default flips).
+    "eps-ddim100": {"beta_schedule": "linear", "prediction_type": "epsilon", "flip": True},
+    # The same levers as the project's v defaults, without flips: v on squaredcos_cap_v2,
+    # DPMSolverMultistepScheduler (DPM-Solver++(2M)) in 20 steps.
+    "v-dpmsolver20": {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
+                      "flip": False},
+}  # fmt: skip
 
-    from ddpm.data import TrainingData, load_dataset
-    from ddpm.generate import image_seed, to_uint8
-    from ddpm.training import run_warmup_steps
 
-    torch.set_num_threads(1)
-    folder = write_folder(ROOT / "runs" / "digits-data")
-    _, config = project_config(folder, {})
-    data = TrainingData(load_dataset(config, folder), config)
-    total = data.steps_per_epoch * config.train.epochs
-    torch.manual_seed(config.train.seed)
-    # Our network's size: 0.67 M parameters, 0.35 GFLOP per image (ours 0.72 M, 0.34).
-    model = UNet2DModel(
+def diffusers_unet() -> Any:
+    """UNet2DModel of our network's size: 0.67 M parameters, 0.35 GFLOP per image (ours 0.72 M,
+    0.34)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
         sample_size=32,
         in_channels=3,
         out_channels=3,
@@ -359,7 +501,56 @@ def train_diffusers(out: Path) -> dict[str, Any]:
         up_block_types=("UpBlock2D",) * 3,
         norm_num_groups=8,
     )
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+
+@torch.no_grad()
+def diffusers_samples(model: Any, noise_scheduler: Any, variant: str) -> torch.Tensor:
+    """NUM_SAMPLES uint8 images from the variant's diffusers sampler, image i from noise seeded
+    as the project seeds it."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from ddpm.generate import image_seed, to_uint8
+
+    if variant == "eps-ddim100":
+        scheduler, steps, kwargs = DDIMScheduler.from_config(noise_scheduler.config), 100, {
+            "eta": 1.0, "use_clipped_model_output": True}  # fmt: skip
+    else:
+        scheduler, steps = DPMSolverMultistepScheduler.from_config(noise_scheduler.config), 20
+        kwargs = {}
+    scheduler.set_timesteps(steps)
+    generators = [
+        torch.Generator().manual_seed(image_seed(SAMPLE_SEED, i)) for i in range(NUM_SAMPLES)
+    ]
+    x = torch.stack([torch.randn(3, 32, 32, generator=g) for g in generators])
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t).sample, t, x, **kwargs).prev_sample
+    return to_uint8(x.clamp(-1, 1))
+
+
+def train_diffusers(out: Path, variant: str = "eps-ddim100") -> dict[str, Any]:
+    """diffusers' train_unconditional.py loop at the project's budget with the variant's
+    schedule, target and sampler (DIFFUSERS_VARIANTS)."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from ddpm.data import TrainingData, load_dataset
+    from ddpm.training import run_warmup_steps
+
+    torch.set_num_threads(1)
+    spec = DIFFUSERS_VARIANTS[variant]
+    folder = data_folder("digits")
+    _, config = project_config(folder, {"data.random_flip": spec["flip"]})
+    data = TrainingData(load_dataset(config, folder), config)
+    total = data.steps_per_epoch * config.train.epochs
+    torch.manual_seed(config.train.seed)
+    model = diffusers_unet()
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=spec["beta_schedule"],
+        prediction_type=spec["prediction_type"],
+    )
     # train_unconditional.py's AdamW (betas 0.95/0.999, weight decay 1e-6, eps 1e-8) at our lr,
     # our warm-up (cut to a tenth of the run) and constant lr after it, our clipping (1.0).
     optimizer = torch.optim.AdamW(
@@ -376,7 +567,12 @@ def train_diffusers(out: Path) -> dict[str, Any]:
             noise = torch.randn_like(x0)
             t = torch.randint(0, 1000, (x0.shape[0],))
             x_t = noise_scheduler.add_noise(x0, noise, t)
-            loss = F.mse_loss(model(x_t, t).sample.float(), noise.float())
+            target = (
+                noise
+                if spec["prediction_type"] == "epsilon"
+                else noise_scheduler.get_velocity(x0, noise, t)
+            )
+            loss = F.mse_loss(model(x_t, t).sample.float(), target.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()
@@ -387,29 +583,20 @@ def train_diffusers(out: Path) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     ema.copy_to(model.parameters())
     model.eval()
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-    scheduler.set_timesteps(100)
-    generators = [
-        torch.Generator().manual_seed(image_seed(SAMPLE_SEED, i)) for i in range(NUM_SAMPLES)
-    ]
     start = time.perf_counter()
-    with torch.no_grad():
-        x = torch.stack([torch.randn(3, 32, 32, generator=g) for g in generators])
-        for t in scheduler.timesteps:
-            eps = model(x, t).sample
-            x = scheduler.step(eps, t, x, eta=1.0, use_clipped_model_output=True).prev_sample
-    images = to_uint8(x.clamp(-1, 1))
+    images = diffusers_samples(model, noise_scheduler, variant)
     sample_seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "samples-diffusers-ddim100.npz", images=images.numpy())
+    np.savez_compressed(out / f"samples-diffusers-{variant}.npz", images=images.numpy())
     scores = {
         **Judge().score(images),
+        "variant": variant,
         "steps": step,
         "train_seconds": train_seconds,
         "sample_seconds": sample_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    (out / "scores-diffusers-ddim100.json").write_text(json.dumps(scores, indent=2))
+    (out / f"scores-diffusers-{variant}.json").write_text(json.dumps(scores, indent=2))
     return scores
 
 
@@ -429,13 +616,19 @@ def reference_scores() -> dict[str, dict[str, float]]:
     }
 
 
-def figure(path: Path, sample_files: list[Path], per_row: int = 16) -> Path:
+def figure(
+    path: Path, sample_files: list[Path], dataset: str = "digits", per_row: int = 16
+) -> Path:
     """One grid: a row of training images, then a row of each samples-*.npz file's first
     per_row images (uint8 (N, 3, 32, 32), as `sample` writes them)."""
     from ddpm.images import save_grid
 
-    data = torch.from_numpy(digits()[0][:per_row])[:, None].repeat(1, 3, 1, 1)
-    rows = [data] + [torch.from_numpy(np.load(f)["images"][:per_row]) for f in sample_files]
+    real = DATASETS[dataset]()[0][:per_row]
+    data = torch.from_numpy(channels_first(real) * 255 if real.ndim == 4 else real[:, None] / 1.0)
+    data = data.expand(-1, 3, -1, -1) if data.shape[1] == 1 else data
+    rows = [data] + [
+        torch.from_numpy(np.load(f)["images"][:per_row]).double() for f in sample_files
+    ]
     grid = torch.cat(rows).float() / 127.5 - 1
     return save_grid(grid, path, nrow=per_row)
 
@@ -448,12 +641,16 @@ def parse_value(text: str) -> Any:
 
 
 def parse_sampler(spec: str) -> dict[str, Any]:
-    """'ddim:100:1' -> {'sampler': 'ddim', 'steps': 100, 'eta': 1.0}; 'dpmpp_2m:20'; 'ddpm'."""
+    """'ddim:100:1' -> {'sampler': 'ddim', 'steps': 100, 'eta': 1.0}; 'dpmpp_2m:20'; 'ddpm';
+    further SampleConfig fields as NAME=VALUE: 'heun:18:s_churn=40', 'dpmpp_3m_karras:10:rho=5'."""
     name, *rest = spec.split(":")
+    extra = {k: parse_value(v) for k, v in (part.split("=", 1) for part in rest if "=" in part)}
+    rest = [part for part in rest if "=" not in part]
     return {
         "sampler": name,
         "steps": int(rest[0]) if rest else 1000,
         "eta": float(rest[1]) if len(rest) > 1 else (1.0 if name == "ddim" else 0.0),
+        **extra,
     }
 
 
@@ -475,21 +672,29 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train at the budget, then sample and score")
     p_train.add_argument("--set", action="append", default=[], help="dotted setting=value")
+    p_train.add_argument("--data", choices=sorted(DATASETS), default="digits")
     p_sample = sub.add_parser("sample", help="sample and score a trained state")
     p_diag = sub.add_parser("diagnose", help="per-timestep errors and the grey background")
     p_diff = sub.add_parser("diffusers", help="diffusers' trainer at the same budget")
+    p_diff.add_argument("--variant", choices=sorted(DIFFUSERS_VARIANTS), default="eps-ddim100")
     for p in (p_train, p_sample, p_diag, p_diff):
         p.add_argument("--out", type=Path, required=True)
     for p in (p_train, p_sample):
         p.add_argument(
             "--sample", action="append", default=None,
-            help=f"SAMPLER[:STEPS[:ETA]] (default: {' '.join(DEFAULT_SAMPLERS)})",
+            help=f"SAMPLER[:STEPS[:ETA]][:NAME=VALUE...] (default: {' '.join(DEFAULT_SAMPLERS)})",
         )  # fmt: skip
         p.add_argument("--seeds", type=int, default=1, help="draw with seeds 0 .. N-1")
+        p.add_argument(
+            "--ema", type=float, action="append", default=None,
+            help="also draw from the post-hoc EMA of this sigma_rel (runs with "
+                 "train.ema_snapshots); repeat for several",
+        )  # fmt: skip
     p_diag.add_argument("--sample", default="ddim:100:1")
     sub.add_parser("reference", help="the measure's scale")
     p_fig = sub.add_parser("figure", help="training images above rows of samples, as a PNG")
     p_fig.add_argument("--out", type=Path, required=True)
+    p_fig.add_argument("--data", choices=sorted(DATASETS), default="digits")
     p_fig.add_argument("samples", type=Path, nargs="+", help="samples-*.npz files, one a row")
     p_table = sub.add_parser("table", help="a markdown table of the scores of run folders")
     p_table.add_argument("folders", type=Path, nargs="+")
@@ -497,11 +702,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "reference":
         print(json.dumps(reference_scores(), indent=2))
     elif args.command == "figure":
-        print(figure(args.out, args.samples))
+        print(figure(args.out, args.samples, args.data))
     elif args.command == "table":
         print(table([f for f in args.folders if f.is_dir()]))
     elif args.command == "diffusers":
-        print(json.dumps(train_diffusers(args.out), indent=2))
+        print(json.dumps(train_diffusers(args.out, args.variant), indent=2))
     elif args.command == "diagnose":
         options = parse_sampler(args.sample)
         report = diagnose(args.out, options["sampler"], options["steps"], options["eta"])
@@ -511,11 +716,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.command == "train":
             overrides = dict(item.split("=", 1) for item in args.set)
-            record = train(args.out, {k: parse_value(v) for k, v in overrides.items()})
+            overrides = {k: parse_value(v) for k, v in overrides.items()}
+            record = train(args.out, overrides, args.data)
             print(json.dumps({k: v for k, v in record.items() if k != "epoch_loss"}))
         for spec in args.sample or DEFAULT_SAMPLERS:
-            for seed in range(args.seeds):
-                print(json.dumps(sample(args.out, parse_sampler(spec), seed)))
+            for ema in [None, *(args.ema or [])]:
+                for seed in range(args.seeds):
+                    print(json.dumps(sample(args.out, parse_sampler(spec), seed, ema=ema)))
 
 
 if __name__ == "__main__":
