@@ -84,9 +84,11 @@ def export(path: Path, out: Path, use_ema: bool = True) -> Exported:
     trained = load_trained_model(Path(path), use_ema=use_ema)
     if trained.diffusion_config.formulation == "edm":
         raise FormatError(
-            f"{trained.checkpoint} was trained with diffusion.formulation edm; this export "
-            "writes diffusers' DDPMScheduler for the discrete formulation only, and does not "
-            "yet write EDM's preconditioning around the network (diffusers' EDM schedulers)"
+            f"{trained.checkpoint} was trained with diffusion.formulation edm, which a "
+            "diffusers folder cannot run: DDPMPipeline calls the UNet on the noisy image as it "
+            "is, and only an EDM scheduler's scale_model_input applies EDM's input scaling "
+            "c_in, so its images would be wrong; sample it with ddpm-sample (export takes runs "
+            "of the discrete formulation)"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

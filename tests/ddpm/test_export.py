@@ -144,6 +144,18 @@ def test_exported_run_loads_in_ddpm_pipeline_and_draws_our_images(
     assert "Not evaluated" in card and "step 4" in card
 
 
+def test_an_edm_run_is_refused_naming_what_diffusers_cannot_run(tmp_path: Path) -> None:
+    """diffusers' DDPMPipeline never applies EDM's input scaling (only an EDM scheduler's
+    scale_model_input does), so an edm run is refused naming the setting and the reason, and
+    no folder is written."""
+    run = tiny_checkpoint(tmp_path / "run", diffusion__formulation="edm",
+                          diffusion__sigma_data=0.5)  # fmt: skip
+    with pytest.raises(FormatError, match="diffusion.formulation edm.*scale_model_input"):
+        export(run, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
 def tree(folder: Path) -> dict[str, bytes | None]:
     """Every path under folder (relative) with its bytes (None for a folder)."""
     return {
