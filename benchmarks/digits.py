@@ -130,7 +130,7 @@ def data_folder(dataset: str) -> Path:
 def grey(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """(N, C, 32, 32) or (N, 32, 32) uint8 -> (N, 32, 32) float grey in [0, 1] (ITU-R 601,
     PIL's 'L' weights)."""
-    x = torch.as_tensor(np.asarray(images)).double() / 255
+    x = torch.as_tensor(np.ascontiguousarray(images)).double() / 255
     if x.ndim == 4:
         x = x[:, 0] if x.shape[1] == 1 else 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     return x.numpy()
@@ -184,8 +184,17 @@ def class_scores(classifier: Any, f: np.ndarray, classes: int) -> dict[str, floa
     }
 
 
+ASYMMETRIC_DIGITS = (2, 3, 4, 5, 6, 7, 9)  # a mirror image of these is not a digit
+
+
 class Judge:
-    """The training digits' features and a classifier fitted to them; scores sample sets."""
+    """The training digits' features and classifiers fitted to them; scores sample sets.
+
+    The digit classifier gives confidence and coverage; a second one, fitted to the digits and
+    to mirror images of the asymmetric ones (ASYMMETRIC_DIGITS, 17 classes), gives `mirrored`:
+    the share of samples it calls a mirrored digit (the data: 0.000; the same images mirrored:
+    see reference_scores).
+    """
 
     def __init__(self) -> None:
         from sklearn.linear_model import LogisticRegression
@@ -193,9 +202,16 @@ class Judge:
         images, labels = digits()
         self.real = features(grey(images))
         self.classifier = LogisticRegression(max_iter=5000).fit(self.real, labels)
+        asymmetric = np.isin(labels, ASYMMETRIC_DIGITS)
+        mirrored = features(grey(images[asymmetric][:, :, ::-1].copy()))
+        self.mirror_classifier = LogisticRegression(max_iter=5000).fit(
+            np.concatenate([self.real, mirrored]),
+            np.concatenate([labels, labels[asymmetric] + 10]),
+        )
 
     def score(self, samples: torch.Tensor | np.ndarray) -> dict[str, float]:
-        """samples: (N, C, 32, 32) uint8 -> fd, confidence, coverage, median, corners."""
+        """samples: (N, C, 32, 32) uint8 -> fd, confidence, coverage, mirrored, median,
+        corners."""
         g = grey(samples)
         f = features(g)
         corners = np.concatenate(
@@ -204,6 +220,7 @@ class Judge:
         return {
             "fd": frechet_distance(self.real, f),
             **class_scores(self.classifier, f, 10),
+            "mirrored": float((self.mirror_classifier.predict(f) >= 10).mean()),
             "median": float(np.median(g)),
             "corners": float(corners.mean()),
         }
@@ -355,7 +372,7 @@ def network_calls(options: dict[str, Any]) -> int:
     return 2 * options["steps"] - 1 if options["sampler"] == "heun" else options["steps"]
 
 
-SCORE_COLUMNS = ("confidence", "coverage", "median", "corners", "colourfulness")
+SCORE_COLUMNS = ("confidence", "coverage", "mirrored", "median", "corners", "colourfulness")
 
 
 def table(folders: list[Path]) -> str:
@@ -601,19 +618,47 @@ def train_diffusers(out: Path, variant: str = "eps-ddim100") -> dict[str, Any]:
 
 
 def reference_scores() -> dict[str, dict[str, float]]:
-    """The measure's scale: halves of the data, 200 training images, uniform noise."""
-    judge = Judge()
-    images, _ = digits()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(images))
-    noise = torch.from_numpy(rng.integers(0, 256, (NUM_SAMPLES, 3, 32, 32), dtype=np.uint8))
-    half = features(grey(images[order[: len(order) // 2]]))
-    other = features(grey(images[order[len(order) // 2 :]]))
-    return {
-        "data (200 training images)": judge.score(images[order[:NUM_SAMPLES]]),
-        "uniform noise": judge.score(noise),
-        "halves": {"fd": frechet_distance(half, other)},
-    }
+    """The measures' scales: halves of the data, 200 training images (as they are, and each
+    mirrored with probability 1/2, as the default flips feed them to the network), uniform
+    noise; the same for the photographs' crops."""
+    out = {}
+    for name, judge in (("digits", Judge()), ("photos", PhotoJudge())):
+        images = DATASETS[name]()[0]
+        images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(images))
+        some = images[order[:NUM_SAMPLES]].copy()
+        flip = rng.random(NUM_SAMPLES) < 0.5
+        some_flipped = some.copy()
+        some_flipped[flip] = some[flip][..., ::-1]
+        noise = rng.integers(0, 256, (NUM_SAMPLES, 3, 32, 32), dtype=np.uint8)
+        halves = [images[order[: len(order) // 2]], images[order[len(order) // 2 :]]]
+        measure = features if name == "digits" else colour_features
+        prepare = grey if name == "digits" else (lambda x: np.asarray(x, np.float64) / 255)
+        out[name] = {
+            f"{NUM_SAMPLES} training images": judge.score(some),
+            f"{NUM_SAMPLES} training images, half mirrored": judge.score(some_flipped),
+            "uniform noise": judge.score(noise),
+            "halves": {"fd": frechet_distance(*(measure(prepare(h)) for h in halves))},
+        }
+    return out
+
+
+def rescore(folders: list[Path]) -> int:
+    """Score every samples-*.npz under the run folders again with today's judges, keeping
+    each scores file's other fields (sampler, seed, times); returns how many."""
+    done = 0
+    for folder in folders:
+        judge = JUDGES[dataset_of(folder)]()
+        for path in sorted(folder.glob("scores-*.json")):
+            images = folder / f"samples-{path.stem.removeprefix('scores-')}.npz"
+            if not images.is_file():
+                continue
+            scores = json.loads(path.read_text())
+            scores.update(judge.score(np.load(images)["images"]))
+            path.write_text(json.dumps(scores, indent=2))
+            done += 1
+    return done
 
 
 def figure(
@@ -698,6 +743,8 @@ def main(argv: list[str] | None = None) -> None:
     p_fig.add_argument("samples", type=Path, nargs="+", help="samples-*.npz files, one a row")
     p_table = sub.add_parser("table", help="a markdown table of the scores of run folders")
     p_table.add_argument("folders", type=Path, nargs="+")
+    p_rescore = sub.add_parser("rescore", help="score run folders' samples again")
+    p_rescore.add_argument("folders", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "reference":
         print(json.dumps(reference_scores(), indent=2))
@@ -705,6 +752,8 @@ def main(argv: list[str] | None = None) -> None:
         print(figure(args.out, args.samples, args.data))
     elif args.command == "table":
         print(table([f for f in args.folders if f.is_dir()]))
+    elif args.command == "rescore":
+        print(rescore([f for f in args.folders if f.is_dir()]), "sample sets scored again")
     elif args.command == "diffusers":
         print(json.dumps(train_diffusers(args.out, args.variant), indent=2))
     elif args.command == "diagnose":

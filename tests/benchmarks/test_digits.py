@@ -67,3 +67,15 @@ def test_a_small_edm_run_samples_and_rebuilds_its_ema(tmp_path: Path) -> None:
     rows = [row for row in table if '"heun"' in row]
     assert len(rows) == 2 and all("| 3 |" in row for row in rows)
     assert any('"ema": 0.1' in row for row in rows)
+
+
+def test_the_mirror_measure_counts_mirrored_digits() -> None:
+    """Training digits are never called mirrored; the asymmetric ones mirrored almost always
+    are, and symmetric ones seldom (1 mirrored is still a 1)."""
+    judge = digits.Judge()
+    images, labels = digits.digits()
+    rgb = np.repeat(images[:, None], 3, axis=1)
+    asymmetric = np.isin(labels, digits.ASYMMETRIC_DIGITS)
+    assert judge.score(rgb[:300])["mirrored"] == 0.0
+    mirrored = rgb[asymmetric][:300, :, :, ::-1].copy()
+    assert judge.score(mirrored)["mirrored"] > 0.9
