@@ -150,7 +150,7 @@ def test_an_edm_run_is_refused_naming_what_diffusers_cannot_run(tmp_path: Path) 
     no folder is written."""
     run = tiny_checkpoint(tmp_path / "run", diffusion__formulation="edm",
                           diffusion__sigma_data=0.5)  # fmt: skip
-    with pytest.raises(FormatError, match="diffusion.formulation edm.*scale_model_input"):
+    with pytest.raises(FormatError, match=r"diffusion\.formulation edm.*scale_model_input"):
         export(run, tmp_path / "export")
     assert not (tmp_path / "export").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
