@@ -209,6 +209,11 @@ class Judge:
             np.concatenate([labels, labels[asymmetric] + 10]),
         )
 
+    @staticmethod
+    def features(samples: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, C, 32, 32) uint8 -> (N, 64): the measure's features (8x8 grey averages)."""
+        return features(grey(samples))
+
     def score(self, samples: torch.Tensor | np.ndarray) -> dict[str, float]:
         """samples: (N, C, 32, 32) uint8 -> fd, confidence, coverage, mirrored, median,
         corners."""
@@ -244,6 +249,11 @@ class PhotoJudge:
         self.real = colour_features(x)
         self.classifier = LogisticRegression(max_iter=5000).fit(self.real, labels)
         self.data_colourfulness = float(colourfulness(x).mean())
+
+    @staticmethod
+    def features(samples: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, 3, 32, 32) or (N, 32, 32, 3) uint8 -> (N, 48): the measure's features."""
+        return colour_features(channels_first(samples))
 
     def score(self, samples: torch.Tensor | np.ndarray) -> dict[str, float]:
         """samples: (N, 3, 32, 32) uint8 -> fd, confidence, coverage, colourfulness."""
@@ -633,13 +643,11 @@ def reference_scores() -> dict[str, dict[str, float]]:
         some_flipped[flip] = some[flip][..., ::-1]
         noise = rng.integers(0, 256, (NUM_SAMPLES, 3, 32, 32), dtype=np.uint8)
         halves = [images[order[: len(order) // 2]], images[order[len(order) // 2 :]]]
-        measure = features if name == "digits" else colour_features
-        prepare = grey if name == "digits" else (lambda x: np.asarray(x, np.float64) / 255)
         out[name] = {
             f"{NUM_SAMPLES} training images": judge.score(some),
             f"{NUM_SAMPLES} training images, half mirrored": judge.score(some_flipped),
             "uniform noise": judge.score(noise),
-            "halves": {"fd": frechet_distance(*(measure(prepare(h)) for h in halves))},
+            "halves": {"fd": frechet_distance(*(judge.features(h) for h in halves))},
         }
     return out
 
