@@ -175,9 +175,9 @@ def sweep_main(argv: list[str] | None = None) -> int:
     spec's deployment from this machine (flows.sweep_flow.local_runner)."""
     parser = argparse.ArgumentParser(
         prog=SWEEP_PROG, allow_abbrev=False,
-        description="Run many train-flow runs (trials) of one spec through a Prefect "
-        "deployment, at most `concurrency` at once, and compare them (table artifact, plot, "
-        "W&B group). Re-running it continues it.",
+        description="Run many trials of one spec (train-flow runs, or sample-flow runs that "
+        "score trained runs) through a Prefect deployment, at most `concurrency` at once, and "
+        "compare them (table artifact, plot, W&B group). Re-running it continues it.",
     )  # fmt: skip
     parser.add_argument("--spec", required=True, help="the sweep's YAML spec")
     args = parse_command(parser, sys.argv[1:] if argv is None else argv)
@@ -186,8 +186,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
     try:
         spec = read_spec(args.spec)
-        base = load_settings(spec.base)
-        cfg = load_settings({**spec.base, "run.stop_timeout": base.run.stop_timeout
+        base = load_settings(spec.settings_base)
+        cfg = load_settings({**spec.settings_base, "run.stop_timeout": base.run.stop_timeout
                              + SWEEP_STOP_GRACE})  # fmt: skip
         claim(spec)  # the sweep's folder: a user's is refused, untouched
     except UserError as err:

@@ -30,6 +30,7 @@ from ddpm.evaluation import inception_weights
 from ddpm.generate import ImageFiles, TrainedModel
 from ddpm.sigma_samplers import SIGMA_SAMPLERS
 from flows.download import download_task
+from flows.ema_flow import posthoc_ema_task
 from flows.gpu import gpu_slot
 from flows.sample_tasks import (
     evaluate_images_task,
@@ -39,7 +40,7 @@ from flows.sample_tasks import (
     write_npz_task,
 )
 from flows.shutdown import StopRequest, active_stop_request
-from flows.tracking import core_logs_routed
+from flows.tracking import core_logs_routed, publish_metrics
 from settings import core_config, load_settings
 from settings.sampling import GenerateOptions, sampling_settings
 
@@ -68,7 +69,10 @@ def sample_flow(
     with core_logs_routed():
         stop = active_stop_request() or StopRequest(load_settings(overrides).run.stop_timeout)
         with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
-            trained = load_model_task(str(options.run), options.ema)
+            run = str(options.run)
+            if options.sigma_rel is not None:  # the EMA of that length, rebuilt now
+                (run,) = posthoc_ema_task(str(options.run.resolve()), [options.sigma_rel])
+            trained = load_model_task(run, options.ema)
             config = core_config(sampling_settings(trained.settings, options, overrides))
             data_path = _training_images(trained, config) if options.evaluate else None
             files = ImageFiles(options.out, options.num)
@@ -95,6 +99,7 @@ def sample_flow(
             if data_path is not None:
                 with gpu_slot(config.train.device):
                     summary["metrics"] = evaluate_images_task(files, config, data_path)
+                publish_metrics([{"epoch": trained.epoch, **summary["metrics"]}])
         _publish(summary)
         get_run_logger().info("%s", summary)
         return summary

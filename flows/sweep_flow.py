@@ -66,7 +66,15 @@ from flows.shutdown import StopRequest, active_stop_request
 from flows.sweep_record import FINISHED, Trial, claim, read_record, write_record
 from flows.tracking import LINK_KEY, METRICS_KEY, resolve_wandb_mode, wandb_run_id
 from settings import Settings, load_settings
-from settings.sweep import Range, SpecError, SweepSpec, planned, spec_from, trial_overrides
+from settings.sweep import (
+    Range,
+    SpecError,
+    SweepSpec,
+    planned,
+    sample_trial,
+    spec_from,
+    trial_overrides,
+)
 
 __all__ = ["Trial", "local_runner", "sweep_flow"]
 
@@ -131,6 +139,8 @@ def table_rows(spec: SweepSpec, trials: Mapping[int, Trial], folder: Path) -> li
     rows = []
     for trial in (trials[i] for i in sorted(trials)):
         wandb = trial.wandb or f"{spec.name}/{trial.name} (offline)"
+        if spec.draws_samples:
+            wandb = ""  # sample_flow's trials log to no W&B run
         rows.append(
             {
                 "trial": trial.name,
@@ -310,14 +320,18 @@ class Sweep:
         return Trial(len(self.trials), dict(asked.params), number=asked.number)
 
     def _start(self, trial: Trial) -> None:
-        overrides = {**trial_overrides(self.spec, trial.index, trial.values),
-                     "wandb.group": self.spec.name}  # fmt: skip
+        parameters: dict[str, Any] = {}
+        if self.spec.draws_samples:
+            parameters["options"], overrides = sample_trial(self.spec, trial.index, trial.values)
+        else:
+            overrides = trial_overrides(self.spec, trial.index, trial.values)
+        overrides["wandb.group"] = self.spec.name
         if self.study is not None:
             where = {"storage": self.storage, "study": self.spec.name, "trial": trial.number}
             overrides.update({f"sweep.{key}": value for key, value in where.items()})
         flow_run = run_deployment(
             self.spec.deployment,
-            parameters={"overrides": overrides},
+            parameters={**parameters, "overrides": overrides},
             flow_run_name=f"{self.spec.name}-{trial.name}",
             tags=["sweep", f"sweep-{self.spec.name}"],
             timeout=0,  # started; this loop watches it
@@ -460,7 +474,7 @@ def sweep_flow(
     """
     logger = get_run_logger()
     sweep = spec_from(spec)
-    cfg = load_settings(sweep.base)
+    cfg = load_settings(sweep.settings_base)
     folder = claim(sweep)  # a folder of the user's is refused, untouched
     stop = active_stop_request() or StopRequest(cfg.run.stop_timeout)
     with (

@@ -6,11 +6,19 @@ like the run's sample grids unless asked otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ddpm.errors import UserError
 from ddpm.files import NotOurs, claim_samples_folder
@@ -50,6 +58,13 @@ class GenerateOptions(BaseModel):
         "auto", description="auto = bf16 on CUDA, fp32 on CPU"
     )
     ema: bool = Field(True, description="the EMA weights (off: the trained weights)")
+    sigma_rel: float | None = Field(
+        None,
+        gt=0,
+        lt=math.sqrt(1 / 12),
+        description="the post-hoc EMA of this length instead, rebuilt from the run folder's "
+        "ema/ snapshots (runs trained with train.ema_snapshots; ddpm-ema)",
+    )
     npz: bool = Field(False, description="also write samples_NxHxWxC.npz (uint8 NHWC)")
     evaluate: bool = Field(False, description="then FID/KID against the run's training images")
 
@@ -59,6 +74,17 @@ class GenerateOptions(BaseModel):
         if not v.exists():
             raise ValueError(f"no such run folder or checkpoint: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _posthoc_of_a_run_folder(self) -> GenerateOptions:
+        if self.sigma_rel is not None and not self.run.is_dir():
+            raise ValueError(
+                f"--sigma-rel: rebuilds an EMA from a run folder's snapshots; {self.run} is a "
+                "file (give the run folder)"
+            )
+        if self.sigma_rel is not None and not self.ema:
+            raise ValueError("--sigma-rel: an EMA length, so not with --no-ema")
+        return self
 
     @field_validator("out")
     @classmethod

@@ -23,6 +23,18 @@ random searches.
 
 Every key of `base` and `vary` is a setting (as a flag names it); each trial's settings are
 validated before the sweep starts, so a bad value is named before any trial runs.
+
+A spec whose deployment is a sample-flow's scores trained runs without training (an EMA length,
+a sampler and its steps): each trial draws `num` images into runs/sweeps/<name>/trial-<i> and
+scores them (eval/fid or eval/kid); its keys are sample_flow's options (run, num, seed, sampler,
+steps, sigma_rel, ...) and the sample.*, eval.*, run.* and wandb.* settings:
+
+    name: ema-length
+    deployment: sample-flow/ddpm-sample
+    metric: eval/fid
+    base: {run: runs/RUN, num: 10000}
+    vary:
+      sigma_rel: [0.05, 0.075, 0.10, 0.15, 0.20]   # post-hoc EMA lengths (train.ema_snapshots)
 """
 
 from __future__ import annotations
@@ -46,10 +58,21 @@ from pydantic import (
 
 from ddpm.errors import UserError
 from settings.config import PGPASSWORD_INSTEAD, SettingsError, load_settings, no_password, one_line
+from settings.sampling import GenerateOptions, OptionsError, generate_options
 
 
 class SpecError(UserError, ValueError):
     """An invalid sweep spec; the message names the file and the key."""
+
+
+SAMPLE_FLOW = "sample-flow"  # a deployment of this flow scores trained runs (sample_trial)
+SAMPLE_TRIAL_SETTINGS = ("sample.", "eval.", "run.", "wandb.")  # a sample-flow trial's settings
+SAMPLE_TRIAL_SETS = ("out", "evaluate", "npz")  # options the sweep sets for each trial itself
+
+
+def sample_options() -> list[str]:
+    """The sample_flow options a sample-flow trial's spec may give."""
+    return [name for name in GenerateOptions.model_fields if name not in SAMPLE_TRIAL_SETS]
 
 
 class Range(BaseModel):
@@ -118,7 +141,41 @@ class SweepSpec(BaseModel):
             raise ValueError(f"vary.{empty[0]}: no choices")
         if self.search != "tpe" and self.storage is not None:
             raise ValueError("storage: only a tpe search keeps an Optuna study")
+        if self.draws_samples:
+            self._a_scoring_spec()
         return self
+
+    @property
+    def draws_samples(self) -> bool:
+        """Whether the trials are sample-flow runs scoring trained runs (no training)."""
+        return self.deployment.partition("/")[0] == SAMPLE_FLOW
+
+    @property
+    def settings_base(self) -> dict[str, Any]:
+        """The settings in base (a sample-flow spec's base also holds sample_flow options)."""
+        options = sample_options() if self.draws_samples else []
+        return {key: value for key, value in self.base.items() if key not in options}
+
+    def _a_scoring_spec(self) -> None:
+        if not self.metric.startswith("eval/"):
+            raise ValueError(f"metric: {self.deployment} trials score images: eval/fid or eval/kid")
+        if self.search == "tpe":
+            raise ValueError("search: tpe prunes trials by their epochs; a sample-flow trial "
+                             "has none (grid or random)")  # fmt: skip
+        options = sample_options()
+        for where, keys in (("base", self.base), ("vary", self.vary)):
+            for key in keys:
+                if key in SAMPLE_TRIAL_SETS:
+                    raise ValueError(f"{where}.{key}: the sweep sets it for each trial (images "
+                                     "in runs/sweeps/<name>/trial-<i>, scored)")  # fmt: skip
+                if key not in options and not key.startswith(SAMPLE_TRIAL_SETTINGS):
+                    raise ValueError(
+                        f"{where}.{key}: not for a {self.deployment} trial, which takes the "
+                        f"options {', '.join(options)} and the "
+                        f"{', '.join(p + '*' for p in SAMPLE_TRIAL_SETTINGS)} settings"
+                    )
+        if "run" not in self.base and "run" not in self.vary:
+            raise ValueError("run: the trained run (or runs) the trials draw from")
 
 
 def read_spec(path: Path | str) -> SweepSpec:
@@ -176,11 +233,23 @@ def check_trials(spec: SweepSpec, where: str) -> None:
         SpecError: naming `where` and the trial's values.
     """
     first = {key: how.low if isinstance(how, Range) else how[0] for key, how in spec.vary.items()}
-    for values in planned(spec) or [first]:  # tpe plans as it goes: check one trial
+    for index, values in enumerate(planned(spec) or [first]):  # tpe plans as it goes: one
+        settings = {**spec.base, **values}
+        if spec.draws_samples:
+            options, settings = sample_trial(spec, index, values)
+            try:
+                generate_options(options)
+            except OptionsError as err:
+                raise SpecError(f"{where}: a trial's options {values} are invalid: {err}") from None
         try:
-            cfg = load_settings({**spec.base, **values}, env_file=None)
+            cfg = load_settings(settings, env_file=None)
         except SettingsError as err:
             raise SpecError(f"{where}: a trial's settings {values} are invalid: {err}") from None
+        if spec.draws_samples:
+            if spec.metric.removeprefix("eval/") not in cfg.eval.metrics:
+                raise SpecError(f"{where}: metric: {spec.metric} is not in eval.metrics "
+                                f"({','.join(cfg.eval.metrics)})")  # fmt: skip
+            continue
         evaluated = spec.metric.removeprefix("eval/")
         evaluates = cfg.eval.every and evaluated in cfg.eval.metrics
         if spec.metric.startswith("eval/") and not evaluates:
@@ -217,3 +286,16 @@ def trial_overrides(spec: SweepSpec, index: int, values: Mapping[str, Any]) -> d
         "run.dir": str(Path(spec.base.get("run.dir", "runs")) / "sweeps" / spec.name),
         "run.name": f"trial-{index:03d}",
     }
+
+
+def sample_trial(
+    spec: SweepSpec, index: int, values: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A sample-flow trial's options and settings (its flow run's parameters options and
+    overrides): the base and its values, its images drawn into runs/sweeps/<name>/trial-<index>
+    and scored."""
+    merged, options = {**spec.base, **values}, sample_options()
+    folder = Path(trial_overrides(spec, index, values)["run.dir"]) / f"trial-{index:03d}"
+    chosen = {key: value for key, value in merged.items() if key in options}
+    settings = {key: value for key, value in merged.items() if key not in options}
+    return {**chosen, "out": str(folder), "evaluate": True}, settings

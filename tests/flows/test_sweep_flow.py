@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from cli_run import REPO, Cli, signal_group
 from prefect.client.orchestration import get_client
 
+from ddpm.checkpoint import load_checkpoint
 from ddpm.files import write_checked
 from ddpm.run_dir import RunDir
 from flows.sweep_flow import _distributions, local_runner, open_study, sweep_flow
@@ -222,6 +224,42 @@ def test_a_pruned_trial_stops_after_its_epoch_cancelled_with_its_checkpoint(
                        return_state=True)  # fmt: skip
     assert state.is_completed(), state
     assert list(study.trials[kept.number].intermediate_values) == [1, 2, 3]
+
+
+@pytest.mark.slow(seconds=60)
+def test_an_ema_length_sweep_scores_post_hoc_emas_of_a_trained_run_without_training(
+    tmp_path: Path, tiny: dict[str, Any], weights: Path
+) -> None:
+    """A sweep on the ddpm-sample deployment (deployments/sweeps/ema-length.yaml's shape) over
+    sigma_rel: each trial rebuilds its EMA length from the run's snapshots, draws into its own
+    folder and scores the images; a trial's metric is the FID its metrics.json holds, at the
+    checkpoint's epoch, the two lengths' weights and FIDs differ, the best is the lowest, and
+    the run's checkpoints are unchanged (nothing trained)."""
+    state = train_flow(overrides={**tiny, "train.ema_snapshots": 4}, return_state=True)
+    assert state.is_completed(), state.message
+    run = Path(state.result()["run_dir"])
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    base = {"run": str(run), "num": 6, "batch_size": 6, "eval.weights": str(weights),
+            "eval.batch_size": 6, "eval.cache_dir": str(tmp_path / "fid-stats"),
+            "run.dir": str(tmp_path / "runs")}  # fmt: skip
+    spec = {"name": "ema-length", "deployment": "sample-flow/ddpm-sample", "metric": "eval/fid",
+            "concurrency": 2, "base": base, "vary": {"sigma_rel": [0.05, 0.2]}}  # fmt: skip
+    folder = tmp_path / "runs" / "sweeps" / "ema-length"
+    with local_runner("sample-flow/ddpm-sample", 2, 120, folder / "trials.log"):
+        result = sweep_flow(spec, poll_seconds=0.5)
+    trials = record(tmp_path, "ema-length")
+    assert [t["state"] for t in trials.values()] == ["Completed", "Completed"], trials
+    fids = {}
+    for name, trial in trials.items():
+        scored = json.loads((folder / name / "metrics.json").read_text())
+        assert scored["num"] == 6 and trial["metric"] == pytest.approx(scored["fid"], abs=1e-6)
+        assert trial["best_epoch"] == 2 and len(list((folder / name).glob("*.png"))) == 6
+        fids[trial["values"]["sigma_rel"]] = trial["metric"]
+    assert fids[0.05] != fids[0.2]
+    assert result["best"]["trial"] == min(trials, key=lambda name: trials[name]["metric"])
+    rebuilt = [load_checkpoint(run / "ema" / f"sigma_rel_{s:.3f}.pt")["ema"] for s in (0.05, 0.2)]
+    assert any(not torch.equal(rebuilt[0][k], rebuilt[1][k]) for k in rebuilt[0])
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
 
 
 def test_tpe_asks_within_the_spec_and_is_repeatable_from_its_seed(tmp_path: Path) -> None:

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from settings import load_settings, run_name
 from settings.config import SettingsError
-from settings.sweep import SpecError, planned, read_spec, spec_from, trial_overrides
+from settings.sweep import (
+    SpecError,
+    planned,
+    read_spec,
+    sample_trial,
+    spec_from,
+    trial_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,6 +133,48 @@ def test_the_example_specs_are_valid(name: str) -> None:
     """The specs the README runs (deployments/sweeps/) pass every check."""
     spec = read_spec(REPO / "deployments" / "sweeps" / name)
     assert spec.deployment == "train-flow/ddpm-smoke"
+
+
+def test_the_ema_length_example_scores_a_run_folder(tmp_path: Path) -> None:
+    """deployments/sweeps/ema-length.yaml, its run set to a folder: sample-flow trials, each
+    a sigma_rel, drawing into the sweep's folder, scored, the spec's other keys as options."""
+    text = (REPO / "deployments" / "sweeps" / "ema-length.yaml").read_text()
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    spec = spec_from({**yaml.safe_load(text.replace("runs/RUN", "runs/r"))})
+    assert spec.draws_samples and spec.settings_base == {}
+    options, settings = sample_trial(spec, 2, planned(spec)[2])
+    assert options == {"run": "runs/r", "num": 10000, "sigma_rel": 0.1, "evaluate": True,
+                       "out": str(Path("runs/sweeps/ema-length/trial-002"))}  # fmt: skip
+    assert settings == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"metric": "epoch/loss"}, r"^spec: metric: sample-flow/ddpm-sample trials score images"),
+        ({"search": "tpe", "trials": 2}, r"^spec: search: tpe prunes trials by their epochs"),
+        ({"base": {"run": "r", "num": 4, "train.epochs": 3}}, r"^spec: base.train.epochs: not "),
+        ({"base": {"run": "r", "num": 4, "out": "mine"}}, r"^spec: base.out: the sweep sets it"),
+        ({"base": {"num": 4}}, r"^spec: run: the trained run"),
+        ({"base": {"run": "gone", "num": 4}}, r"^spec: a trial's options .* --run: no such run"),
+        ({"base": {"run": "r", "num": 0}}, r"^spec: a trial's options .* --num: "),
+        ({"base": {"run": "r", "num": 4, "eval.metrics": "kid"}}, r"eval/fid is not in eval"),
+        ({"vary": {"sigma_rel": [0.5]}}, r"^spec: a trial's options .* --sigma-rel"),
+        ({"vary": {"eval.batch_size": [0]}}, r"^spec: a trial's settings .* eval.batch_size"),
+    ],
+)
+def test_a_bad_scoring_spec_names_the_key(
+    tmp_path: Path, change: dict[str, Any], named: str
+) -> None:
+    """A sample-flow spec is checked as a whole before anything runs: a metric its trials do
+    not give, tpe (nothing to prune by), a training setting, a key the sweep sets, no run, a
+    run that is not there, and a bad option or setting value each name the key."""
+    (tmp_path / "r").mkdir()
+    spec = {"name": "s", "deployment": "sample-flow/ddpm-sample", "metric": "eval/fid",
+            "base": {"run": "r", "num": 4}, "vary": {"sigma_rel": [0.05, 0.1]},
+            **change}  # fmt: skip
+    with pytest.raises(SpecError, match=named):
+        spec_from(spec)
 
 
 def test_a_trials_sweep_settings_go_together_and_name_no_run() -> None:
