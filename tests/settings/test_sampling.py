@@ -52,3 +52,19 @@ def test_a_missing_weights_file_is_named() -> None:
     """eval.weights naming no file fails before anything runs, naming the setting."""
     with pytest.raises(SettingsError, match=r"eval\.weights.*no such file"):
         load_settings({"eval.weights": "nowhere/inception.pth"})
+
+
+def test_an_ema_length_needs_a_run_folder_and_the_ema() -> None:
+    """--sigma-rel rebuilds from a run folder's snapshots: a checkpoint file, --no-ema, or a
+    length outside (0, sqrt(1/12)) is one error naming --sigma-rel; a run folder is taken."""
+    Path("r").mkdir()
+    Path("best.pt").write_bytes(b"")
+    cases = [
+        ({"run": "best.pt", "sigma_rel": 0.1}, "best.pt is a file"),
+        ({"run": "r", "sigma_rel": 0.1, "ema": False}, "not with --no-ema"),
+        ({"run": "r", "sigma_rel": 0.3}, "Input should be less than 0.288"),
+    ]
+    for values, said in cases:
+        with pytest.raises(OptionsError, match=r"^invalid option --sigma-rel: .*" + said):
+            generate_options({"num": 1, "out": "o", **values})
+    assert generate_options({"run": "r", "num": 1, "out": "o", "sigma_rel": 0.1}).sigma_rel == 0.1
