@@ -14,7 +14,7 @@ import pickle
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 import torch
 from filelock import FileLock
@@ -257,14 +257,22 @@ class ImageFolderDataset(Dataset):
         raise DatasetError(f"{self.folder}: no image in it can be decoded")
 
     def _load(self, path: Path) -> torch.Tensor:
-        from PIL import Image
-        from torchvision.transforms import functional as TF
+        return load_image(path, self.image_size, self.mode)
 
-        with Image.open(path) as img:
-            img = img.convert(self.mode)
-            img = TF.resize(img, self.image_size, interpolation=TF.InterpolationMode.BICUBIC)
-            img = TF.center_crop(img, [self.image_size, self.image_size])
-            return TF.pil_to_tensor(img)  # (C, H, W) uint8
+
+def load_image(file: Path | BinaryIO, image_size: int, mode: str) -> torch.Tensor:
+    """An image file (a path or an open binary file) as the training images are: converted to
+    `mode` ("RGB" or "L"), its short side resized to image_size (bicubic), center-cropped to a
+    square: (C, image_size, image_size) uint8. The one transform of image folders and of
+    prepared datasets (ddpm.prepare), so both give the same tensors."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    with Image.open(file) as img:
+        img = img.convert(mode)
+        img = TF.resize(img, image_size, interpolation=TF.InterpolationMode.BICUBIC)
+        img = TF.center_crop(img, [image_size, image_size])
+        return TF.pil_to_tensor(img)  # (C, H, W) uint8
 
 
 def _readable_image(path: Path) -> bool:

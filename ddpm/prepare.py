@@ -1,0 +1,347 @@
+"""Prepare a dataset (issue 36): decode, convert, resize and crop every image of a source once,
+with the image folders' own transform (data.load_image), into a prepared dataset folder
+(ddpm.prepared), in parallel over processes and resumable.
+
+Sources: an image folder (PNG/JPEG files under it, as data.dataset=folder reads them), CIFAR-10's
+python batches (a `cifar-10-batches-py` folder or the folder holding it), and a Hugging Face
+dataset on disk (`save_to_disk`'s folder, or a folder of parquet files), its image column named
+or found.
+
+The work is split into shards of `shard_size` images, each written by one process as one file
+with a record of it beside (`<shard>.json`: its count, SHA-256, the files it skipped).
+`preparing.json`, written before any shard, marks the folder as a preparation and records
+what it prepares (the source's fingerprint and the transform): a re-run of a killed
+preparation keeps the shards it finds whole and writes the rest; a re-run with nothing
+changed finds `prepared.json` with the same record and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddpm.data import CIFAR10_DIR, CIFAR10_TRAIN_FILES, IMAGE_SUFFIXES, load_image
+from ddpm.files import atomic_write, claim_folder
+from ddpm.prepared import (
+    MANIFEST,
+    PreparedError,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+
+__all__ = ["PLAN", "Source", "find_source", "prepare"]
+
+log = logging.getLogger(__name__)
+
+PLAN = "preparing.json"  # written first: the folder is a preparation of this source
+SHARD_SIZE = 4096  # images per shard: 12 MiB at 32 px, 200 MiB at 128 px
+TRANSFORM_VERSION = 1  # data.load_image's; a change re-prepares
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to prepare from: its kind, where it is, its images (a file path, a CIFAR-10 row
+    or a dataset row each), a fingerprint that changes when any of them does."""
+
+    kind: str  # "folder" | "cifar10" | "hf"
+    path: Path
+    items: Sequence[Any]
+    fingerprint: str
+    column: str | None = None  # hf: the image column
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The source as prepared.json records it."""
+        named = {"column": self.column} if self.column else {}
+        return {"kind": self.kind, "path": str(self.path.resolve()), "images": len(self.items),
+                "fingerprint": self.fingerprint, **named}  # fmt: skip
+
+
+def _digest(parts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _stat_key(path: Path, root: Path) -> str:
+    st = path.stat()
+    return f"{path.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def find_source(path: Path | str, column: str | None = None) -> Source:
+    """The source at path: CIFAR-10's batches, a Hugging Face dataset on disk, or else an image
+    folder; its fingerprint from its files' names, sizes and modification times.
+
+    Raises:
+        PreparedError: naming the path if it does not exist or holds no images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PreparedError(f"--source {path}: no such folder")
+    if not path.is_dir():
+        raise PreparedError(f"--source {path}: a file; give the folder that holds the images")
+    cifar = path if path.name == CIFAR10_DIR else path / CIFAR10_DIR
+    if all((cifar / name).is_file() for name in CIFAR10_TRAIN_FILES):
+        files = [cifar / name for name in CIFAR10_TRAIN_FILES]
+        return Source("cifar10", cifar, [(f.name, None) for f in files],
+                      _digest(_stat_key(f, cifar) for f in files))  # fmt: skip
+    if any((path / name).is_file() for name in ("state.json", "dataset_dict.json")) or any(
+        path.glob("*.parquet")
+    ):
+        return _hf_source(path, column)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise PreparedError(
+            f"--source {path}: no PNG or JPEG images in it ({len(files)} other files)"
+        )
+    others = len(files) - len(images)
+    if others:
+        log.warning("%s: %d files that are not PNG or JPEG images left out", path, others)
+    relative = [p.relative_to(path).as_posix() for p in images]
+    return Source("folder", path, relative, _digest(_stat_key(p, path) for p in images))
+
+
+def _hf_dataset(path: Path):
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a dependency of the project
+        raise PreparedError(f"--source {path}: reading it needs `pip install datasets`") from None
+    if any(path.glob("*.parquet")):
+        files = sorted(str(p) for p in path.glob("*.parquet"))
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError, ValueError, its own
+        raise PreparedError(f"--source {path}: not a dataset datasets can load ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise PreparedError(f"--source {path}: a dataset of splits {sorted(loaded)}, none "
+                                "named train; give the split's folder")  # fmt: skip
+        loaded = loaded["train"]
+    return loaded
+
+
+def _hf_source(path: Path, column: str | None) -> Source:
+    import datasets
+
+    ds = _hf_dataset(path)
+    images = [name for name, f in ds.features.items() if isinstance(f, datasets.Image)]
+    if column is None:
+        if not images:
+            raise PreparedError(f"--source {path}: no image column among {list(ds.features)}; "
+                                "name the column with --column")  # fmt: skip
+        column = images[0]
+    elif column not in ds.features:
+        raise PreparedError(f"--column {column}: not a column of {path} "
+                            f"({', '.join(ds.features)})")  # fmt: skip
+    if len(ds) == 0:
+        raise PreparedError(f"--source {path}: the dataset holds no rows")
+    return Source("hf", path, range(len(ds)), ds._fingerprint, column)
+
+
+# ---- one shard, in a worker process ---------------------------------------------------------
+
+
+def _open_item(source: Source, item: Any, cache: dict[str, Any]) -> tuple[str, Any]:
+    """(name for messages, a path or a binary file) of one image of the source."""
+    if source.kind == "folder":
+        return item, source.path / item
+    if source.kind == "hf":
+        if "ds" not in cache:
+            import datasets
+
+            cache["ds"] = _hf_dataset(source.path).cast_column(
+                source.column, datasets.Image(decode=False)
+            )
+        value = cache["ds"][int(item)][source.column]
+        if value.get("bytes"):
+            return f"row {item}", io.BytesIO(value["bytes"])
+        return f"row {item} ({value.get('path')})", value.get("path")
+    raise ValueError(source.kind)
+
+
+def _cifar_rows(source: Source, index: int) -> np.ndarray:
+    from ddpm.data import read_cifar10_batch
+
+    return read_cifar10_batch(source.path / source.items[index][0]).numpy()
+
+
+def _write_one(
+    source: Source, out: str, index: int, count: int, items: Sequence[Any], size: int, mode: str
+) -> dict[str, Any]:
+    """Decode and transform `items`, write them as shard `index` of `count` and its record."""
+    import torch
+
+    from ddpm.data import _readable_image
+
+    torch.set_num_threads(1)
+    channels = 3 if mode == "RGB" else 1
+    images, skipped, cache = [], [], {}
+    if source.kind == "cifar10":
+        from PIL import Image
+
+        rows = _cifar_rows(source, index)
+        for row in rows:
+            if size == 32 and channels == 3:
+                images.append(row)
+                continue
+            picture = Image.fromarray(np.ascontiguousarray(row.transpose(1, 2, 0)))
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            buffer.seek(0)
+            images.append(load_image(buffer, size, mode).numpy())
+    else:
+        for item in items:
+            name, file = _open_item(source, item, cache)
+            try:
+                if source.kind == "folder" and not _readable_image(file):
+                    raise ValueError("PIL cannot read it, or it is cut short")
+                images.append(load_image(file, size, mode).numpy())
+            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, its own
+                skipped.append(f"{name} ({' '.join(str(err).split())[:120]})")
+    name = shard_name(index, count)
+    record: dict[str, Any] = {"file": name, "count": len(images), "skipped": skipped}
+    if images:
+        record["sha256"] = write_shard(Path(out) / name, np.stack(images))
+    text = json.dumps(record) + "\n"
+    atomic_write(Path(out) / f"{name}.json", lambda f: f.write(text.encode()))
+    return record
+
+
+# ---- the whole preparation ------------------------------------------------------------------
+
+
+def _plan(source: Source, shard_size: int) -> list[Sequence[Any]]:
+    if source.kind == "cifar10":  # one shard per batch file
+        return [[item] for item in source.items]
+    n = len(source.items)
+    return [source.items[i : i + shard_size] for i in range(0, n, shard_size)]
+
+
+def _done(out: Path, name: str) -> dict[str, Any] | None:
+    """A shard's record, if it and its file are whole (a killed write leaves neither)."""
+    try:
+        record = json.loads((out / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("count") and not (out / name).is_file():
+        return None
+    return record
+
+
+def prepare(
+    source: Source,
+    out: Path | str,
+    image_size: int,
+    channels: int = 3,
+    workers: int | None = None,
+    shard_size: int = SHARD_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Prepare `source` into `out` (see the module's docstring); returns its manifest.
+
+    Args:
+        workers: processes decoding shards at once (default: the CPUs this process may use).
+        progress: called with (images done, images in all) as shards finish.
+
+    Raises:
+        NotOurs: naming `out` if it holds files that are not a preparation's; untouched.
+        PreparedError: if no image of the source could be decoded.
+    """
+    out = Path(out)
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise PreparedError(f"--channels {channels}: 1 (grayscale) or 3 (RGB)")
+    transform = {"image_size": image_size, "channels": channels, "resize": "bicubic",
+                 "crop": "center", "version": TRANSFORM_VERSION}  # fmt: skip
+    what = {"source": source.record(), "transform": transform}
+    mine = claim_folder(out, PLAN, "a prepared dataset", (), "--out")
+    if mine:
+        if _same(out / MANIFEST, what):
+            log.info("%s is already prepared from %s: nothing to do", out, source.path)
+            return read_manifest(out)
+        if not _same(out / PLAN, what):  # another source or transform: start again
+            _remove_preparation(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _plan(source, shard_size)
+    text = json.dumps({**what, "shards": len(plan)}, indent=2) + "\n"
+    atomic_write(out / PLAN, lambda f: f.write(text.encode()))
+    records: dict[int, dict[str, Any]] = {}
+    for i in range(len(plan)):
+        if (record := _done(out, shard_name(i, len(plan)))) is not None:
+            records[i] = record
+    total = len(source.items) if source.kind != "cifar10" else None
+    done = sum(len(plan[i]) for i in records) if total else len(records)
+    todo = [i for i in range(len(plan)) if i not in records]
+    if records:
+        log.info("%s: %d of %d shards already prepared; preparing the rest", out,
+                 len(records), len(plan))  # fmt: skip
+    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo) or 1))
+
+    def finished(i: int, record: dict[str, Any]) -> None:
+        nonlocal done
+        records[i] = record
+        done += len(plan[i]) if total else 1
+        if progress is not None:
+            progress(done, total or len(plan))
+
+    if workers == 1:  # here, without starting a process
+        for i in todo:
+            finished(i, _write_one(source, str(out), i, len(plan), plan[i], image_size, mode))
+    elif todo:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_write_one, source, str(out), i, len(plan), plan[i],
+                                   image_size, mode): i for i in todo}  # fmt: skip
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    shards = [records[i] for i in range(len(plan))]
+    skipped = [name for r in shards for name in r["skipped"]]
+    if skipped:
+        shown = "; ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3
+                                          else "")  # fmt: skip
+        log.warning("%s: skipped %d unreadable images: %s", source.path, len(skipped), shown)
+    kept = [{k: r[k] for k in ("file", "count", "sha256")} for r in shards if r["count"]]
+    if not kept:
+        raise PreparedError(f"--source {source.path}: none of its images could be decoded")
+    c, size = channels, image_size
+    write_manifest(out, (c, size, size), kept, skipped=len(skipped), **what)
+    for r in shards:
+        (out / f"{r['file']}.json").unlink(missing_ok=True)
+        if not r["count"]:
+            (out / r["file"]).unlink(missing_ok=True)
+    return read_manifest(out)
+
+
+def _same(path: Path, what: dict[str, Any]) -> bool:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("source") == what["source"] and saved.get("transform") == what["transform"]
+
+
+def _remove_preparation(out: Path) -> None:
+    """Remove what a preparation wrote in out (its shards, their records, the manifest and the
+    plan), nothing else."""
+    for path in out.iterdir():
+        ours = path.name in (MANIFEST, PLAN) or (
+            path.name.startswith("data-") and path.name.endswith((".arrow", ".arrow.json"))
+        )
+        if ours and path.is_file():
+            path.unlink()

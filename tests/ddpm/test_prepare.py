@@ -1,0 +1,142 @@
+"""Preparing a dataset (issue 36, ddpm.prepare): an image folder, CIFAR-10's batches and a
+Hugging Face dataset on disk give, prepared, exactly the tensors their own paths give; a
+preparation cut short finishes on re-run writing only what is missing; a re-run with nothing
+changed does nothing; bad sources end in one error naming them; a folder of the user's is
+refused untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.data import ImageFolderDataset, load_cifar10
+from ddpm.files import NotOurs
+from ddpm.prepare import PLAN, find_source, prepare
+from ddpm.prepared import MANIFEST, PreparedError, PreparedImages, shard_name
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """n PNG and JPEG images of assorted sizes and modes under folder and a subfolder."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        path = folder / ("sub" if i % 3 == 0 else ".") / f"im{i:03d}.{'jpg' if i % 4 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(pixels)
+        (image.convert("L") if i % 5 == 0 else image).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_folder_prepared_gives_the_folders_own_tensors(tmp_path: Path, channels: int) -> None:
+    """Over 3 shards (2 processes): every image equals ImageFolderDataset's, in its order; a
+    text file and a truncated PNG are left out of both, the PNG named in one warning."""
+    src = tmp_path / "images"
+    paths = write_images(src, 11)
+    (src / "notes.txt").write_text("not an image")
+    (src / "torn.png").write_bytes(paths[0].read_bytes()[:60])
+    manifest = prepare(find_source(src), tmp_path / "out", 16, channels, workers=2,
+                       shard_size=4)  # fmt: skip
+    folder = ImageFolderDataset(src, 16, channels)
+    prepared = PreparedImages(tmp_path / "out", verify=True)
+    assert len(prepared) == len(folder) == 11 and manifest["skipped"] == 1
+    expected = torch.stack([folder[i] for i in range(len(folder))])
+    assert torch.equal(prepared.load(), expected)
+    assert [s["count"] for s in manifest["shards"]] == [4, 4, 3]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [MANIFEST, PLAN, *(shard_name(i, 3) for i in range(3))]
+    )
+
+
+def test_cifar10_batches_prepare_to_the_images_training_reads(tmp_path: Path, cifar_writer) -> None:
+    """CIFAR-10's python batches, at 32 px: the same (N, 3, 32, 32) uint8 as load_cifar10."""
+    folder = cifar_writer(tmp_path / "data", images_per_batch=7)
+    prepare(find_source(tmp_path / "data"), tmp_path / "out", 32)
+    assert torch.equal(PreparedImages(tmp_path / "out").load(), load_cifar10(folder))
+
+
+def test_a_hugging_face_dataset_on_disk_prepares_like_its_files(tmp_path: Path) -> None:
+    """A dataset saved with save_to_disk whose image column holds the folder's files: prepared,
+    the folder's tensors; a parquet folder of it too; a wrong column is named."""
+    datasets = pytest.importorskip("datasets")
+    src = tmp_path / "images"
+    paths = sorted(write_images(src, 6))
+    ds = datasets.Dataset.from_dict(
+        {"label": list(range(6)), "picture": [str(p) for p in paths]}
+    ).cast_column("picture", datasets.Image())
+    ds = ds.map(lambda row: row)  # embeds nothing: the column keeps the files' bytes and paths
+    ds.save_to_disk(str(tmp_path / "hf"))
+    ds.to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    folder = ImageFolderDataset(src, 16)
+    by_name = {p.name: folder[i] for i, p in enumerate(folder.paths)}
+    expected = torch.stack([by_name[p.name] for p in paths])
+    for name in ("hf", "pq"):
+        source = find_source(tmp_path / name)
+        assert (source.kind, source.column) == ("hf", "picture")
+        prepare(source, tmp_path / f"out-{name}", 16)
+        assert torch.equal(PreparedImages(tmp_path / f"out-{name}").load(), expected), name
+    with pytest.raises(PreparedError, match=r"--column pixels: not a column of .* picture"):
+        find_source(tmp_path / "hf", column="pixels")
+
+
+def test_a_cut_short_preparation_finishes_and_a_rerun_does_nothing(tmp_path: Path) -> None:
+    """A preparation stopped after its first shard (Ctrl-C), one shard then lost, finishes on
+    re-run writing only the missing shard; a re-run with nothing changed writes nothing; a
+    changed source at another size prepares again over its own files only."""
+    src, out = tmp_path / "images", tmp_path / "out"
+    write_images(src, 9)
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(find_source(src), out, 16, workers=1, shard_size=3, progress=interrupt)
+    assert not (out / MANIFEST).exists() and not (out / shard_name(1, 3)).exists()
+    first = (out / shard_name(0, 3)).stat().st_mtime_ns
+    prepare(find_source(src), out, 16, workers=1, shard_size=3)
+    assert (out / shard_name(0, 3)).stat().st_mtime_ns == first  # kept
+    assert len(PreparedImages(out, verify=True)) == 9
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    prepare(find_source(src), out, 16, workers=1, shard_size=3)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+    os.utime(next(src.glob("*.jpg")), ns=(1, 1))  # the source changed
+    prepare(find_source(src), out, 24, workers=1, shard_size=5)
+    assert PreparedImages(out).shape == (3, 24, 24)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MANIFEST, PLAN, shard_name(0, 2), shard_name(1, 2)]
+    )
+
+
+def test_bad_sources_and_a_users_folder_are_named(tmp_path: Path) -> None:
+    """A missing source, a file, an empty folder, one without images, one whose every image
+    is unreadable, and an --out holding the user's files: one error naming each; the user's
+    file is untouched."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "file.png").write_bytes(b"")
+    for name, said in [("nowhere", "no such folder"), ("file.png", "a file"),
+                       ("empty", "no PNG or JPEG images"), ("texts", "1 other files")]:  # fmt: skip
+        with pytest.raises(PreparedError, match=rf"--source .*{name}: .*{said}"):
+            find_source(tmp_path / name)
+    with pytest.raises(PreparedError, match=r"torn: none of its images could be decoded"):
+        prepare(find_source(tmp_path / "torn"), tmp_path / "out-torn", 16)
+    write_images(tmp_path / "images", 2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(NotOurs, match=r"mine"):
+        prepare(find_source(tmp_path / "images"), mine, 16)
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+    assert json.loads((tmp_path / "out-torn" / PLAN).read_text())["shards"] == 1
