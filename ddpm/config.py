@@ -23,9 +23,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class DataConfig:
     """What to train on, and how batches reach the device."""
 
-    dataset: Literal["cifar10", "folder"] = "cifar10"
+    dataset: Literal["cifar10", "folder", "prepared"] = "cifar10"
     root: Path = Path("data")  # where CIFAR-10 is downloaded and extracted
-    folder: Path | None = None  # the image folder, for dataset="folder"
+    folder: Path | None = None  # the image folder (dataset="folder") or prepared dataset
     url: str = CIFAR10_URL
     image_size: int = 32  # px; a multiple of 32 (the U-Net halves it 5 times)
     subset: int = 0  # train on this many images chosen from the seed; 0 = all

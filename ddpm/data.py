@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from ddpm.config import CIFAR10_URL, Config, DataConfig
 from ddpm.edm import measure_sigma_data
 from ddpm.errors import UserError
+from ddpm.prepared import PreparedError, PreparedImages
 
 log = logging.getLogger(__name__)
 
@@ -569,11 +570,12 @@ def locate_dataset(data: DataConfig) -> Path:
     """
     if data.dataset == "cifar10":
         return download_cifar10(Path(data.root), data.url)
-    if data.dataset == "folder":
+    if data.dataset in ("folder", "prepared"):
         if data.folder is None or not Path(data.folder).is_dir():
-            raise DatasetError(f"image folder {data.folder} does not exist; set data.folder")
+            raise DatasetError(f"{data.dataset} folder {data.folder} does not exist; set "
+                               "data.folder")  # fmt: skip
         return Path(data.folder)
-    raise ValueError(f"unknown dataset {data.dataset!r}; expected cifar10 or folder")
+    raise ValueError(f"unknown dataset {data.dataset!r}; expected cifar10, folder or prepared")
 
 
 SIGMA_DATA_IMAGES = 2000  # images sigma_data is measured on: its std error is ~1e-4 there
@@ -605,6 +607,8 @@ def load_dataset(config: Config, path: Path) -> Dataset:
     data, seed = config.data, config.train.seed
     if data.dataset == "cifar10":
         images: Dataset = TensorImageDataset(load_cifar10(Path(path)))
+    elif data.dataset == "prepared":
+        images = prepared_dataset(Path(path), data.image_size, config.model.channels)
     else:
         images = ImageFolderDataset(Path(path), data.image_size, config.model.channels)
     if data.subset > len(images):
@@ -618,6 +622,50 @@ def load_dataset(config: Config, path: Path) -> Dataset:
     if isinstance(images, TensorImageDataset):
         return TensorImageDataset(images.images[indices])
     return Subset(images, indices)
+
+
+class PreparedDataset(Dataset):
+    """A prepared dataset too large to hold in memory, read memory-mapped (ddpm.prepared): items
+    (C, H, W) uint8; a DataLoader's batch is one gather (__getitems__)."""
+
+    def __init__(self, images: PreparedImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images.gather([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return list(self.images.gather(indices).unbind(0))
+
+
+def prepared_dataset(
+    folder: Path, image_size: int, channels: int, memory_fraction: float = 0.25
+) -> Dataset:
+    """The prepared dataset in folder: in memory (like CIFAR-10) when its images take at most
+    memory_fraction of this machine's memory, else read memory-mapped by batch (with random
+    read advice when they exceed half of it).
+
+    Raises:
+        DatasetError: naming the folder if it is damaged or holds images of another shape.
+    """
+    try:
+        images = PreparedImages(folder)
+    except PreparedError as err:
+        raise DatasetError(str(err)) from None
+    if images.shape != (channels, image_size, image_size):
+        raise DatasetError(f"{folder} holds images of {images.shape}, not "
+                           f"{(channels, image_size, image_size)}")  # fmt: skip
+    nbytes = len(images) * images.shape[0] * image_size * image_size
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes <= memory_fraction * memory:
+        loaded = TensorImageDataset(images.load())
+        images.close()
+        return loaded
+    images.close()
+    return PreparedDataset(PreparedImages(folder, random_access=nbytes > memory / 2))
 
 
 class TrainingData:

@@ -137,13 +137,17 @@ def list_value(value: Any, example: str) -> Any:
 class DataSettings(_Group):
     """What to train on."""
 
-    dataset: Literal["cifar10", "folder"] = Field(
-        DataConfig.dataset, description="cifar10 (downloaded to data.root) or folder (data.folder)"
+    dataset: Literal["cifar10", "folder", "prepared"] = Field(
+        DataConfig.dataset,
+        description="cifar10 (downloaded to data.root), folder (the images in data.folder) or "
+        "prepared (data.folder made by ddpm-prepare)",
     )
     # The assignment kept datasets under ./data.
     root: Path = Field(DataConfig.root, description="where CIFAR-10 is downloaded and extracted")
     folder: Path | None = Field(
-        DataConfig.folder, description="image folder (PNG/JPEG) for dataset=folder"
+        DataConfig.folder,
+        description="image folder (PNG/JPEG) for dataset=folder; a prepared dataset's folder "
+        "for dataset=prepared",
     )
     url: Annotated[
         str,
@@ -617,27 +621,47 @@ class Settings(BaseSettings):
     wandb: WandbSettings = WandbSettings()
     sweep: SweepSettings = SweepSettings()
 
+    def _a_prepared_dataset(self) -> None:
+        """data.folder holds a prepared dataset of data.image_size and model.channels."""
+        from ddpm.prepared import PreparedError, read_manifest
+
+        try:
+            shape = tuple(read_manifest(self.data.folder)["shape"])
+        except PreparedError as err:
+            raise _FieldError("data.folder", str(err)) from None
+        size, channels = self.data.image_size, self.model.channels
+        if shape != (channels, size, size):
+            raise _FieldError(
+                "data.image_size",
+                f"{self.data.folder} holds {shape[0]}-channel images of {shape[1]} px; set "
+                f"data.image_size {shape[1]} and model.channels {shape[0]}, or prepare it "
+                f"again at {size} px and {channels} channels",
+            )
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         data = self.data
-        if data.dataset == "folder" and data.folder is None:
-            raise _FieldError("data.folder", "is required when data.dataset is 'folder'")
-        if data.folder is not None and data.dataset != "folder":
+        if data.dataset != "cifar10" and data.folder is None:
+            raise _FieldError("data.folder", f"is required when data.dataset is {data.dataset!r}")
+        if data.folder is not None and data.dataset == "cifar10":
             raise _FieldError(
                 "data.folder",
                 f"is set ({data.folder}) but data.dataset is {data.dataset!r}, which does not "
-                "read it: set data.dataset=folder to train on the folder, or leave data.folder "
-                "out",
+                "read it: set data.dataset=folder to train on the folder (or prepared, for a "
+                "folder ddpm-prepare made), or leave data.folder out",
             )
-        if data.dataset == "folder" and not data.folder.is_dir():
+        if data.dataset != "cifar10" and not data.folder.is_dir():
             what = "not a folder" if data.folder.exists() else "no such folder"
             raise _FieldError("data.folder", f"{what}: {data.folder}")
+        if data.dataset == "prepared":
+            self._a_prepared_dataset()
         if self.data.dataset == "cifar10" and self.data.image_size != 32:
             raise _FieldError("data.image_size", "must be 32 for cifar10 (its native size)")
         if self.data.dataset == "cifar10" and self.model.channels != 3:
             raise _FieldError("model.channels", "must be 3 for cifar10 (RGB)")
-        if self.data.loader == "device" and self.data.dataset != "cifar10":
-            raise _FieldError("data.loader", "device needs data.dataset=cifar10 (in memory)")
+        if self.data.loader == "device" and self.data.dataset == "folder":
+            raise _FieldError("data.loader", "device needs images in memory: data.dataset "
+                              "cifar10 or prepared")  # fmt: skip
         model, size = self.model, self.data.image_size
         if model.arch == "ddpm":
             if model.hidden_size % 32:

@@ -140,3 +140,30 @@ def test_bad_sources_and_a_users_folder_are_named(tmp_path: Path) -> None:
         prepare(find_source(tmp_path / "images"), mine, 16)
     assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
     assert json.loads((tmp_path / "out-torn" / PLAN).read_text())["shards"] == 1
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_training_batches_from_a_prepared_folder_are_the_folders(
+    tmp_path: Path, in_memory: bool
+) -> None:
+    """data.dataset=prepared gives the epoch's batches data.dataset=folder gives on the same
+    images (order and flips from (seed, epoch)), held in memory or read memory-mapped, for a
+    whole epoch and from a mid-epoch batch on, and for one rank of two."""
+    from tiny_run import make_config
+
+    from ddpm.data import PreparedDataset, TensorImageDataset, TrainingData, prepared_dataset
+
+    write_images(tmp_path / "images", 13)
+    prepare(find_source(tmp_path / "images"), tmp_path / "out", 32, workers=1, shard_size=5)
+    base = {"train.batch_size": 4, "data.image_size": 32}
+    folder = make_config({**base, "data.dataset": "folder", "data.folder": tmp_path / "images"})
+    ready = make_config({**base, "data.dataset": "prepared", "data.folder": tmp_path / "out"})
+    images = prepared_dataset(tmp_path / "out", 32, 3, memory_fraction=1.0 if in_memory else 0)
+    assert isinstance(images, TensorImageDataset if in_memory else PreparedDataset)
+    for rank, world in ((0, 1), (1, 2)):
+        ours = TrainingData(images, ready, rank, world)
+        theirs = TrainingData(ImageFolderDataset(tmp_path / "images", 32), folder, rank, world)
+        for epoch, start in ((1, 0), (2, 2)):
+            got, want = list(ours.epoch(epoch, start)), list(theirs.epoch(epoch, start))
+            assert len(got) == len(want) == 4 - start
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -957,3 +957,30 @@ def test_an_edm_run_samples_on_sigma_by_default_and_refuses_a_timestep_sampler()
               "sample.sigma_min": 0.01, "sample.sigma_max": 70}  # fmt: skip
     sample = core_config(load_settings(chosen, env_file=None)).sample
     assert {f"sample.{k}": getattr(sample, k) for k in [c[7:] for c in chosen]} == chosen
+
+
+def test_a_prepared_dataset_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    """data.dataset=prepared needs data.folder holding a prepared dataset of data.image_size
+    and model.channels: a missing folder, one without prepared.json and one of another size
+    are each one error naming the setting and what to do."""
+    import numpy as np
+
+    from ddpm.prepared import shard_name, write_manifest, write_shard
+
+    (tmp_path / "plain").mkdir()
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    sha = write_shard(ready / shard_name(0, 1), np.zeros((2, 3, 64, 64), np.uint8))
+    write_manifest(ready, (3, 64, 64), [{"file": shard_name(0, 1), "count": 2, "sha256": sha}])
+    cases = [
+        ({}, r"data\.folder.*is required when data\.dataset is 'prepared'"),
+        ({"data.folder": str(tmp_path / "gone")}, r"data\.folder.*no such folder"),
+        ({"data.folder": str(tmp_path / "plain")}, r"data\.folder.*not a prepared dataset"),
+        ({"data.folder": str(ready)}, r"data\.image_size.*3-channel images of 64 px"),
+    ]
+    for values, said in cases:
+        with pytest.raises(SettingsError, match=said):
+            load_settings({"data.dataset": "prepared", **values}, env_file=None)
+    cfg = load_settings({"data.dataset": "prepared", "data.folder": str(ready),
+                         "data.image_size": 64}, env_file=None)  # fmt: skip
+    assert cfg.data.folder == ready
