@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from ddpm.data import CIFAR10_DIR, CIFAR10_TRAIN_FILES, IMAGE_SUFFIXES, load_image
-from ddpm.files import atomic_write, claim_folder
+from ddpm.files import atomic_write, claim_folder, remove_partial_writes
 from ddpm.prepared import (
     MANIFEST,
     PreparedError,
@@ -47,6 +48,7 @@ __all__ = ["PLAN", "Source", "find_source", "prepare"]
 log = logging.getLogger(__name__)
 
 PLAN = "preparing.json"  # written first: the folder is a preparation of this source
+LOCK = "lock"  # held while a process prepares into the folder
 SHARD_SIZE = 4096  # images per shard: 12 MiB at 32 px, 200 MiB at 128 px
 TRANSFORM_VERSION = 1  # data.load_image's; a change re-prepares
 
@@ -271,14 +273,36 @@ def prepare(
     transform = {"image_size": image_size, "channels": channels, "resize": "bicubic",
                  "crop": "center", "version": TRANSFORM_VERSION}  # fmt: skip
     what = {"source": source.record(), "transform": transform}
-    mine = claim_folder(out, PLAN, "a prepared dataset", (), "--out")
-    if mine:
-        if _same(out / MANIFEST, what):
-            log.info("%s is already prepared from %s: nothing to do", out, source.path)
-            return read_manifest(out)
-        if not _same(out / PLAN, what):  # another source or transform: start again
-            _remove_preparation(out)
+    mine = claim_folder(out, PLAN, "a prepared dataset", (LOCK,), "--out")
+    if mine and _same(out / MANIFEST, what):
+        log.info("%s is already prepared from %s: nothing to do", out, source.path)
+        return read_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise PreparedError(f"{out} is being prepared by another process; wait for it, or "
+                            "choose another --out") from None  # fmt: skip
+    try:
+        return _prepare_locked(source, out, what, mode, workers, shard_size, progress)
+    finally:
+        lock.release()
+
+
+def _prepare_locked(
+    source: Source,
+    out: Path,
+    what: dict[str, Any],
+    mode: str,
+    workers: int | None,
+    shard_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    remove_partial_writes(out)  # a killed write's, now the lock is ours
+    if not _same(out / PLAN, what):  # another source or transform: start again
+        _remove_preparation(out)
+    image_size, channels = what["transform"]["image_size"], what["transform"]["channels"]
     plan = _plan(source, shard_size)
     text = json.dumps({**what, "shards": len(plan)}, indent=2) + "\n"
     atomic_write(out / PLAN, lambda f: f.write(text.encode()))

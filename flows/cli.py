@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm.errors import UserError
-from ddpm.files import check_export_target
+from ddpm.files import check_export_target, claim_folder
 from flows.launch import launched_overrides, rank_main, write_outcome
 from flows.shutdown import StopRequest
 from settings import Settings, SettingsError, load_settings, parse_flags
@@ -161,6 +161,69 @@ def ema_main(argv: list[str] | None = None) -> int:
         return lambda: ema_flow(run, sigma_rels, return_state=True)
 
     return run_flow(cfg, load)
+
+
+PREPARE_PROG = "ddpm-prepare"
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """`ddpm-prepare --source SOURCE --out OUT --image-size N` (= python flows/prepare_flow.py):
+    run prepare_flow; returns the exit status above."""
+    parser = argparse.ArgumentParser(
+        prog=PREPARE_PROG, allow_abbrev=False,
+        description="Decode, convert, resize and crop a dataset once into a prepared dataset "
+        "that --data.dataset prepared --data.folder OUT trains from at memory speed.",
+    )  # fmt: skip
+    parser.add_argument("--source", required=True, help="an image folder, a folder holding "
+                        "CIFAR-10's python batches, or a Hugging Face dataset on disk "
+                        "(save_to_disk's folder or a folder of parquet files)")  # fmt: skip
+    parser.add_argument("--out", required=True, help="the prepared dataset's folder: new, "
+                        "empty, or an earlier preparation (continued or replaced)")  # fmt: skip
+    parser.add_argument("--image-size", default="32", help="side in px, a multiple of 32 "
+                        "(default 32)")  # fmt: skip
+    parser.add_argument("--channels", default="3", choices=["1", "3"], help="3 RGB, 1 grayscale")
+    parser.add_argument("--column", help="a Hugging Face dataset's image column (default: its "
+                        "first Image column)")  # fmt: skip
+    parser.add_argument("--workers", help="processes decoding at once (default: every CPU)")
+    parser.add_argument("--shard-size", default="4096", help="images per file (default 4096)")
+    args = parse_command(parser, sys.argv[1:] if argv is None else argv)
+    try:
+        source, out = Path(str(args.source)), Path(str(args.out))
+        if not source.is_dir():
+            what = "a file; give the folder that holds the images" if source.exists() else (
+                "no such folder")  # fmt: skip
+            raise UserError(one_line(f"--source {source}: {what}"))
+        size = _whole(args.image_size, "--image-size")
+        if not 32 <= size <= 1024 or size % 32:
+            raise UserError(f"--image-size {size}: a multiple of 32 from 32 to 1024 (the U-Net "
+                            "halves it five times)")  # fmt: skip
+        workers = None if args.workers is None else _whole(args.workers, "--workers")
+        if workers is not None and workers < 1:
+            raise UserError(f"--workers {workers}: at least 1")
+        shard_size = _whole(args.shard_size, "--shard-size")
+        if shard_size < 1:
+            raise UserError(f"--shard-size {shard_size}: at least 1")
+        claim_folder(out, "preparing.json", "a prepared dataset", ("lock",), "--out")
+        cfg = load_settings({})
+    except UserError as err:
+        print(f"error: {message(err)}", file=sys.stderr)
+        return 2
+
+    def load() -> Callable[[], State]:
+        from flows.prepare_flow import prepare_flow  # torch, prefect: seconds
+
+        return lambda: prepare_flow(str(source), str(out), size, int(args.channels),
+                                    args.column, workers, shard_size,
+                                    return_state=True)  # fmt: skip
+
+    return run_flow(cfg, load)
+
+
+def _whole(value: Any, flag_: str) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise UserError(one_line(f"{flag_} {value}: a whole number")) from None
 
 
 SWEEP_PROG = "ddpm-sweep"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ddpm.data import ImageFolderDataset, load_cifar10
 from ddpm.files import NotOurs
-from ddpm.prepare import PLAN, find_source, prepare
+from ddpm.prepare import LOCK, PLAN, find_source, prepare
 from ddpm.prepared import MANIFEST, PreparedError, PreparedImages, shard_name
 
 
@@ -53,7 +53,7 @@ def test_a_folder_prepared_gives_the_folders_own_tensors(tmp_path: Path, channel
     assert torch.equal(prepared.load(), expected)
     assert [s["count"] for s in manifest["shards"]] == [4, 4, 3]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [MANIFEST, PLAN, *(shard_name(i, 3) for i in range(3))]
+        [MANIFEST, PLAN, LOCK, *(shard_name(i, 3) for i in range(3))]
     )
 
 
@@ -112,7 +112,7 @@ def test_a_cut_short_preparation_finishes_and_a_rerun_does_nothing(tmp_path: Pat
     prepare(find_source(src), out, 24, workers=1, shard_size=5)
     assert PreparedImages(out).shape == (3, 24, 24)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [MANIFEST, PLAN, shard_name(0, 2), shard_name(1, 2)]
+        [MANIFEST, PLAN, LOCK, shard_name(0, 2), shard_name(1, 2)]
     )
 
 

@@ -493,8 +493,11 @@ BAD = [
     ("wandb.mode", {"wandb.mode": "sometimes"}, "sometimes"),
     ("optim.lrr", {"optim.lrr": 1}, "unknown"),
     ("model.checkpointing", {"model.checkpointing": True}, "model.arch=ddpm"),
-    ("model.augment_labels", {"model.augment_labels": True, "data.random_flip": False},
-     "random_flip"),
+    (
+        "model.augment_labels",
+        {"model.augment_labels": True, "data.random_flip": False},
+        "random_flip",
+    ),
     ("train.accumulate", {"train.accumulate": 0}, "0"),
     ("train.accumulate", {"train.batch_size": 4, "train.accumulate": 8}, "train.batch_size (4)"),
     ("train.max_restarts", {"train.max_restarts": -1}, "-1"),

@@ -1,0 +1,83 @@
+"""`ddpm-prepare` (issue 36) as a user runs it: a real process SIGKILLed halfway through an
+image folder finishes on re-run, keeping the shards it had written and giving the folder's
+own tensors; a re-run with nothing changed writes nothing; bad flags are one line, exit 2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_run import REPO, Cli
+from PIL import Image
+
+from ddpm.data import ImageFolderDataset
+from ddpm.prepared import MANIFEST, PreparedImages
+
+SCRIPT = str(REPO / "flows" / "prepare_flow.py")
+
+
+@pytest.mark.slow(seconds=60)
+def test_a_killed_preparation_finishes_on_rerun(tmp_path: Path, cli_env) -> None:
+    """SIGKILL to the whole process group once 3 of 40 shards are written: no manifest, whole
+    shards only; the same command then writes the rest (the 3 untouched) and the prepared
+    images equal ImageFolderDataset's; a third run changes no file."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)).save(
+            src / f"{i:03d}.png"
+        )
+    out = tmp_path / "out"
+    args = ["--source", str(src), "--out", str(out), "--workers", "1", "--shard-size", "10"]
+    cli = Cli(cli_env({}), tmp_path, *args, script=SCRIPT)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("*.arrow"))) < 3:
+        assert cli.process.poll() is None and time.monotonic() < deadline, cli.output[-3000:]
+        time.sleep(0.05)
+    os.killpg(cli.process.pid, signal.SIGKILL)
+    cli.finish()
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.arrow")}
+    assert not (out / MANIFEST).exists() and 3 <= len(written) < 40
+    again = subprocess.run([sys.executable, SCRIPT, *args], env=cli_env({}), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in written.items())
+    shards = {p.name for p in out.glob("data-*.arrow")}
+    assert {p.name for p in out.iterdir()} == {MANIFEST, "preparing.json", "lock", *shards}
+    prepared = PreparedImages(out, verify=True)
+    folder = ImageFolderDataset(src, 32)
+    assert torch.equal(prepared.load(), torch.stack([folder[i] for i in range(len(folder))]))
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    third = subprocess.run([sys.executable, SCRIPT, *args], env=cli_env({}), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert third.returncode == 0 and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+
+
+def test_bad_flags_are_one_line(tmp_path: Path, cli_env) -> None:
+    """A misspelt flag (with what was meant), a missing source, a size the U-Net cannot take
+    and a --out holding the user's files: exit 2, one `error:` line naming it, no traceback;
+    the user's file is untouched."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("years")
+    base = ["--source", "images", "--out", "o"]
+    cases = [
+        (["--source", "images", "--out", "o", "--imge-size", "32"], "did you mean --image-size"),
+        (["--source", "nowhere", "--out", "o"], "--source nowhere: no such folder"),
+        ([*base, "--image-size", "48"], "--image-size 48: a multiple of 32"),
+        (["--source", "images", "--out", "mine"], "mine (--out) holds files"),
+    ]
+    for args, said in cases:
+        done = subprocess.run([sys.executable, SCRIPT, *args], env=cli_env({}), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.txt"]
