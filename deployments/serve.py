@@ -1,5 +1,5 @@
-"""Serve the deployments of train-flow, sample-flow, export-flow, ema-flow and sweep-flow from this
-process, for users without a worker:
+"""Serve the deployments of train-flow, sample-flow, export-flow, ema-flow, prepare-flow and
+sweep-flow from this process, for users without a worker:
 
     python deployments/serve.py
     prefect deployment run 'train-flow/ddpm-smoke'
@@ -35,6 +35,7 @@ def served_deployments(only: str | None = None) -> list:
     """
     from flows.ema_flow import ema_flow
     from flows.export_flow import export_flow
+    from flows.prepare_flow import prepare_flow
     from flows.sample_flow import sample_flow  # prefect, torch: seconds
     from flows.sweep_flow import sweep_flow
     from flows.train_flow import train_flow
@@ -44,6 +45,7 @@ def served_deployments(only: str | None = None) -> list:
         "flows/sample_flow.py:sample_flow": sample_flow,
         "flows/export_flow.py:export_flow": export_flow,
         "flows/ema_flow.py:ema_flow": ema_flow,
+        "flows/prepare_flow.py:prepare_flow": prepare_flow,
         "flows/sweep_flow.py:sweep_flow": sweep_flow,
     }
     deployments, name = [], only and only.rpartition("/")[2]

@@ -131,7 +131,8 @@ def test_serve_builds_the_same_deployments() -> None:
     spec.loader.exec_module(serve)
     deployments = {d.name: d for d in serve.served_deployments()}
     assert set(deployments) == {
-        "ddpm-cifar10", "ddpm-smoke", "ddpm-sample", "ddpm-export", "ddpm-ema", "ddpm-sweep"
+        "ddpm-cifar10", "ddpm-smoke", "ddpm-sample", "ddpm-export", "ddpm-ema", "ddpm-prepare",
+        "ddpm-sweep",
     }  # fmt: skip
     assert deployments["ddpm-cifar10"].parameters == {"overrides": {}}
     assert deployments["ddpm-sample"].parameters == deployments["ddpm-export"].parameters == {}
