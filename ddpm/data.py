@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from ddpm.config import CIFAR10_URL, Config, DataConfig
 from ddpm.edm import measure_sigma_data
 from ddpm.errors import UserError
-from ddpm.prepared import PreparedError, PreparedImages
+from ddpm.prepared import PreparedError, PreparedImages, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -652,20 +652,22 @@ def prepared_dataset(
         DatasetError: naming the folder if it is damaged or holds images of another shape.
     """
     try:
-        images = PreparedImages(folder)
+        manifest = read_manifest(folder)
+        shape, count = tuple(manifest["shape"]), int(manifest["count"])
+        if shape != (channels, image_size, image_size):
+            raise DatasetError(f"{folder} holds images of {shape}, not "
+                               f"{(channels, image_size, image_size)}")  # fmt: skip
+        nbytes = count * channels * image_size * image_size
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        in_memory = nbytes <= memory_fraction * memory
+        images = PreparedImages(folder, random_access=not in_memory and nbytes > memory / 2)
     except PreparedError as err:
         raise DatasetError(str(err)) from None
-    if images.shape != (channels, image_size, image_size):
-        raise DatasetError(f"{folder} holds images of {images.shape}, not "
-                           f"{(channels, image_size, image_size)}")  # fmt: skip
-    nbytes = len(images) * images.shape[0] * image_size * image_size
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if nbytes <= memory_fraction * memory:
-        loaded = TensorImageDataset(images.load())
-        images.close()
-        return loaded
+    if not in_memory:
+        return PreparedDataset(images)
+    loaded = TensorImageDataset(images.load())
     images.close()
-    return PreparedDataset(PreparedImages(folder, random_access=nbytes > memory / 2))
+    return loaded
 
 
 class TrainingData:
