@@ -32,6 +32,9 @@ class DataConfig:
     random_flip: bool = True  # horizontal flips, as in the DDPM paper's CIFAR-10 runs
     num_workers: int = 0  # DataLoader worker processes (image folders)
     loader: Literal["auto", "device", "dataloader"] = "auto"  # see data.TrainingData
+    # An image folder prepared once on first use (ddpm.prepare.prepare_folder) into
+    # root/prepared/, then read like dataset="prepared": the same images, no decode per epoch.
+    prepare: Literal["auto", "off"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ changed finds `prepared.json` with the same record and does nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
+from ddpm.config import Config
 from ddpm.data import CIFAR10_DIR, CIFAR10_TRAIN_FILES, IMAGE_SUFFIXES, load_image
 from ddpm.files import atomic_write, claim_folder, remove_partial_writes
 from ddpm.prepared import (
@@ -43,7 +45,8 @@ from ddpm.prepared import (
     write_shard,
 )
 
-__all__ = ["PLAN", "Source", "find_source", "prepare"]
+__all__ = ["PLAN", "Source", "find_source", "folder_source", "prepare", "prepare_folder",
+           "prepared_cache", "reading_prepared"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +109,64 @@ def find_source(path: Path | str, column: str | None = None) -> Source:
         path.glob("*.parquet")
     ):
         return _hf_source(path, column)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return folder_source(path)
+
+
+def folder_source(path: Path | str, setting: str = "--source") -> Source:
+    """The PNG/JPEG images under path (recursively, as data.ImageFolderDataset lists them);
+    the fingerprint from their names, sizes and modification times (no image is opened).
+
+    Raises:
+        PreparedError: naming the setting and the path if it holds no images.
+    """
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
-        raise PreparedError(
-            f"--source {path}: no PNG or JPEG images in it ({len(files)} other files)"
-        )
-    others = len(files) - len(images)
-    if others:
+        raise PreparedError(f"{setting} {path}: no PNG or JPEG images in it ({len(files)} "
+                            "other files)")  # fmt: skip
+    others = sum(not p.name.startswith(".") for p in files) - len(images)
+    if others > 0:
         log.warning("%s: %d files that are not PNG or JPEG images left out", path, others)
     relative = [p.relative_to(path).as_posix() for p in images]
     return Source("folder", path, relative, _digest(_stat_key(p, path) for p in images))
+
+
+def prepared_cache(folder: Path | str, cache: Path | str, image_size: int, channels: int) -> Path:
+    """Where data.prepare=auto keeps the image folder's prepared copy: a folder under cache
+    named by the folder's absolute path and the transform (not by its contents: a changed
+    folder is prepared again into the same place, so old copies do not pile up)."""
+    key = _digest([str(Path(folder).resolve()), str(image_size), str(channels),
+                   str(TRANSFORM_VERSION)])  # fmt: skip
+    return Path(cache) / key[:16]
+
+
+def reading_prepared(config: Config, folder: Path | str) -> Config:
+    """config with its image folder replaced by its prepared copy at folder (data.prepare=auto):
+    the same images, read as data.dataset=prepared."""
+    data = dataclasses.replace(config.data, dataset="prepared", folder=Path(folder))
+    return dataclasses.replace(config, data=data)
+
+
+def prepare_folder(
+    folder: Path | str,
+    cache: Path | str,
+    image_size: int,
+    channels: int = 3,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """data.prepare=auto: the image folder prepared once into prepared_cache(...), then reused
+    while its fingerprint (its images' names, sizes and modification times) stays the same;
+    a process that finds another preparing it waits for it, then reuses its work.
+
+    Returns:
+        the prepared dataset's folder.
+    """
+    out = prepared_cache(folder, cache, image_size, channels)
+    source = folder_source(folder, "data.folder")
+    prepare(source, out, image_size, channels, workers, progress=progress, wait=True)
+    return out
 
 
 def _hf_dataset(path: Path):
@@ -255,12 +305,14 @@ def prepare(
     workers: int | None = None,
     shard_size: int = SHARD_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Prepare `source` into `out` (see the module's docstring); returns its manifest.
 
     Args:
         workers: processes decoding shards at once (default: the CPUs this process may use).
         progress: called with (images done, images in all) as shards finish.
+        wait: wait for another process preparing into `out` (else: PreparedError).
 
     Raises:
         NotOurs: naming `out` if it holds files that are not a preparation's; untouched.
@@ -280,11 +332,13 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out / LOCK)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
         raise PreparedError(f"{out} is being prepared by another process; wait for it, or "
                             "choose another --out") from None  # fmt: skip
     try:
+        if _same(out / MANIFEST, what):  # another process prepared it while this one waited
+            return read_manifest(out)
         return _prepare_locked(source, out, what, mode, workers, shard_size, progress)
     finally:
         lock.release()

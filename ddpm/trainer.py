@@ -31,6 +31,7 @@ from ddpm.checkpoint import CheckpointWriter
 from ddpm.config import Config, TrainConfig
 from ddpm.data import TrainingData, load_dataset, locate_dataset, shard_bounds
 from ddpm.distributed import Group, Shard, collectives
+from ddpm.prepare import prepare_folder, reading_prepared
 from ddpm.run_dir import RunDir, save_ema_snapshot, save_step_checkpoint
 from ddpm.training import TrainingState, autocast
 
@@ -401,10 +402,13 @@ class _ListBatches:
         return self.batches[index].shape[0]
 
 
-def share_start(group: Group, state: TrainingState, data_path: str) -> None:
-    """(rank 0) Send the other ranks what they start from: where the data is, and the state
-    built or resumed here (EMA aside: it is rank 0's alone), RNGs included."""
-    start = {"data_path": data_path,
+def share_start(
+    group: Group, state: TrainingState, data_path: str, dataset: str | None = None
+) -> None:
+    """(rank 0) Send the other ranks what they start from: where the data is (and, when rank 0
+    prepared an image folder, that it reads it as dataset "prepared"), and the state built or
+    resumed here (EMA aside: it is rank 0's alone), RNGs included."""
+    start = {"data_path": data_path, "dataset": dataset,
              "state": {**state.snapshot(), "ema": None, "ema_profiles": None}}  # fmt: skip
     if state.device.type == "cuda":  # training draws on each rank's own device
         start["device_rng"] = torch.cuda.get_rng_state(state.device)
@@ -425,7 +429,12 @@ def train_rank(group: Group, config: Config) -> EpochResult | None:
     with collectives(group):
         start = group.broadcast(None)
     path = Path(start["data_path"])
-    if not path.exists():
+    if start.get("dataset") == "prepared" and config.data.dataset == "folder":
+        if not path.exists():  # rank 0 prepared the folder on its machine: prepare it here
+            path = prepare_folder(locate_dataset(config.data), config.data.root / "prepared",
+                                  config.data.image_size, config.model.channels)  # fmt: skip
+        config = reading_prepared(config, path)
+    elif not path.exists():
         path = locate_dataset(config.data)
     data = TrainingData(load_dataset(config, path), config, group.rank, group.world_size)
     # rank 0's sigma_data (measured there, or set): the model is built to load its state

@@ -21,10 +21,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ddpm.prepare import SHARD_SIZE, find_source, prepare
+from ddpm.prepare import SHARD_SIZE, Source, find_source, folder_source, prepare, prepared_cache
 from flows.progress import ProgressBar
 
-__all__ = ["prepare_flow"]
+__all__ = ["prepare_flow", "prepare_folder_task"]
 
 
 @task(name="prepare-dataset", cache_policy=NO_CACHE)
@@ -39,17 +39,34 @@ def prepare_task(
 ) -> dict[str, Any]:
     """Prepare source into out; returns where, how many images and how many were skipped."""
     found = find_source(source, column)
-    total = len(found.items)
-    with ProgressBar(f"preparing {found.kind} {source}", total) as bar:
-
-        def progress(done: int, _: int) -> None:
-            bar.advance(done - bar.completed)
-
-        manifest = prepare(found, out, image_size, channels, workers, shard_size, progress)
+    manifest = _prepare(found, out, image_size, channels, workers, shard_size)
     summary = {"out": out, "images": manifest["count"], "skipped": manifest.get("skipped", 0),
                "shape": manifest["shape"], "source": found.kind}  # fmt: skip
     get_run_logger().info("%s", summary)
     return summary
+
+
+@task(name="prepare-folder", cache_policy=NO_CACHE)
+def prepare_folder_task(folder: str, cache: str, image_size: int, channels: int) -> str:
+    """data.prepare=auto: the image folder prepared on first use into a folder under cache
+    (ddpm.prepare.prepare_folder), over every CPU; a later run with the folder unchanged
+    finds it prepared and does no work. Returns the prepared dataset's folder."""
+    found = folder_source(folder, "data.folder")
+    out = prepared_cache(folder, cache, image_size, channels)
+    manifest = _prepare(found, out, image_size, channels, None, SHARD_SIZE, wait=True)
+    get_run_logger().info("training from %s: %d images of %s prepared from %s", out,
+                          manifest["count"], manifest["shape"], folder)  # fmt: skip
+    return str(out)
+
+
+def _prepare(found: Source, out: str | Path, *args: Any, wait: bool = False) -> dict[str, Any]:
+    """ddpm.prepare.prepare with a progress bar over the source's images."""
+    with ProgressBar(f"preparing {found.kind} {found.path}", len(found.items)) as bar:
+
+        def progress(done: int, _: int) -> None:
+            bar.advance(done - bar.completed)
+
+        return prepare(found, out, *args, progress=progress, wait=wait)
 
 
 @flow(name="prepare-flow")

@@ -33,11 +33,13 @@ from ddpm.config import Config
 from ddpm.distributed import Group, environment, join
 from ddpm.evaluation import inception_weights
 from ddpm.files import checksum_file, remove_partial_writes, write_checked
+from ddpm.prepare import reading_prepared
 from ddpm.run_dir import RunDir
 from ddpm.trainer import EpochResult, Trainer, share_start
 from flows.download import download_task
 from flows.gpu import gpu_slot
 from flows.launch import LaunchError, launch
+from flows.prepare_flow import prepare_folder_task
 from flows.shutdown import StopRequest, active_stop_request
 from flows.tracking import (
     RunArtifacts,
@@ -221,6 +223,10 @@ def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
         data_path = download_task(*download_args)
         if not Path(data_path).exists():  # cached, but deleted since: fetch again
             data_path = download_task.with_options(refresh_cache=True)(*download_args)
+        if where.dataset == "folder" and where.prepare == "auto":
+            data_path = prepare_folder_task(data_path, str(where.root / "prepared"),
+                                            where.image_size, config.model.channels)  # fmt: skip
+            config = reading_prepared(config, data_path)
         data = load_data_task(config, data_path, group and (group.rank, group.world_size))
         if config.diffusion.formulation == "edm":
             measured = config.diffusion.sigma_data is None
@@ -230,7 +236,7 @@ def _train(cfg: Settings, stop: StopRequest) -> dict[str, Any]:
         try:
             state = build_model_task(config, run, data.steps_per_epoch, resolved)
             if group is not None:  # the other ranks start from this state
-                share_start(group, state, data_path)
+                share_start(group, state, data_path, config.data.dataset)
             trainer = Trainer(state, data, config.train, run, group=group)
             return _train_epochs(cfg, config, trainer, data_path, stop)
         finally:

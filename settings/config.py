@@ -176,6 +176,13 @@ class DataSettings(_Group):
         DataConfig.loader, description="auto: keep cifar10 on the training device if it fits"
     )
 
+    # Measured (benchmarks/data.py): from the first epoch on, faster than decoding each epoch.
+    prepare: Literal["auto", "off"] = Field(
+        DataConfig.prepare,
+        description="auto: prepare dataset=folder's images once, on first use, into "
+        "data.root/prepared/ and train from that; off: decode the folder's images every epoch",
+    )
+
     @field_validator("image_size")
     @classmethod
     def _multiple_of_32(cls, v: int) -> int:
@@ -659,9 +666,13 @@ class Settings(BaseSettings):
             raise _FieldError("data.image_size", "must be 32 for cifar10 (its native size)")
         if self.data.dataset == "cifar10" and self.model.channels != 3:
             raise _FieldError("model.channels", "must be 3 for cifar10 (RGB)")
-        if self.data.loader == "device" and self.data.dataset == "folder":
+        if (
+            self.data.loader == "device"
+            and self.data.dataset == "folder"
+            and self.data.prepare == "off"
+        ):
             raise _FieldError("data.loader", "device needs images in memory: data.dataset "
-                              "cifar10 or prepared")  # fmt: skip
+                              "cifar10 or prepared, or folder with data.prepare=auto")  # fmt: skip
         model, size = self.model, self.data.image_size
         if model.arch == "ddpm":
             if model.hidden_size % 32:
@@ -1063,6 +1074,7 @@ _NOT_RESULT = {
     "data.url",
     "data.num_workers",
     "data.loader",
+    "data.prepare",  # the same images either way (tests/ddpm/test_prepare.py)
     "train.device",
     "train.log_every",
     "train.max_bad_steps",

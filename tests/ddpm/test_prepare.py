@@ -167,3 +167,46 @@ def test_training_batches_from_a_prepared_folder_are_the_folders(
             got, want = list(ours.epoch(epoch, start)), list(theirs.epoch(epoch, start))
             assert len(got) == len(want) == 4 - start
             assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_a_folder_prepared_on_first_use_is_reused_until_it_changes(tmp_path: Path) -> None:
+    """data.prepare=auto's preparation (prepare_folder): the cache folder is named by the image
+    folder and the transform; a process finding another one preparing there waits, then
+    reuses its work (writes nothing); an image changed in the folder is prepared again into
+    the same cache folder, giving the folder's new tensors."""
+    import threading
+
+    from filelock import FileLock
+
+    from ddpm.prepare import prepare_folder, prepared_cache
+
+    src, cache = tmp_path / "images", tmp_path / "data" / "prepared"
+    paths = write_images(src, 5)
+    out = prepared_cache(src, cache, 32, 3)
+    assert out.parent == cache and out != prepared_cache(src, cache, 64, 3)
+    out.mkdir(parents=True)
+    held = FileLock(out / LOCK)
+    held.acquire()  # another process is preparing
+    result: list[Path] = []
+    waiting = threading.Thread(target=lambda: result.append(prepare_folder(src, cache, 32, 3)))
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive() and not (out / MANIFEST).exists()  # it waits, writing nothing
+    held.release()
+    waiting.join(timeout=60)
+    assert result == [out]
+    assert torch.equal(PreparedImages(out).load(), all_images(src))
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert prepare_folder(src, cache, 32, 3) == out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp  # no work
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(paths[1])
+    os.utime(paths[1], ns=(1, 1))  # another modification time, whatever the clock's resolution
+    assert prepare_folder(src, cache, 32, 3) == out
+    assert torch.equal(PreparedImages(out).load(), all_images(src))
+    assert list(cache.iterdir()) == [out]
+
+
+def all_images(folder: Path) -> torch.Tensor:
+    """ImageFolderDataset's images of folder at 32 px: (N, 3, 32, 32) uint8."""
+    images = ImageFolderDataset(folder, 32)
+    return torch.stack([images[i] for i in range(len(images))])

@@ -144,3 +144,24 @@ def test_sigterm_stops_the_whole_group_after_a_step_with_a_checkpoint(
     rerun = Cli(cli_env(run), tmp_path)
     assert rerun.finish(timeout=240) == 0, rerun.output[-3000:]
     assert f"resumed after step {stopped}" in rerun.output
+
+
+@pytest.mark.slow(seconds=40)
+def test_two_devices_train_from_the_folder_rank_0_prepared(tiny: dict[str, Any]) -> None:
+    """data.prepare=auto with train.devices 2: rank 0 prepares the image folder and rank 1
+    reads the prepared copy rank 0 names (reading it as an image folder finds no images and
+    fails the run)."""
+    from PIL import Image
+
+    images = Path(tiny["run.dir"]).parent / "images"
+    images.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i in range(32):
+        pixels = torch.randint(0, 256, (40, 40, 3), generator=rng, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(images / f"{i:02d}.png")
+    run = {**tiny, "data.dataset": "folder", "data.folder": str(images), "data.subset": 0,
+           "train.devices": 2, "train.batch_size": 8, "train.epochs": 1}  # fmt: skip
+    state = train_flow(overrides=run, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["global_step"] == 4
+    assert len(list((Path(tiny["data.root"]) / "prepared").iterdir())) == 1

@@ -4,6 +4,7 @@ caching, resume, retries, validation, tags, and the command line."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -288,3 +289,41 @@ def test_interactive_terminal_gets_a_progress_bar(
     text = screen.decode(errors="replace")
     for label, steps in (("epoch 1/2", 2), ("epoch 2/2", 2), ("samples after epoch 2", 5)):
         assert re.search(rf"{label} .*{steps}/{steps}", text), (label, text[-2000:])
+
+
+@pytest.mark.slow(seconds=30)
+def test_an_image_folder_is_prepared_on_first_use_and_trains_as_it_would_unprepared(
+    tiny: dict[str, Any], tmp_path: Path, task_runs
+) -> None:
+    """data.prepare=auto (the default) on data.dataset=folder: the flow's prepare-folder task
+    prepares the folder under data.root/prepared/ and the run trains on it to the weights
+    data.prepare=off gives (same run name: the same images); a second run reuses the prepared
+    copy, writing nothing to it."""
+    from PIL import Image
+
+    from ddpm.prepared import MANIFEST
+
+    rng = torch.Generator().manual_seed(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        pixels = torch.randint(0, 256, (36, 44, 3), generator=rng, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(images / f"{i:02d}.png")
+    base = {**tiny, "data.dataset": "folder", "data.folder": str(images), "data.subset": 0,
+            "train.epochs": 1}  # fmt: skip
+    off_state, off = run({**base, "data.prepare": "off", "run.dir": str(tmp_path / "off")})
+    assert off_state.is_completed(), off_state.message
+    state, auto = run(base)
+    assert state.is_completed(), state.message
+    assert "prepare-folder" not in task_runs(off_state.state_details.flow_run_id)
+    assert [r.state.name for r in task_runs(state.state_details.flow_run_id)["prepare-folder"]] \
+        == ["Completed"]  # fmt: skip
+    (prepared,) = (Path(tiny["data.root"]) / "prepared").iterdir()
+    assert json.loads((prepared / MANIFEST).read_text())["count"] == 40
+    assert Path(off["run_dir"]).name == Path(auto["run_dir"]).name
+    a, b = load_checkpoint(off["checkpoint"]), load_checkpoint(auto["checkpoint"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    stamp = files(prepared)
+    again, _ = run({**base, "run.dir": str(tmp_path / "again")})
+    assert again.is_completed(), again.message
+    assert files(prepared) == stamp

@@ -56,6 +56,7 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "data.random_flip": (False, {}),
     "data.num_workers": (4, {}),
     "data.loader": ("dataloader", {}),
+    "data.prepare": ("off", {}),
     "model.hidden_size": (64, {}),
     "model.channels": (1, FOLDER),
     "model.arch": ("ddpm", {}),
@@ -170,6 +171,7 @@ def test_documented_defaults() -> None:
         "data.random_flip": True,
         "data.num_workers": 0,
         "data.loader": "auto",
+        "data.prepare": "auto",
         "model.hidden_size": 128,
         "model.channels": 3,
         "model.arch": "assignment",
@@ -466,8 +468,13 @@ BAD = [
     ("data.folder", {"data.dataset": "folder"}, "folder"),
     (
         "data.loader",
-        {"data.dataset": "folder", "data.folder": "pics", "data.loader": "device"},
-        "cifar10",
+        {
+            "data.dataset": "folder",
+            "data.folder": "pics",
+            "data.loader": "device",
+            "data.prepare": "off",
+        },
+        "data.prepare=auto",
     ),
     ("diffusion.num_timesteps", {"diffusion.num_timesteps": 0}, ""),
     (
