@@ -25,7 +25,7 @@ class DataConfig:
 
     dataset: Literal["cifar10", "folder", "prepared"] = "cifar10"
     root: Path = Path("data")  # where CIFAR-10 is downloaded and extracted
-    folder: Path | None = None  # the image folder (dataset="folder") or prepared dataset
+    folder: Path | str | None = None  # image folder (dataset="folder"), prepared dataset or URL
     url: str = CIFAR10_URL
     image_size: int = 32  # px; a multiple of 32 (the U-Net halves it 5 times)
     subset: int = 0  # train on this many images chosen from the seed; 0 = all

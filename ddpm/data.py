@@ -8,6 +8,7 @@ workers and however often the run was resumed.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import pickle
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from ddpm.config import CIFAR10_URL, Config, DataConfig
 from ddpm.edm import measure_sigma_data
 from ddpm.errors import UserError
-from ddpm.prepared import PreparedError, PreparedImages, read_manifest
+from ddpm.prepared import PreparedError, PreparedImages, fetch, is_url, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -570,12 +571,29 @@ def locate_dataset(data: DataConfig) -> Path:
     """
     if data.dataset == "cifar10":
         return download_cifar10(Path(data.root), data.url)
+    if data.dataset == "prepared" and is_url(data.folder):
+        return fetch_prepared(str(data.folder), Path(data.root))
     if data.dataset in ("folder", "prepared"):
         if data.folder is None or not Path(data.folder).is_dir():
             raise DatasetError(f"{data.dataset} folder {data.folder} does not exist; set "
                                "data.folder")  # fmt: skip
         return Path(data.folder)
     raise ValueError(f"unknown dataset {data.dataset!r}; expected cifar10, folder or prepared")
+
+
+def fetch_prepared(url: str, root: Path) -> Path:
+    """The prepared dataset at url copied under root/remote/ (ddpm.prepared.fetch); its local
+    folder.
+
+    Raises:
+        DatasetError: naming the URL; transient when the store could not be reached."""
+    out = root / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    try:
+        return fetch(url, out)
+    except PreparedError as err:
+        raise DatasetError(str(err)) from None
+    except OSError as err:
+        raise DatasetError(f"data.folder {url}: cannot be read ({err})", transient=True) from err
 
 
 SIGMA_DATA_IMAGES = 2000  # images sigma_data is measured on: its std error is ~1e-4 there

@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from ddpm.errors import UserError
-from ddpm.files import atomic_write
+from ddpm.files import atomic_write, claim_folder, remove_partial_writes
 
-__all__ = ["MANIFEST", "PreparedError", "PreparedImages", "shard_name", "write_manifest",
-           "write_shard"]  # fmt: skip
+__all__ = ["MANIFEST", "PreparedError", "PreparedImages", "fetch", "is_url", "shard_name",
+           "write_manifest", "write_shard"]  # fmt: skip
 
 MANIFEST = "prepared.json"
 FORMAT = "ddpm-prepared-1"
@@ -98,16 +99,123 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """
     path = Path(folder) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         raise PreparedError(
             f"{folder}: not a prepared dataset (no {MANIFEST}; make one with ddpm-prepare)"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except OSError as err:
         raise PreparedError(f"{path}: unreadable ({err}); prepare the dataset again") from None
+    return _parse_manifest(text, str(path))
+
+
+def _parse_manifest(text: bytes, where: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PreparedError(f"{where}: unreadable ({err}); prepare the dataset again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PreparedError(f"{path}: not a manifest this version reads (format {FORMAT})")
+        raise PreparedError(f"{where}: not a manifest this version reads (format {FORMAT})")
     return manifest
+
+
+# ---- a prepared dataset in an object store --------------------------------------------------
+
+URL_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")  # pyarrow.fs's
+REMOTE = "remote.json"  # a local copy's record of its URL: the folder is the product's
+CHUNK = 8 << 20  # bytes read at once
+
+
+def is_url(value: object) -> bool:
+    """Whether a data.folder value is a URL (scheme://...) rather than a local path."""
+    return isinstance(value, str) and "://" in value
+
+
+def fetch(url: str, out: Path) -> Path:
+    """The prepared dataset at url (s3://bucket/path, gs://bucket/path, file:///path, or any
+    URL pyarrow.fs reads, credentials from the environment as the store's SDK reads them)
+    copied into the local folder out, then read memory-mapped like any prepared dataset.
+
+    Each shard is streamed to disk in CHUNK pieces (memory stays bounded whatever its size),
+    its SHA-256 checked against the manifest and renamed into place whole; the manifest is
+    copied last. A copy cut short keeps its whole shards and fetches the rest; a copy whose
+    manifest equals the store's reads nothing more than the manifest; a dataset prepared
+    again at the URL replaces the shards that changed. A process finding another fetching
+    into out waits for it.
+
+    Raises:
+        PreparedError: naming the URL or the shard if it holds no prepared dataset or a shard
+            is not the manifest's.
+        OSError: if the store cannot be reached (it may pass: the caller may retry).
+    """
+    from pyarrow import fs
+
+    try:
+        store, root = fs.FileSystem.from_uri(url)
+    except (ValueError, TypeError) as err:  # pyarrow: unrecognised scheme or URI
+        raise PreparedError(f"data.folder {url}: not a URL pyarrow.fs reads ({err})") from None
+    root = root.rstrip("/")
+    try:
+        with store.open_input_stream(f"{root}/{MANIFEST}") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise PreparedError(f"data.folder {url}: not a prepared dataset (no {MANIFEST} "
+                            "there)") from None  # fmt: skip
+    manifest = _parse_manifest(text, f"{url}/{MANIFEST}")
+    claim_folder(out, REMOTE, "a prepared dataset's local copy", ("lock",), "data.folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(out / "lock"):
+        if (out / MANIFEST).is_file() and (out / MANIFEST).read_bytes() == text:
+            return out
+        remove_partial_writes(out)
+        record = (json.dumps({"url": url}) + "\n").encode()
+        if not (out / REMOTE).is_file() or (out / REMOTE).read_bytes() != record:
+            atomic_write(out / REMOTE, lambda f: f.write(record))
+        (out / MANIFEST).unlink(missing_ok=True)  # the old copy is not whole from here on
+        wanted = {entry["file"]: entry["sha256"] for entry in manifest["shards"]}
+        for stale in out.glob("data-*.arrow"):
+            if stale.name not in wanted:
+                stale.unlink()
+        for name, sha in wanted.items():
+            path = out / name
+            if path.is_file() and _sha256(path) == sha:
+                continue
+            _copy_checked(store, f"{root}/{name}", path, sha, f"{url}/{name}")
+        atomic_write(out / MANIFEST, lambda f: f.write(text))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_checked(store: Any, source: str, path: Path, sha: str, where: str) -> None:
+    """Stream source to path (atomically) if its SHA-256 is sha; else PreparedError."""
+
+    class _Mismatch(Exception):
+        pass
+
+    def write(f: Any) -> None:
+        h = hashlib.sha256()
+        with store.open_input_stream(source) as stream:
+            while chunk := stream.read(CHUNK):
+                h.update(chunk)
+                f.write(chunk)
+        if h.hexdigest() != sha:
+            raise _Mismatch
+
+    try:
+        atomic_write(path, write)
+    except FileNotFoundError:
+        raise PreparedError(f"{where}: missing, though the manifest names it; prepare the "
+                            "dataset again") from None  # fmt: skip
+    except _Mismatch:
+        raise PreparedError(f"{where}: damaged (its SHA-256 is not the manifest's); prepare "
+                            "the dataset again") from None  # fmt: skip
 
 
 @dataclass

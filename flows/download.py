@@ -13,6 +13,7 @@ from prefect.tasks import exponential_backoff
 from ddpm.config import Config, DataConfig
 from ddpm.data import locate_dataset
 from ddpm.evaluation import reference_key
+from ddpm.prepared import is_url
 
 
 def _download_may_recover(task: Any, task_run: Any, state: Any) -> bool:
@@ -53,7 +54,7 @@ def download_task(dataset: str, root: str, url: str, folder: str | None) -> str:
     where = DataConfig(
         dataset=dataset,  # type: ignore[arg-type]
         root=Path(root),
-        folder=Path(folder) if folder else None,
+        folder=Path(folder) if folder and not is_url(folder) else folder,
         url=url,
     )
     return str(locate_dataset(where))

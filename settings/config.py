@@ -112,6 +112,25 @@ PGPASSWORD_INSTEAD = (
 )
 
 
+# A local folder, or the URL of a prepared dataset in an object store (scheme://...), whose
+# credentials come from the environment, never from the URL.
+STORE_CREDENTIALS = (
+    "leave credentials out of it: the store's own variables (AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) are read where the run goes"
+)
+
+
+def _folder_or_url(value: Any) -> Any:
+    if isinstance(value, str) and "://" in value:
+        problem = password_in(value, STORE_CREDENTIALS)
+        if problem:
+            raise ValueError(problem)
+        return value
+    return Path(value) if isinstance(value, str) else value
+
+
+FolderOrURL = Annotated[str | Path, BeforeValidator(_folder_or_url)]
+
 # An optional path that env, .env and flags can clear: an empty value is None.
 OptionalPath = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
 
@@ -144,10 +163,10 @@ class DataSettings(_Group):
     )
     # The assignment kept datasets under ./data.
     root: Path = Field(DataConfig.root, description="where CIFAR-10 is downloaded and extracted")
-    folder: Path | None = Field(
+    folder: FolderOrURL | None = Field(
         DataConfig.folder,
         description="image folder (PNG/JPEG) for dataset=folder; a prepared dataset's folder "
-        "for dataset=prepared",
+        "or URL (s3://, gs://, file://, ...) for dataset=prepared",
     )
     url: Annotated[
         str,
@@ -645,6 +664,24 @@ class Settings(BaseSettings):
                 f"again at {size} px and {channels} channels",
             )
 
+    def _a_prepared_dataset_url(self) -> None:
+        """A URL in data.folder names a prepared dataset in a store pyarrow.fs reads (what it
+        holds is checked when the run fetches it, where the credentials are)."""
+        from ddpm.prepared import URL_SCHEMES
+
+        folder = str(self.data.folder)
+        scheme = folder.split("://", 1)[0].lower()
+        if scheme not in URL_SCHEMES:
+            schemes = ", ".join(URL_SCHEMES)
+            raise _FieldError("data.folder", f"{folder}: a URL of {scheme}://, which is not read; "
+                              f"give a URL of {schemes}, or a local folder")  # fmt: skip
+        if self.data.dataset != "prepared":
+            raise _FieldError(
+                "data.folder",
+                f"{folder}: a URL is read as a prepared dataset only; set data.dataset=prepared "
+                "(prepare the images with ddpm-prepare and upload that folder)",
+            )
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         data = self.data
@@ -657,10 +694,12 @@ class Settings(BaseSettings):
                 "read it: set data.dataset=folder to train on the folder (or prepared, for a "
                 "folder ddpm-prepare made), or leave data.folder out",
             )
-        if data.dataset != "cifar10" and not data.folder.is_dir():
+        if isinstance(data.folder, str):  # a URL (FolderOrURL)
+            self._a_prepared_dataset_url()
+        elif data.dataset != "cifar10" and not data.folder.is_dir():
             what = "not a folder" if data.folder.exists() else "no such folder"
             raise _FieldError("data.folder", f"{what}: {data.folder}")
-        if data.dataset == "prepared":
+        if data.dataset == "prepared" and not isinstance(data.folder, str):
             self._a_prepared_dataset()
         if self.data.dataset == "cifar10" and self.data.image_size != 32:
             raise _FieldError("data.image_size", "must be 32 for cifar10 (its native size)")

@@ -8,6 +8,8 @@ torch.compile for training and sampling ('auto' -> on for CUDA; for sampling onl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ddpm.config import (
     Config,
     DataConfig,
@@ -39,7 +41,7 @@ def core_config(settings: Settings) -> Config:
         data=DataConfig(
             **data.model_dump(exclude={"root", "folder"}),
             root=data.root.resolve(),
-            folder=data.folder.resolve() if data.folder else None,
+            folder=data.folder.resolve() if isinstance(data.folder, Path) else data.folder,
         ),
         model=ModelConfig(
             **settings.model.model_dump(

@@ -23,5 +23,8 @@ def test_the_data_benchmark_reports_every_section(tmp_path: Path) -> None:
     for row in results["throughput"]:
         assert row["folder_img_s"] > 0 and row["prepared_memory_mapped_img_s"] > 0
         assert row["rerun_s"] >= 0 and row["prepare_img_s_per_core"] > 0
-    assert results["startup"]["images"] == 50 and results["startup"]["prepared_first_batch_s"] > 0
+        assert row["first_epoch_auto_s"] > 0 and row["epoch_off_s"] > 0
+    startup = results["startup"]
+    assert startup["images"] == 50 and startup["prepared_first_batch_s"] > 0
+    assert startup["auto_first_use_s"] > 0 and startup["auto_reuse_check_s"] >= 0
     assert results["bigger_than_memory"] == {"skipped": "--memory-limit-mb 0"}

@@ -100,3 +100,38 @@ def test_damaged_files_are_named(tmp_path: Path) -> None:
     record["shape"] = [3, 4, 4]
     broken(lambda: (folder / MANIFEST).write_text(json.dumps(record)), r"not \(3, 4, 4\) uint8")
     assert len(PreparedImages(folder, verify=True)) == 10  # all restored
+
+
+def test_a_prepared_dataset_at_a_url_is_fetched_checked_and_resumed(tmp_path: Path) -> None:
+    """data.folder as a URL (file://, read through pyarrow.fs as s3:// and gs:// are): the
+    shards stream into data.root/remote/<url> and read back byte for byte; a second fetch
+    rewrites nothing; a copy cut short (a shard and the manifest gone) fetches only the
+    missing shard; a shard damaged in the store, or a URL holding no dataset, is named."""
+    from ddpm.data import DatasetError, fetch_prepared
+
+    store = tmp_path / "bucket" / "cifar"
+    written = prepare(store, [7, 5, 9])
+    url = store.as_uri()
+    local = fetch_prepared(url, tmp_path / "data")
+    assert local.parent == tmp_path / "data" / "remote"
+    assert np.array_equal(PreparedImages(local, verify=True).load().numpy(), written)
+    stamp = {p.name: p.stat().st_mtime_ns for p in local.iterdir()}
+    assert fetch_prepared(url, tmp_path / "data") == local
+    assert {p.name: p.stat().st_mtime_ns for p in local.iterdir()} == stamp
+    (local / shard_name(1, 3)).unlink()
+    (local / MANIFEST).unlink()
+    fetch_prepared(url, tmp_path / "data")
+    now = {p.name: p.stat().st_mtime_ns for p in local.iterdir()}
+    assert sorted(n for n in stamp if now[n] != stamp[n]) == [shard_name(1, 3), MANIFEST]
+    assert np.array_equal(PreparedImages(local, verify=True).load().numpy(), written)
+    damaged = store / shard_name(2, 3)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a pixel's byte
+    damaged.write_bytes(bytes(data))
+    (local / shard_name(2, 3)).unlink()
+    (local / MANIFEST).unlink()
+    with pytest.raises(DatasetError, match=rf"{shard_name(2, 3)}: damaged"):
+        fetch_prepared(url, tmp_path / "data")
+    assert not (local / MANIFEST).exists() and not (local / shard_name(2, 3)).exists()
+    with pytest.raises(DatasetError, match=r"bucket: not a prepared dataset"):
+        fetch_prepared(store.parent.as_uri(), tmp_path / "data")

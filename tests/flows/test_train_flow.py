@@ -327,3 +327,20 @@ def test_an_image_folder_is_prepared_on_first_use_and_trains_as_it_would_unprepa
     again, _ = run({**base, "run.dir": str(tmp_path / "again")})
     assert again.is_completed(), again.message
     assert files(prepared) == stamp
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_prepared_dataset_at_a_url_trains(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """--data.folder file:///... (a URL, read through pyarrow.fs as s3:// and gs:// are): the
+    download task copies the dataset under data.root/remote/ and the run trains on it."""
+    from ddpm.prepare import find_source, prepare
+
+    store = tmp_path / "bucket" / "cifar"
+    prepare(find_source(tiny["data.root"]), store, 32, workers=1)
+    url = store.as_uri()
+    state, summary = run({**tiny, "data.dataset": "prepared", "data.folder": url,
+                          "train.epochs": 1})  # fmt: skip
+    assert state.is_completed(), state.message
+    (local,) = (Path(tiny["data.root"]) / "remote").iterdir()
+    assert json.loads((local / "remote.json").read_text()) == {"url": url}
+    assert load_checkpoint(summary["checkpoint"])["settings"]["data"]["folder"] == url

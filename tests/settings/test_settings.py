@@ -994,3 +994,20 @@ def test_a_prepared_dataset_is_checked_before_anything_starts(tmp_path: Path) ->
     cfg = load_settings({"data.dataset": "prepared", "data.folder": str(ready),
                          "data.image_size": 64}, env_file=None)  # fmt: skip
     assert cfg.data.folder == ready
+
+
+def test_a_prepared_dataset_url_is_kept_whole_and_its_mistakes_named() -> None:
+    """data.folder s3://... for dataset=prepared stays the URL (a Path would fold its //);
+    a URL for dataset=folder, a scheme pyarrow.fs does not read, and credentials in the URL
+    are each refused naming data.folder, the secret masked."""
+    ok = load_settings({"data.dataset": "prepared", "data.folder": "s3://bucket/cifar"})
+    assert ok.data.folder == "s3://bucket/cifar"
+    assert load_settings({"data.dataset": "folder", "data.folder": "."}).data.folder == Path(".")
+    for overrides, said in [
+        ({"data.dataset": "folder", "data.folder": "gs://b/x"}, "set data.dataset=prepared"),
+        ({"data.dataset": "prepared", "data.folder": "ftp://b/x"}, "ftp://, which is not read"),
+        ({"data.dataset": "prepared", "data.folder": "s3://AKIA:hunter2@b/x"}, "AKIA:\\*\\*\\*@b"),
+    ]:
+        with pytest.raises(SettingsError, match=rf"data.folder .*{said}") as err:
+            load_settings(overrides)
+        assert "hunter2" not in str(err.value)
