@@ -7,6 +7,7 @@ workers and however often the run was resumed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -15,7 +16,7 @@ import pickle
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, ClassVar
+from typing import BinaryIO, ClassVar, NamedTuple
 
 import torch
 from filelock import FileLock
@@ -219,17 +220,15 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"image folders support 1 or 3 channels, got {channels}")
         if not self.folder.is_dir():
             raise DatasetError(f"{self.folder}: image folder does not exist")
-        files = sorted(p for p in self.folder.rglob("*") if p.is_file())
+        images, others = scan_folder(self.folder)
         self.paths: list[Path] = []
-        skipped = []
-        for path in files:
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                if not path.name.startswith("."):
-                    skipped.append(path)
-            elif _readable_image(path):
-                self.paths.append(path)
+        skipped = [f.name for f in others if not f.name.rsplit("/")[-1].startswith(".")]
+        for f in images:
+            if _readable_image(self.folder / f.name):
+                self.paths.append(self.folder / f.name)
             else:
-                skipped.append(path)
+                skipped.append(f.name)
+        skipped = [self.folder / n for n in sorted(skipped, key=lambda n: n.split("/"))]
         if skipped:
             names = ", ".join(str(p.relative_to(self.folder)) for p in skipped[:3])
             more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
@@ -275,6 +274,43 @@ def load_image(file: Path | BinaryIO, image_size: int, mode: str) -> torch.Tenso
         img = TF.resize(img, image_size, interpolation=TF.InterpolationMode.BICUBIC)
         img = TF.center_crop(img, [image_size, image_size])
         return TF.pil_to_tensor(img)  # (C, H, W) uint8
+
+
+class FileStat(NamedTuple):
+    """A file under a scanned folder: its path relative to the folder (with /), size, mtime."""
+
+    name: str
+    size: int
+    mtime_ns: int
+
+
+def scan_folder(folder: Path) -> tuple[list[FileStat], list[FileStat]]:
+    """The files under folder (recursively; links to folders not followed, as Path.rglob),
+    in Path order (by their parts), split into PNG/JPEG images (by suffix) and the others;
+    one scandir pass, no file opened (100,000 files in about a second).
+
+    Returns:
+        (images, others).
+    """
+    files: list[FileStat] = []
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(os.path.join(folder, relative)) as entries:
+            for entry in entries:
+                name = f"{relative}/{entry.name}" if relative else entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(name)
+                    elif entry.is_file():
+                        st = entry.stat()
+                        files.append(FileStat(name, st.st_size, st.st_mtime_ns))
+                except OSError:  # a link to itself, a file gone since: not a file, as for rglob
+                    continue
+    files.sort(key=lambda f: f.name.split("/"))
+    images = [f for f in files if os.path.splitext(f.name)[1].lower() in IMAGE_SUFFIXES]
+    others = [f for f in files if os.path.splitext(f.name)[1].lower() not in IMAGE_SUFFIXES]
+    return images, others
 
 
 def _readable_image(path: Path) -> bool:
@@ -659,12 +695,47 @@ class PreparedDataset(Dataset):
         return list(self.images.gather(indices).unbind(0))
 
 
+def memory_limit() -> int:
+    """Bytes of memory this process may use: the machine's, or less where a limit is set for
+    it: its cgroup's (v2 memory.max, v1 memory.limit_in_bytes, the nearest limited ancestor
+    included) or its address space's (ulimit -v)."""
+    import resource
+
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            root, name = Path("/sys/fs/cgroup"), "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        folder = root / path.lstrip("/")
+        while True:  # the group's limit, or an ancestor's (a container sees only its own root)
+            with contextlib.suppress(OSError, ValueError):
+                value = (folder / name).read_text().strip()
+                if value != "max":
+                    limits.append(int(value))
+            if folder == root:
+                break
+            folder = folder.parent
+    return min(limits)
+
+
 def prepared_dataset(
     folder: Path, image_size: int, channels: int, memory_fraction: float = 0.25
 ) -> Dataset:
     """The prepared dataset in folder: in memory (like CIFAR-10) when its images take at most
-    memory_fraction of this machine's memory, else read memory-mapped by batch (with random
-    read advice when they exceed half of it).
+    memory_fraction of the memory this process may use (memory_limit: a cgroup's or ulimit's
+    limit counts), else read memory-mapped by batch (with random read advice when they exceed
+    half of it).
 
     Raises:
         DatasetError: naming the folder if it is damaged or holds images of another shape.
@@ -676,7 +747,7 @@ def prepared_dataset(
             raise DatasetError(f"{folder} holds images of {shape}, not "
                                f"{(channels, image_size, image_size)}")  # fmt: skip
         nbytes = count * channels * image_size * image_size
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = memory_limit()
         in_memory = nbytes <= memory_fraction * memory
         images = PreparedImages(folder, random_access=not in_memory and nbytes > memory / 2)
     except PreparedError as err:

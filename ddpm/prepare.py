@@ -34,7 +34,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from ddpm.config import Config
-from ddpm.data import CIFAR10_DIR, CIFAR10_TRAIN_FILES, IMAGE_SUFFIXES, load_image
+from ddpm.data import CIFAR10_DIR, CIFAR10_TRAIN_FILES, load_image, scan_folder
 from ddpm.files import atomic_write, claim_folder, remove_partial_writes
 from ddpm.prepared import (
     MANIFEST,
@@ -120,16 +120,15 @@ def folder_source(path: Path | str, setting: str = "--source") -> Source:
         PreparedError: naming the setting and the path if it holds no images.
     """
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    images, others = scan_folder(path)
     if not images:
-        raise PreparedError(f"{setting} {path}: no PNG or JPEG images in it ({len(files)} "
+        raise PreparedError(f"{setting} {path}: no PNG or JPEG images in it ({len(others)} "
                             "other files)")  # fmt: skip
-    others = sum(not p.name.startswith(".") for p in files) - len(images)
-    if others > 0:
-        log.warning("%s: %d files that are not PNG or JPEG images left out", path, others)
-    relative = [p.relative_to(path).as_posix() for p in images]
-    return Source("folder", path, relative, _digest(_stat_key(p, path) for p in images))
+    shown = [f for f in others if not f.name.rsplit("/")[-1].startswith(".")]
+    if shown:
+        log.warning("%s: %d files that are not PNG or JPEG images left out", path, len(shown))
+    fingerprint = _digest(f"{f.name}:{f.size}:{f.mtime_ns}" for f in images)
+    return Source("folder", path, [f.name for f in images], fingerprint)
 
 
 def prepared_cache(folder: Path | str, cache: Path | str, image_size: int, channels: int) -> Path:
@@ -215,41 +214,41 @@ def _open_item(source: Source, item: Any, cache: dict[str, Any]) -> tuple[str, A
     if source.kind == "folder":
         return item, source.path / item
     if source.kind == "hf":
-        if "ds" not in cache:
+        key = f"{source.path.resolve()}\0{source.fingerprint}\0{source.column}"
+        if key not in cache:
             import datasets
 
-            cache["ds"] = _hf_dataset(source.path).cast_column(
+            cache.clear()
+            cache[key] = _hf_dataset(source.path).cast_column(
                 source.column, datasets.Image(decode=False)
             )
-        value = cache["ds"][int(item)][source.column]
+        value = cache[key][int(item)][source.column]
         if value.get("bytes"):
             return f"row {item}", io.BytesIO(value["bytes"])
         return f"row {item} ({value.get('path')})", value.get("path")
     raise ValueError(source.kind)
 
 
-def _cifar_rows(source: Source, index: int) -> np.ndarray:
-    from ddpm.data import read_cifar10_batch
-
-    return read_cifar10_batch(source.path / source.items[index][0]).numpy()
-
-
-def _write_one(
-    source: Source, out: str, index: int, count: int, items: Sequence[Any], size: int, mode: str
-) -> dict[str, Any]:
-    """Decode and transform `items`, write them as shard `index` of `count` and its record."""
+def _decode(
+    source: Source, items: Sequence[Any], size: int, mode: str
+) -> tuple[list[np.ndarray], list[str]]:
+    """Decode and transform `items` (a CIFAR-10 batch file's rows, for one): their (C, size,
+    size) uint8 images, in order, and the names of those that could not be read."""
     import torch
 
     from ddpm.data import _readable_image
 
     torch.set_num_threads(1)
     channels = 3 if mode == "RGB" else 1
-    images, skipped, cache = [], [], {}
+    images: list[np.ndarray] = []
+    skipped: list[str] = []
     if source.kind == "cifar10":
         from PIL import Image
 
-        rows = _cifar_rows(source, index)
-        for row in rows:
+        from ddpm.data import read_cifar10_batch
+
+        (batch_file, _), *_ = items  # a CIFAR-10 shard is one batch file
+        for row in read_cifar10_batch(source.path / batch_file).numpy():
             if size == 32 and channels == 3:
                 images.append(row)
                 continue
@@ -258,21 +257,31 @@ def _write_one(
             picture.save(buffer, format="PNG")
             buffer.seek(0)
             images.append(load_image(buffer, size, mode).numpy())
-    else:
-        for item in items:
-            name, file = _open_item(source, item, cache)
-            try:
-                if source.kind == "folder" and not _readable_image(file):
-                    raise ValueError("PIL cannot read it, or it is cut short")
-                images.append(load_image(file, size, mode).numpy())
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, its own
-                skipped.append(f"{name} ({' '.join(str(err).split())[:120]})")
+        return images, skipped
+    for item in items:
+        name, file = _open_item(source, item, _WORKER_CACHE)
+        try:
+            if source.kind == "folder" and not _readable_image(file):
+                raise ValueError("PIL cannot read it, or it is cut short")
+            images.append(load_image(file, size, mode).numpy())
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, its own
+            skipped.append(f"{name} ({' '.join(str(err).split())[:120]})")
+    return images, skipped
+
+
+_WORKER_CACHE: dict[str, Any] = {}  # a worker's opened Hugging Face dataset
+
+
+def _write_shard_and_record(
+    out: Path, index: int, count: int, images: list[np.ndarray], skipped: list[str]
+) -> dict[str, Any]:
+    """Write shard `index` of `count` (if it kept any image), then its record."""
     name = shard_name(index, count)
     record: dict[str, Any] = {"file": name, "count": len(images), "skipped": skipped}
     if images:
-        record["sha256"] = write_shard(Path(out) / name, np.stack(images))
+        record["sha256"] = write_shard(out / name, np.stack(images))
     text = json.dumps(record) + "\n"
-    atomic_write(Path(out) / f"{name}.json", lambda f: f.write(text.encode()))
+    atomic_write(out / f"{name}.json", lambda f: f.write(text.encode()))
     return record
 
 
@@ -284,6 +293,16 @@ def _plan(source: Source, shard_size: int) -> list[Sequence[Any]]:
         return [[item] for item in source.items]
     n = len(source.items)
     return [source.items[i : i + shard_size] for i in range(0, n, shard_size)]
+
+
+def _chunks(source: Source, shard: Sequence[Any], workers: int) -> list[tuple[int, int]]:
+    """(start, stop) pieces of a shard's items for the workers: about 4 per worker, 8 to 256
+    items each (a CIFAR-10 batch file is one piece)."""
+    n = len(shard)
+    if source.kind == "cifar10":
+        return [(0, n)]
+    size = max(8, min(256, -(-n // (4 * workers))))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 def _done(out: Path, name: str) -> dict[str, Any] | None:
@@ -370,24 +389,36 @@ def _prepare_locked(
     if records:
         log.info("%s: %d of %d shards already prepared; preparing the rest", out,
                  len(records), len(plan))  # fmt: skip
-    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo) or 1))
+    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    # Work in chunks of a shard, so that every worker decodes even when the shards are fewer
+    # than the workers; the shard is written here once its chunks are all back.
+    chunks = [(i, a, b) for i in todo for a, b in _chunks(source, plan[i], workers)]
+    workers = min(workers, len(chunks) or 1)
+    parts: dict[int, dict[int, tuple[list[np.ndarray], list[str]]]] = {i: {} for i in todo}
+    bare = dataclasses.replace(source, items=())  # each chunk carries its own items
 
-    def finished(i: int, record: dict[str, Any]) -> None:
+    def finished(i: int, start: int, stop: int, part: tuple[list[np.ndarray], list[str]]) -> None:
         nonlocal done
-        records[i] = record
-        done += len(plan[i]) if total else 1
+        parts[i][start] = part
+        done += (stop - start) if total else 1
+        if sum(len(p[0]) + len(p[1]) for p in parts[i].values()) == len(plan[i]) or not total:
+            pieces = parts.pop(i)
+            ordered = [pieces[a] for a in sorted(pieces)]
+            images = [image for p in ordered for image in p[0]]
+            skipped = [name for p in ordered for name in p[1]]
+            records[i] = _write_shard_and_record(out, i, len(plan), images, skipped)
         if progress is not None:
             progress(done, total or len(plan))
 
     if workers == 1:  # here, without starting a process
-        for i in todo:
-            finished(i, _write_one(source, str(out), i, len(plan), plan[i], image_size, mode))
-    elif todo:
+        for i, a, b in chunks:
+            finished(i, a, b, _decode(bare, plan[i][a:b], image_size, mode))
+    elif chunks:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_write_one, source, str(out), i, len(plan), plan[i],
-                                   image_size, mode): i for i in todo}  # fmt: skip
+            futures = {pool.submit(_decode, bare, plan[i][a:b], image_size, mode): (i, a, b)
+                       for i, a, b in chunks}  # fmt: skip
             for future in as_completed(futures):
-                finished(futures[future], future.result())
+                finished(*futures[future], future.result())
     shards = [records[i] for i in range(len(plan))]
     skipped = [name for r in shards for name in r["skipped"]]
     if skipped:

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import mmap
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,17 +222,22 @@ def _copy_checked(store: Any, source: str, path: Path, sha: str, where: str) -> 
 @dataclass
 class _Shard:
     start: int  # global index of its first image
-    images: np.ndarray  # (n, C, H, W) uint8, a view of the mapped file
+    images: np.ndarray | None  # (n, C, H, W) uint8, a view of the mapped file; None: read
+    fd: int = -1  # with images None: the open file, read by pread
+    offset: int = 0  # byte offset of its first image in the file
 
 
 class PreparedImages:
-    """A prepared dataset's images, memory-mapped: (N, C, H, W) uint8 read by index.
+    """A prepared dataset's images: (N, C, H, W) uint8 read by index, from memory-mapped files
+    or, for data larger than memory, by pread.
 
     Args:
         folder: the prepared dataset's folder.
-        random_access: advise the kernel that reads are random (MADV_RANDOM), so that an epoch
-            over a dataset larger than memory reads each image's pages, not read-ahead it
-            drops again; off for data that fits in memory, where read-ahead helps.
+        random_access: read each gathered image with pread instead of mapping the files: the
+            pages read then sit in the page cache, which the kernel (and a cgroup's limit)
+            reclaims at will, where mapped pages would stay in this process's memory and,
+            under a memory limit, get it killed (benchmarks/data.py measured both). For data
+            larger than memory; mapped (read-ahead, no system call per image) for the rest.
         verify: check each shard's SHA-256 against the manifest (reads every byte once).
 
     Raises:
@@ -242,10 +248,10 @@ class PreparedImages:
     def __init__(self, folder: Path, random_access: bool = False, verify: bool = False) -> None:
         import pyarrow as pa
 
-        self.folder = Path(folder)
+        self.folder, self.random_access = Path(folder), random_access
         self.manifest = read_manifest(self.folder)
         self.shape = tuple(self.manifest["shape"])
-        size = int(np.prod(self.shape))
+        size = self.size = int(np.prod(self.shape))
         self._shards: list[_Shard] = []
         self._maps: list[mmap.mmap] = []
         start = 0
@@ -256,14 +262,13 @@ class PreparedImages:
                     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as err:  # ValueError: an empty file cannot be mapped
                 raise PreparedError(f"{path}: cannot be read ({err}); prepare again") from None
-            if random_access and hasattr(mmap, "MADV_RANDOM"):
-                mapped.madvise(mmap.MADV_RANDOM)
             self._maps.append(mapped)
             if verify and hashlib.sha256(mapped).hexdigest() != entry["sha256"]:
                 raise PreparedError(f"{path}: damaged (its SHA-256 is not the manifest's); "
                                     "prepare the dataset again")  # fmt: skip
             try:
-                batches = list(pa.ipc.open_stream(pa.py_buffer(mapped)))
+                whole = pa.py_buffer(mapped)
+                batches = list(pa.ipc.open_stream(whole))
             except (pa.ArrowException, OSError) as err:
                 raise PreparedError(f"{path}: not an Arrow stream ({err}); prepare again") from None
             count = int(entry["count"])
@@ -274,14 +279,27 @@ class PreparedImages:
             offsets = np.frombuffer(column.buffers()[1], dtype=np.int32, count=count + 1)
             if offsets[0] != 0 or not np.array_equal(np.diff(offsets), np.full(count, size)):
                 raise PreparedError(f"{path}: its images are not {self.shape} uint8 each")
-            values = np.frombuffer(column.buffers()[2], dtype=np.uint8, count=count * size)
-            self._shards.append(_Shard(start, values.reshape(count, *self.shape)))
+            if random_access:  # the images' place in the file; the map goes
+                offset = column.buffers()[2].address - whole.address
+                del batches, column, offsets, whole
+                self._maps.pop().close()
+                self._shards.append(_Shard(start, None, os.open(path, os.O_RDONLY), offset))
+            else:
+                values = np.frombuffer(column.buffers()[2], dtype=np.uint8, count=count * size)
+                self._shards.append(_Shard(start, values.reshape(count, *self.shape)))
             start += count
         self._starts = np.array([s.start for s in self._shards], dtype=np.int64)
         self.count = start
 
     def __len__(self) -> int:
         return self.count
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a DataLoader worker: the folder, opened again there (files, maps)."""
+        return {"folder": self.folder, "random_access": self.random_access}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["folder"], state["random_access"])  # type: ignore[misc]
 
     def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """The images at `indices` (any order, repeats allowed): (B, C, H, W) uint8, a copy."""
@@ -291,14 +309,21 @@ class PreparedImages:
                 f"indices must be in [0, {self.count}), got {index.min()}..{index.max()}"
             )
         out = np.empty((index.size, *self.shape), dtype=np.uint8)
-        if len(self._shards) == 1:
+        if len(self._shards) == 1 and self._shards[0].images is not None:
             np.take(self._shards[0].images, index, axis=0, out=out)
             return torch.from_numpy(out)
         which = np.searchsorted(self._starts, index, side="right") - 1
         for s in np.unique(which):
             rows = np.nonzero(which == s)[0]
             shard = self._shards[s]
-            out[rows] = shard.images[index[rows] - shard.start]
+            if shard.images is not None:
+                out[rows] = shard.images[index[rows] - shard.start]
+                continue
+            flat = out.reshape(index.size, self.size)
+            for row, i in zip(rows.tolist(), (index[rows] - shard.start).tolist(), strict=True):
+                if os.preadv(shard.fd, [flat[row]], shard.offset + i * self.size) != self.size:
+                    raise PreparedError(f"{self.folder}: a shard is shorter than its manifest "
+                                        "says; prepare the dataset again")  # fmt: skip
         return torch.from_numpy(out)
 
     def slice(self, start: int, stop: int) -> torch.Tensor:
@@ -307,10 +332,15 @@ class PreparedImages:
 
     def load(self) -> torch.Tensor:
         """Every image: (N, C, H, W) uint8 in memory (for a dataset that fits)."""
+        if any(s.images is None for s in self._shards):
+            return self.slice(0, self.count)
         return torch.from_numpy(np.concatenate([s.images for s in self._shards]))
 
     def close(self) -> None:
         """Release the mapped files (views gathered before stay valid: they are copies)."""
+        for shard in self._shards:
+            if shard.fd >= 0:
+                os.close(shard.fd)
         self._shards.clear()
         for mapped in self._maps:
             with contextlib.suppress(BufferError):  # a view is still alive; it goes with that

@@ -13,7 +13,7 @@ from prefect.tasks import exponential_backoff
 from ddpm.config import Config, DataConfig
 from ddpm.data import locate_dataset
 from ddpm.evaluation import reference_key
-from ddpm.prepared import is_url
+from ddpm.prepared import is_url, read_manifest
 
 
 def _download_may_recover(task: Any, task_run: Any, state: Any) -> bool:
@@ -23,12 +23,18 @@ def _download_may_recover(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def data_reference_key(config: Config, data_path: str) -> str:
-    """The cache key of the training images' FID/KID statistics: the dataset, where it is,
-    its subset (chosen by the seed), the image size and channels, and the Inception weights."""
+    """The cache key of the training images' FID/KID statistics: the dataset, where it is
+    (and, for a prepared dataset, its shards' SHA-256: one prepared again in the same folder,
+    as data.prepare=auto does when the images change, gets new statistics), its subset
+    (chosen by the seed), the image size and channels, and the Inception weights."""
     data = config.data
+    shards = ()
+    if data.dataset == "prepared":
+        shards = tuple(s["sha256"] for s in read_manifest(Path(data_path))["shards"])
     return reference_key(
         data.dataset,
         str(Path(data_path).resolve()),
+        *shards,
         data.subset,
         config.train.seed if data.subset else None,
         data.image_size,

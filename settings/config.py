@@ -120,16 +120,20 @@ STORE_CREDENTIALS = (
 )
 
 
-def _folder_or_url(value: Any) -> Any:
-    if isinstance(value, str) and "://" in value:
+def _folder_or_url(value: Any) -> str | Path | None:
+    if value is None or isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"must be a folder or a URL, got {value!r}")
+    if "://" in value:
         problem = password_in(value, STORE_CREDENTIALS)
         if problem:
             raise ValueError(problem)
         return value
-    return Path(value) if isinstance(value, str) else value
+    return Path(value)
 
 
-FolderOrURL = Annotated[str | Path, BeforeValidator(_folder_or_url)]
+FolderOrURL = Annotated[str | Path | None, BeforeValidator(_folder_or_url)]
 
 # An optional path that env, .env and flags can clear: an empty value is None.
 OptionalPath = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
@@ -163,7 +167,7 @@ class DataSettings(_Group):
     )
     # The assignment kept datasets under ./data.
     root: Path = Field(DataConfig.root, description="where CIFAR-10 is downloaded and extracted")
-    folder: FolderOrURL | None = Field(
+    folder: FolderOrURL = Field(
         DataConfig.folder,
         description="image folder (PNG/JPEG) for dataset=folder; a prepared dataset's folder "
         "or URL (s3://, gs://, file://, ...) for dataset=prepared",

@@ -210,3 +210,48 @@ def all_images(folder: Path) -> torch.Tensor:
     """ImageFolderDataset's images of folder at 32 px: (N, 3, 32, 32) uint8."""
     images = ImageFolderDataset(folder, 32)
     return torch.stack([images[i] for i in range(len(images))])
+
+
+def test_the_folder_scan_lists_what_path_rglob_lists_in_its_order(tmp_path: Path) -> None:
+    """scan_folder (one scandir pass, used by the folder path and preparation alike) gives
+    the files sorted Path(...).rglob gives, in the same order (by parts: `a/b` before `a-b`),
+    links to folders not followed, links to files kept."""
+    from ddpm.data import scan_folder
+
+    for name in ["a/b.png", "a-b.png", "a.png", "A.jpg", "a/c/d.JPEG", "ab.png", "a b.png",
+                 ".h.png", "x.txt", "z/.git/q.png"]:  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"1")
+    (tmp_path / "folder-link").symlink_to(tmp_path / "a")
+    (tmp_path / "file-link.png").symlink_to(tmp_path / "a.png")
+    want = [p.relative_to(tmp_path).as_posix()
+            for p in sorted(p for p in tmp_path.rglob("*") if p.is_file())]  # fmt: skip
+    images, others = scan_folder(tmp_path)
+    assert sorted([f.name for f in images + others], key=lambda n: n.split("/")) == want
+    assert [f.name for f in others] == ["x.txt"]
+    assert "file-link.png" in [f.name for f in images]
+
+
+@pytest.mark.slow(seconds=15)
+@pytest.mark.parametrize("random_access", [False, True], ids=["mapped", "pread"])
+def test_dataloader_workers_read_a_prepared_dataset_too_large_for_memory(
+    tmp_path: Path, random_access: bool
+) -> None:
+    """data.num_workers 2 (forkserver workers, the dataset pickled to them and opened there)
+    give the batches the main process gives, mapped or read by pread."""
+    from tiny_run import make_config
+
+    from ddpm.data import PreparedDataset, TrainingData
+    from ddpm.prepared import PreparedImages
+
+    write_images(tmp_path / "images", 11)
+    prepare(find_source(tmp_path / "images"), tmp_path / "out", 32, workers=1, shard_size=4)
+    images = PreparedDataset(PreparedImages(tmp_path / "out", random_access=random_access))
+    base = {"train.batch_size": 4, "data.dataset": "prepared", "data.folder": tmp_path / "out"}
+    alone = TrainingData(images, make_config(base))
+    workers = TrainingData(images, make_config({**base, "data.num_workers": 2}))
+    for epoch in (1, 2):
+        got, want = list(workers.epoch(epoch)), list(alone.epoch(epoch))
+        assert len(got) == len(want) == 3
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    workers.close()

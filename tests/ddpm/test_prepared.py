@@ -39,13 +39,16 @@ def prepare(folder: Path, counts: list[int], shape: tuple[int, ...] = (3, 8, 8))
     return np.concatenate(parts)
 
 
+@pytest.mark.parametrize("random_access", [False, True], ids=["mapped", "pread"])
 @pytest.mark.parametrize("counts", [[10], [7, 5, 9]])
-def test_any_indices_come_back_byte_for_byte(tmp_path: Path, counts: list[int]) -> None:
+def test_any_indices_come_back_byte_for_byte(
+    tmp_path: Path, counts: list[int], random_access: bool
+) -> None:
     """gather at a permutation with repeats, a slice across shard bounds and load() all equal
-    the written images; the shards are mapped, not read (a gather's result is a copy that
-    outlives close())."""
+    the written images, from the mapped shards (views of the files) and read by pread (for
+    data larger than memory); a gather's result is a copy that outlives close()."""
     written = prepare(tmp_path / "p", counts)
-    data = PreparedImages(tmp_path / "p", random_access=True, verify=True)
+    data = PreparedImages(tmp_path / "p", random_access=random_access, verify=True)
     assert len(data) == sum(counts) and data.shape == (3, 8, 8)
     order = [*np.random.default_rng(0).permutation(len(data)).tolist(), 0, 0, len(data) - 1]
     got = data.gather(order)
@@ -53,7 +56,10 @@ def test_any_indices_come_back_byte_for_byte(tmp_path: Path, counts: list[int]) 
     assert torch.equal(data.slice(3, 12 if len(data) > 12 else 9), torch.from_numpy(
         written[3 : 12 if len(data) > 12 else 9]))  # fmt: skip
     assert torch.equal(data.load(), torch.from_numpy(written))
-    assert not data._shards[0].images.flags.owndata  # a view of the mapped file
+    if random_access:
+        assert data._shards[0].images is None and data._maps == []  # nothing mapped
+    else:
+        assert not data._shards[0].images.flags.owndata  # a view of the mapped file
     with pytest.raises(IndexError, match=rf"\[0, {len(data)}\)"):
         data.gather([len(data)])
     data.close()

@@ -39,12 +39,16 @@ def test_a_killed_preparation_finishes_on_rerun(tmp_path: Path, cli_env) -> None
     args = ["--source", str(src), "--out", str(out), "--workers", "1", "--shard-size", "10"]
     cli = Cli(cli_env({}), tmp_path, *args, script=SCRIPT)
     deadline = time.monotonic() + 240
-    while len(list(out.glob("*.arrow"))) < 3:
+    while len(list(out.glob("*.arrow.json"))) < 3:  # 3 shards and their records written
         assert cli.process.poll() is None and time.monotonic() < deadline, cli.output[-3000:]
         time.sleep(0.05)
     os.killpg(cli.process.pid, signal.SIGKILL)
     cli.finish()
-    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.arrow")}
+    written = {
+        p.name: p.stat().st_mtime_ns
+        for p in out.glob("*.arrow")
+        if (out / f"{p.name}.json").exists()
+    }  # a shard without its record is redone
     assert not (out / MANIFEST).exists() and 3 <= len(written) < 40
     again = subprocess.run([sys.executable, SCRIPT, *args], env=cli_env({}), cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -81,3 +85,26 @@ def test_bad_flags_are_one_line(tmp_path: Path, cli_env) -> None:
         assert done.returncode == 2 and said in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.txt"]
+
+
+def test_fid_statistics_of_a_folder_prepared_again_in_place_get_a_new_key(tmp_path: Path) -> None:
+    """The training images' FID/KID cache key (data_reference_key) of a prepared dataset
+    names its shards' content: data.prepare=auto prepares a changed folder again in the same
+    place, and its statistics must not be the old images'."""
+    from tiny_run import make_config
+
+    from ddpm.prepare import prepare_folder
+    from flows.download import data_reference_key
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(src / f"{i}.png")
+    out = prepare_folder(src, tmp_path / "cache", 32)
+    config = make_config({"data.dataset": "prepared", "data.folder": out})
+    before = data_reference_key(config, str(out))
+    assert data_reference_key(config, str(out)) == before
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(src / "1.png")
+    os.utime(src / "1.png", ns=(1, 1))
+    assert prepare_folder(src, tmp_path / "cache", 32) == out
+    assert data_reference_key(config, str(out)) != before
