@@ -148,7 +148,8 @@ def test_training_batches_from_a_prepared_folder_are_the_folders(
 ) -> None:
     """data.dataset=prepared gives the epoch's batches data.dataset=folder gives on the same
     images (order and flips from (seed, epoch)), held in memory or read memory-mapped, for a
-    whole epoch and from a mid-epoch batch on, and for one rank of two."""
+    whole epoch and from a mid-epoch batch on (a resume's), and for one rank of two; two
+    ranks' slices are disjoint and make up the batch."""
     from tiny_run import make_config
 
     from ddpm.data import PreparedDataset, TensorImageDataset, TrainingData, prepared_dataset
@@ -167,6 +168,12 @@ def test_training_batches_from_a_prepared_folder_are_the_folders(
             got, want = list(ours.epoch(epoch, start)), list(theirs.epoch(epoch, start))
             assert len(got) == len(want) == 4 - start
             assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    # Two ranks read disjoint slices of each global batch, which together are the batch.
+    whole, *ranks = (list(TrainingData(images, ready, r, w).epoch(1)) for r, w in
+                     ((0, 1), (0, 2), (1, 2)))  # fmt: skip
+    for batch, first, second in zip(whole, *ranks, strict=True):
+        assert len(first) + len(second) == len(batch)
+        assert torch.equal(torch.cat([first, second]), batch)
 
 
 def test_a_folder_prepared_on_first_use_is_reused_until_it_changes(tmp_path: Path) -> None:

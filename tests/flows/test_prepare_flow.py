@@ -66,16 +66,27 @@ def test_a_killed_preparation_finishes_on_rerun(tmp_path: Path, cli_env) -> None
 
 
 def test_bad_flags_are_one_line(tmp_path: Path, cli_env) -> None:
-    """A misspelt flag (with what was meant), a missing source, a size the U-Net cannot take
-    and a --out holding the user's files: exit 2, one `error:` line naming it, no traceback;
-    the user's file is untouched."""
+    """A misspelt flag (with what was meant), a missing source, an empty one, one whose only
+    image is unreadable, a Hugging Face dataset's wrong column, a size the U-Net cannot take
+    and a --out holding the user's files: exit 2, no traceback, and the last line one `error:`
+    naming it (a source found bad inside the flow run is also in that run's log); the user's
+    file is untouched."""
+    datasets = pytest.importorskip("datasets")
     (tmp_path / "images").mkdir()
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    datasets.Dataset.from_dict({"picture": [str(tmp_path / "torn" / "a.png")]}).save_to_disk(
+        str(tmp_path / "hf")
+    )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("years")
     base = ["--source", "images", "--out", "o"]
     cases = [
         (["--source", "images", "--out", "o", "--imge-size", "32"], "did you mean --image-size"),
         (["--source", "nowhere", "--out", "o"], "--source nowhere: no such folder"),
+        (base, "images: no PNG or JPEG images in it"),
+        (["--source", "torn", "--out", "o"], "torn: none of its images could be decoded"),
+        (["--source", "hf", "--out", "o", "--column", "pixels"], "--column pixels: not a column"),
         ([*base, "--image-size", "48"], "--image-size 48: a multiple of 32"),
         (["--source", "images", "--out", "mine"], "mine (--out) holds files"),
     ]
@@ -84,6 +95,8 @@ def test_bad_flags_are_one_line(tmp_path: Path, cli_env) -> None:
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 2 and said in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert "error: " in last and said in last, done.stderr  # the last line says it
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.txt"]
 
 
