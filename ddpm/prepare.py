@@ -375,7 +375,7 @@ def _prepare_locked(
     remove_partial_writes(out)  # a killed write's, now the lock is ours
     if not _same(out / PLAN, what):  # another source or transform: start again
         _remove_preparation(out)
-    image_size, channels = what["transform"]["image_size"], what["transform"]["channels"]
+    image_size = what["transform"]["image_size"]
     plan = _plan(source, shard_size)
     text = json.dumps({**what, "shards": len(plan)}, indent=2) + "\n"
     atomic_write(out / PLAN, lambda f: f.write(text.encode()))
@@ -419,7 +419,14 @@ def _prepare_locked(
                        for i, a, b in chunks}  # fmt: skip
             for future in as_completed(futures):
                 finished(*futures[future], future.result())
-    shards = [records[i] for i in range(len(plan))]
+    return _finish(source, out, what, [records[i] for i in range(len(plan))])
+
+
+def _finish(
+    source: Source, out: Path, what: dict[str, Any], shards: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Name the skipped images in one warning, write the manifest of the shards (their
+    records, in order), then remove the records and the empty shards."""
     skipped = [name for r in shards for name in r["skipped"]]
     if skipped:
         shown = "; ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3
@@ -428,7 +435,7 @@ def _prepare_locked(
     kept = [{k: r[k] for k in ("file", "count", "sha256")} for r in shards if r["count"]]
     if not kept:
         raise PreparedError(f"--source {source.path}: none of its images could be decoded")
-    c, size = channels, image_size
+    c, size = what["transform"]["channels"], what["transform"]["image_size"]
     write_manifest(out, (c, size, size), kept, skipped=len(skipped), **what)
     for r in shards:
         (out / f"{r['file']}.json").unlink(missing_ok=True)

@@ -686,8 +686,8 @@ class Settings(BaseSettings):
                 "(prepare the images with ddpm-prepare and upload that folder)",
             )
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Settings:
+    def _data_folder(self) -> None:
+        """data.folder is given exactly when data.dataset reads it, and is what it reads."""
         data = self.data
         if data.dataset != "cifar10" and data.folder is None:
             raise _FieldError("data.folder", f"is required when data.dataset is {data.dataset!r}")
@@ -705,6 +705,10 @@ class Settings(BaseSettings):
             raise _FieldError("data.folder", f"{what}: {data.folder}")
         if data.dataset == "prepared" and not isinstance(data.folder, str):
             self._a_prepared_dataset()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        self._data_folder()
         if self.data.dataset == "cifar10" and self.data.image_size != 32:
             raise _FieldError("data.image_size", "must be 32 for cifar10 (its native size)")
         if self.data.dataset == "cifar10" and self.model.channels != 3:
