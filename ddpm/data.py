@@ -222,7 +222,7 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{self.folder}: image folder does not exist")
         images, others = scan_folder(self.folder)
         self.paths: list[Path] = []
-        skipped = [f.name for f in others if not f.name.rsplit("/")[-1].startswith(".")]
+        skipped = [f.name for f in others if not f.hidden]
         for f in images:
             if _readable_image(self.folder / f.name):
                 self.paths.append(self.folder / f.name)
@@ -283,6 +283,11 @@ class FileStat(NamedTuple):
     size: int
     mtime_ns: int
 
+    @property
+    def hidden(self) -> bool:
+        """A dot file (`.DS_Store`, `._photo.png`): not named when skipped."""
+        return self.name.rsplit("/", 1)[-1].startswith(".")
+
 
 def scan_folder(folder: Path) -> tuple[list[FileStat], list[FileStat]]:
     """The files under folder (recursively; links to folders not followed, as Path.rglob),
@@ -308,8 +313,10 @@ def scan_folder(folder: Path) -> tuple[list[FileStat], list[FileStat]]:
                 except OSError:  # a link to itself, a file gone since: not a file, as for rglob
                     continue
     files.sort(key=lambda f: f.name.split("/"))
-    images = [f for f in files if os.path.splitext(f.name)[1].lower() in IMAGE_SUFFIXES]
-    others = [f for f in files if os.path.splitext(f.name)[1].lower() not in IMAGE_SUFFIXES]
+    images: list[FileStat] = []
+    others: list[FileStat] = []
+    for f in files:
+        (images if os.path.splitext(f.name)[1].lower() in IMAGE_SUFFIXES else others).append(f)
     return images, others
 
 
@@ -734,8 +741,8 @@ def prepared_dataset(
 ) -> Dataset:
     """The prepared dataset in folder: in memory (like CIFAR-10) when its images take at most
     memory_fraction of the memory this process may use (memory_limit: a cgroup's or ulimit's
-    limit counts), else read memory-mapped by batch (with random read advice when they exceed
-    half of it).
+    limit counts), else read by batch: memory-mapped up to half of it, by pread beyond (see
+    PreparedImages' random_access).
 
     Raises:
         DatasetError: naming the folder if it is damaged or holds images of another shape.

@@ -124,7 +124,7 @@ def folder_source(path: Path | str, setting: str = "--source") -> Source:
     if not images:
         raise PreparedError(f"{setting} {path}: no PNG or JPEG images in it ({len(others)} "
                             "other files)")  # fmt: skip
-    shown = [f for f in others if not f.name.rsplit("/")[-1].startswith(".")]
+    shown = [f for f in others if not f.hidden]
     if shown:
         log.warning("%s: %d files that are not PNG or JPEG images left out", path, len(shown))
     fingerprint = _digest(f"{f.name}:{f.size}:{f.mtime_ns}" for f in images)
