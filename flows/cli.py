@@ -13,7 +13,6 @@ away (the run is saved; re-run once it is back).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -26,19 +25,23 @@ from typing import TYPE_CHECKING, Any
 
 from ddpm.errors import UserError
 from ddpm.files import check_export_target, claim_folder
+from flows.commands import (
+    PROG,
+    ema_parser,
+    export_parser,
+    parse_command,
+    parse_sample_args,
+    prepare_parser,
+    sweep_parser,
+)
 from flows.launch import launched_overrides, rank_main, write_outcome
 from flows.shutdown import StopRequest
 from settings import Settings, SettingsError, load_settings, parse_flags
-from settings.config import did_you_mean, flag_name, known_settings, one_line
-from settings.sampling import GenerateOptions, OptionsError, flag, generate_options
+from settings.config import one_line
+from settings.sampling import OptionsError
 
 if TYPE_CHECKING:
     from prefect.states import State
-
-PROG = "python flows/train_flow.py"
-SAMPLE_PROG = "python flows/sample_flow.py"
-# The settings sample_flow takes besides its options: how to evaluate, and how the command runs.
-SAMPLE_SETTINGS = ("eval.", "run.stop_timeout", "run.server_timeout", "run.debug")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,26 +84,10 @@ def sample_main(argv: list[str] | None = None) -> int:
     return run_flow(cfg, load)
 
 
-EXPORT_PROG = "python flows/export_flow.py"
-
-
 def export_main(argv: list[str] | None = None) -> int:
     """`python flows/export_flow.py --run PATH --out DIR [--no-ema]`: run export_flow;
     returns the exit status above."""
-    parser = argparse.ArgumentParser(
-        prog=EXPORT_PROG, allow_abbrev=False,
-        description="Write a trained run as a folder diffusers' DDPMPipeline.from_pretrained "
-        "loads (safetensors, scheduler config, model card).",
-    )  # fmt: skip
-    parser.add_argument("--run", required=True, help="a run folder or a checkpoint (best.pt)")
-    parser.add_argument(
-        "--out",
-        required=True,
-        help="the folder to write: new, empty, or an earlier export (replaced)",
-    )
-    parser.add_argument("--no-ema", dest="use_ema", action="store_false",
-                        help="the trained weights instead of their EMA")  # fmt: skip
-    args = parse_command(parser, sys.argv[1:] if argv is None else argv)
+    args = parse_command(export_parser(), sys.argv[1:] if argv is None else argv)
     try:
         # argparse gives `--run=--` a list
         run, out = (v if isinstance(v, str) else "" for v in (args.run, args.out))
@@ -122,22 +109,10 @@ def export_main(argv: list[str] | None = None) -> int:
     return run_flow(cfg, load)
 
 
-EMA_PROG = "ddpm-ema"
-
-
 def ema_main(argv: list[str] | None = None) -> int:
     """`ddpm-ema --run RUN --sigma-rel 0.05,0.10`: run ema_flow; returns the exit status
     above."""
-    parser = argparse.ArgumentParser(
-        prog=EMA_PROG, allow_abbrev=False,
-        description="Rebuild EMA lengths of a run trained with train.ema_snapshots (EDM2's "
-        "post-hoc EMA) as checkpoints in RUN/ema/.",
-    )  # fmt: skip
-    parser.add_argument("--run", required=True, help="a run folder")
-    parser.add_argument(
-        "--sigma-rel", required=True, help="EMA lengths, each in (0, 0.288), e.g. 0.05,0.1"
-    )
-    args = parse_command(parser, sys.argv[1:] if argv is None else argv)
+    args = parse_command(ema_parser(), sys.argv[1:] if argv is None else argv)
     try:
         run = args.run if isinstance(args.run, str) else ""
         if not run or not Path(run).is_dir():
@@ -163,30 +138,10 @@ def ema_main(argv: list[str] | None = None) -> int:
     return run_flow(cfg, load)
 
 
-PREPARE_PROG = "ddpm-prepare"
-
-
 def prepare_main(argv: list[str] | None = None) -> int:
     """`ddpm-prepare --source SOURCE --out OUT --image-size N` (= python flows/prepare_flow.py):
     run prepare_flow; returns the exit status above."""
-    parser = argparse.ArgumentParser(
-        prog=PREPARE_PROG, allow_abbrev=False,
-        description="Decode, convert, resize and crop a dataset once into a prepared dataset "
-        "that --data.dataset prepared --data.folder OUT trains from at memory speed.",
-    )  # fmt: skip
-    parser.add_argument("--source", required=True, help="an image folder, a folder holding "
-                        "CIFAR-10's python batches, or a Hugging Face dataset on disk "
-                        "(save_to_disk's folder or a folder of parquet files)")  # fmt: skip
-    parser.add_argument("--out", required=True, help="the prepared dataset's folder: new, "
-                        "empty, or an earlier preparation (continued or replaced)")  # fmt: skip
-    parser.add_argument("--image-size", default="32", help="side in px, a multiple of 32 "
-                        "(default 32)")  # fmt: skip
-    parser.add_argument("--channels", default="3", choices=["1", "3"], help="3 RGB, 1 grayscale")
-    parser.add_argument("--column", help="a Hugging Face dataset's image column (default: its "
-                        "first Image column)")  # fmt: skip
-    parser.add_argument("--workers", help="processes decoding at once (default: every CPU)")
-    parser.add_argument("--shard-size", default="4096", help="images per file (default 4096)")
-    args = parse_command(parser, sys.argv[1:] if argv is None else argv)
+    args = parse_command(prepare_parser(), sys.argv[1:] if argv is None else argv)
     try:
         source, out = Path(str(args.source)), Path(str(args.out))
         if not source.is_dir():
@@ -226,7 +181,6 @@ def _whole(value: Any, flag_: str) -> int:
         raise UserError(one_line(f"{flag_} {value}: a whole number")) from None
 
 
-SWEEP_PROG = "ddpm-sweep"
 # A stopped sweep waits for its trials to save (their run.stop_timeout) and for the workers to
 # see the cancellation (Prefect's workers look every few seconds).
 SWEEP_STOP_GRACE = 60.0
@@ -236,14 +190,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
     """`ddpm-sweep --spec sweep.yaml` (= python flows/sweep_flow.py): run sweep_flow; returns
     the exit status above. Without PREFECT_API_URL it starts a temporary server and serves the
     spec's deployment from this machine (flows.sweep_flow.local_runner)."""
-    parser = argparse.ArgumentParser(
-        prog=SWEEP_PROG, allow_abbrev=False,
-        description="Run many trials of one spec (train-flow runs, or sample-flow runs that "
-        "score trained runs) through a Prefect deployment, at most `concurrency` at once, and "
-        "compare them (table artifact, plot, W&B group). Re-running it continues it.",
-    )  # fmt: skip
-    parser.add_argument("--spec", required=True, help="the sweep's YAML spec")
-    args = parse_command(parser, sys.argv[1:] if argv is None else argv)
+    args = parse_command(sweep_parser(), sys.argv[1:] if argv is None else argv)
     from flows.sweep_record import claim
     from settings.sweep import read_spec
 
@@ -277,93 +224,6 @@ def sweep_main(argv: list[str] | None = None) -> int:
         return call
 
     return run_flow(cfg, load)
-
-
-def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """parser.parse_args, where an unknown flag ends the command first (exit 2), with one
-    line that names it and the closest known flag ("did you mean --out?")."""
-    unknown = unknown_flag(argv, _flags(parser), _valued(parser))
-    if unknown:
-        parser.exit(2, f"{parser.prog}: error: {unknown}\n")
-    return parser.parse_args(argv)
-
-
-def _flags(parser: argparse.ArgumentParser) -> list[str]:
-    return [flag for action in parser._actions for flag in action.option_strings]
-
-
-def _valued(parser: argparse.ArgumentParser) -> list[str]:
-    """The parser's flags that take a value (the word after one is never a flag)."""
-    return [f for action in parser._actions if action.nargs != 0 for f in action.option_strings]
-
-
-def unknown_flag(argv: list[str], known: list[str], valued: list[str]) -> str | None:
-    """'unknown flag --outt; did you mean --out? (see --help)' for the first flag in argv that
-    is not among `known`, else None. The word after a flag among `valued` (given without
-    `=`) is its value, whatever it looks like (`--seed -1`)."""
-    value_next = False
-    for arg in argv:
-        name = arg.partition("=")[0]
-        if value_next:
-            value_next = False
-            continue
-        if name.startswith("-") and name != "-" and name not in known:
-            return one_line(f"unknown flag {name}{did_you_mean(name, known)} (see --help)")
-        value_next = name in valued and "=" not in arg
-    return None
-
-
-def parse_sample_args(argv: list[str]) -> tuple[GenerateOptions, dict[str, Any]]:
-    """sample_flow's options (validated) and its settings flags (eval.*,
-    run.debug, run.stop_timeout, run.server_timeout) as dotted overrides.
-
-    Raises:
-        OptionsError, SettingsError: naming the bad flag.
-    """
-    parser = argparse.ArgumentParser(
-        prog=SAMPLE_PROG,
-        allow_abbrev=False,
-        description="Draw images from a trained run; optionally score them (FID, KID).",
-        epilog="Settings flags: --eval.weights PATH, --eval.batch_size N, --eval.metrics "
-        "fid,kid, --eval.cache_dir DIR, --run.debug true (env: DDPM_EVAL__WEIGHTS, ...; see "
-        f"{PROG} --help). The run's data, model and sampler settings come from its checkpoint.",
-    )
-    for name, field in GenerateOptions.model_fields.items():
-        if field.annotation is bool:  # --no-ema stores False, --npz True
-            action = "store_false" if field.default else "store_true"
-            parser.add_argument(
-                flag(name),
-                dest=name,
-                action=action,
-                default=argparse.SUPPRESS,
-                help=field.description,
-            )
-        else:
-            parser.add_argument(
-                flag(name),
-                dest=name,
-                required=field.is_required(),
-                default=argparse.SUPPRESS,
-                metavar=name.upper(),
-                help=field.description,
-            )
-    settings = {flag_name(f): f for f in known_settings()}
-    ours = [flag for flag, field in settings.items() if field.startswith(SAMPLE_SETTINGS)]
-    for arg in argv:  # another command's setting is named as such, not as a misspelling
-        name = arg.partition("=")[0]
-        if name in settings and name not in ours:
-            raise SettingsError([(settings[name], "not a setting of sample_flow (see --help)")])
-    unknown = unknown_flag(argv, [*_flags(parser), *ours], [*_valued(parser), *ours])
-    if unknown:
-        raise OptionsError(unknown)
-    try:
-        known, rest = parser.parse_known_args(argv)
-    except SystemExit as exit_:
-        if exit_.code == 0:  # --help
-            raise
-        raise OptionsError("see the usage above") from None
-    overrides = parse_flags(rest, prog=SAMPLE_PROG) if rest else {}
-    return generate_options(vars(known)), overrides
 
 
 def run_flow(cfg: Settings, load: Callable[[], Callable[[], State]]) -> int:

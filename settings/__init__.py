@@ -9,13 +9,10 @@ from settings.config import (
     load_settings,
     nest,
     parse_flags,
-    result_changes,
-    result_settings,
-    run_name,
-    run_path,
     setting_name,
 )
 from settings.core import core_config
+from settings.identity import result_changes, result_settings, run_name, run_path
 
 __all__ = [
     "Settings",

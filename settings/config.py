@@ -12,7 +12,6 @@ their defaults here.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -38,7 +37,6 @@ from pydantic_settings import SettingsError as _PydanticSettingsError
 
 from ddpm.config import (
     CHURN_SAMPLERS,
-    LEGACY_DIFFUSION,
     TIMESTEP_SAMPLERS,
     DataConfig,
     DiffusionConfig,
@@ -1110,104 +1108,3 @@ def parse_flags(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
             raise SettingsError([(field, f"needs a value (one that starts with '-' goes as "
                                   f"--{field}=VALUE)")]) from None  # fmt: skip
         raise SettingsError([("", f"bad flags: {message} (see --help)")]) from None
-
-
-# Settings that do not change what a run computes: where things live, how it is watched, how
-# fast it goes. Everything else names the run. train.epochs counts only with a cosine schedule
-# (whose decay depends on the run's length); otherwise raising it continues the same run.
-_NOT_RESULT_PREFIXES = ("sample.", "eval.", "run.", "wandb.", "sweep.")
-_NOT_RESULT = {
-    "data.root",
-    "data.url",
-    "data.num_workers",
-    "data.loader",
-    "data.prepare",  # the same images either way (tests/ddpm/test_prepare.py)
-    "train.device",
-    "train.log_every",
-    "train.max_bad_steps",
-    "train.precision",
-    "train.compile",
-    "train.devices",
-    "train.rank_timeout",
-    "train.max_restarts",
-    "train.accumulate",
-    "model.checkpointing",
-}
-
-
-_DDPM_ONLY = ("channel_mult", "num_res_blocks", "attention_resolutions", "dropout")
-
-
-def result_settings(settings: Settings) -> dict[str, Any]:
-    """The dotted settings that change the trained weights, as JSON values."""
-    flat = flatten(settings.model_dump(mode="json"))
-    keep = {
-        key: value
-        for key, value in flat.items()
-        if key not in _NOT_RESULT and not key.startswith(_NOT_RESULT_PREFIXES)
-    }
-    if settings.optim.schedule != "cosine":
-        keep.pop("train.epochs")
-    if settings.model.arch == "assignment":  # the paper network's options do not apply
-        for key in ("arch", *_DDPM_ONLY):
-            keep.pop(f"model.{key}")
-    # Runs trained before these settings existed keep their names: each counts only when it
-    # is not what every run had then.
-    for key, value in _LEGACY.items():
-        if keep[key] == value:
-            keep.pop(key)
-    if settings.diffusion.loss_weighting != "min_snr":
-        keep.pop("diffusion.min_snr_gamma")
-    if settings.model.init_from is None:  # runs before the setting existed keep their names
-        keep.pop("model.init_from")
-    if not settings.train.ema_snapshots:  # the same: off, as every run before it
-        keep.pop("train.ema_snapshots")
-    if not settings.model.augment_labels:
-        keep.pop("model.augment_labels")
-    if settings.diffusion.schedule != "linear":  # the betas are the linear schedule's
-        keep.pop("diffusion.beta_start")
-        keep.pop("diffusion.beta_end")
-    edm = ("sigma_data", "p_mean", "p_std")
-    discrete = ("num_timesteps", "beta_start", "beta_end", "schedule", "prediction",
-                "loss_weighting", "min_snr_gamma")  # fmt: skip
-    for key in discrete if settings.diffusion.formulation == "edm" else edm:
-        keep.pop(f"diffusion.{key}", None)  # the other formulation's: unused
-    return keep
-
-
-_LEGACY = {f"diffusion.{key}": value for key, value in LEGACY_DIFFUSION.items()}
-
-
-def with_legacy(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's saved settings (nested, as settings.json or a checkpoint holds them), with the
-    diffusion settings it was trained with filled in where it predates them (LEGACY_DIFFUSION)."""
-    nested = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items()}
-    nested["diffusion"] = {**LEGACY_DIFFUSION, **nested.get("diffusion", {})}
-    return nested
-
-
-def run_name(settings: Settings) -> str:
-    """run.name, or 'run-' + a 10-hex-digit hash of the result-changing settings, and
-    '-from-' + the folder's name for a run that starts from model.init_from."""
-    if settings.run.name:
-        return settings.run.name
-    blob = json.dumps(result_settings(settings), sort_keys=True).encode()
-    name = "run-" + hashlib.sha256(blob).hexdigest()[:10]
-    start = settings.model.init_from
-    return f"{name}-from-{re.sub(r'[^A-Za-z0-9._-]+', '-', start.name)[:60]}" if start else name
-
-
-def run_path(settings: Settings) -> Path:
-    """run.dir / run_name: the folder holding the run's settings, checkpoints and samples."""
-    return Path(settings.run.dir) / run_name(settings)
-
-
-def result_changes(saved: Mapping[str, Any], settings: Settings) -> list[str]:
-    """'key: old -> new' for each result-changing setting that differs from a saved run's
-    (a saved settings.json, nested as model_dump(mode='json') writes it)."""
-    old, new = flatten(with_legacy(saved)), result_settings(settings)
-    return [
-        f"{key}: {old.get(key)!r} -> {value!r}"
-        for key, value in new.items()
-        if old.get(key) != value
-    ]

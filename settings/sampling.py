@@ -22,7 +22,8 @@ from pydantic import (
 
 from ddpm.errors import UserError
 from ddpm.files import NotOurs, claim_samples_folder
-from settings.config import Settings, flatten, load_settings, one_line, with_legacy
+from settings.config import Settings, flatten, load_settings, one_line
+from settings.identity import with_legacy
 
 
 class OptionsError(UserError, ValueError):

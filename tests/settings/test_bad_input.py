@@ -33,6 +33,7 @@ from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
 
 import flows.cli as cli
+import flows.commands as commands
 from ddpm.files import check_export_target, write_marker
 from settings import (
     Settings,
@@ -808,7 +809,7 @@ def test_sample_command_flags_one_change_at_a_time(tmp_path: Path) -> None:
         usage = io.StringIO()
         try:
             with contextlib.redirect_stderr(usage), contextlib.redirect_stdout(io.StringIO()):
-                options, overrides = cli.parse_sample_args(argv)
+                options, overrides = commands.parse_sample_args(argv)
                 load_settings(overrides)  # as sample_main does
         except SystemExit as exit_:
             assert exit_.code == 0 and option == "--help", (exit_.code, usage.getvalue())
@@ -820,7 +821,7 @@ def test_sample_command_flags_one_change_at_a_time(tmp_path: Path) -> None:
             return
         assert isinstance(options, GenerateOptions) and options.run.exists()
         assert not (options.out.is_dir() and any(options.out.iterdir()))
-        assert all(k.startswith(cli.SAMPLE_SETTINGS) for k in overrides), overrides
+        assert all(k.startswith(commands.SAMPLE_SETTINGS) for k in overrides), overrides
         TALLY["sample flags"]["accepted"] += 1
 
     cases()
