@@ -3,7 +3,7 @@
 `settings.core_config` builds a `Config` from validated settings (device, precision and compile
 resolved for this machine); a notebook builds one directly, e.g.
 `Config(model=ModelConfig(hidden_size=32), train=TrainConfig(epochs=2))`. The defaults here are
-every run's defaults, written once: `settings.config` takes its own from them, and the core's
+every run's defaults, written once: `settings.groups` takes its own from them, and the core's
 functions take these values from a config, not from defaults of their own. Nothing here imports
 torch.
 """

@@ -37,7 +37,7 @@ from flows.commands import (
 from flows.launch import launched_overrides, rank_main, write_outcome
 from flows.shutdown import StopRequest
 from settings import Settings, SettingsError, load_settings, parse_flags
-from settings.config import one_line
+from settings.loading import one_line
 from settings.sampling import OptionsError
 
 if TYPE_CHECKING:

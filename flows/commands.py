@@ -8,7 +8,8 @@ import argparse
 from typing import Any
 
 from settings import SettingsError, parse_flags
-from settings.config import did_you_mean, flag_name, known_settings, one_line
+from settings.fields import flag_name
+from settings.loading import did_you_mean, known_settings, one_line
 from settings.sampling import GenerateOptions, OptionsError, flag, generate_options
 
 PROG = "python flows/train_flow.py"

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.config import LEGACY_DIFFUSION
-from settings.config import Settings, flatten
+from settings.config import Settings
+from settings.loading import flatten
 
 # Settings that do not change what a run computes. Everything else names the run.
 NOT_RESULT_PREFIXES = ("sample.", "eval.", "run.", "wandb.", "sweep.")

@@ -14,7 +14,8 @@ import annotated_types as at
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from settings.config import Settings, env_name, flag_name
+from settings.config import Settings
+from settings.fields import env_name, flag_name
 from settings.identity import names_run
 from settings.sampling import GenerateOptions
 

@@ -11,19 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddpm.errors import UserError
 from ddpm.files import NotOurs, claim_samples_folder
-from settings.config import Settings, flatten, load_settings, one_line
+from settings.config import Settings
 from settings.identity import with_legacy
+from settings.loading import flatten, load_settings, one_line
 
 
 class OptionsError(UserError, ValueError):

@@ -47,17 +47,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ddpm.errors import UserError
-from settings.config import PGPASSWORD_INSTEAD, SettingsError, load_settings, no_password, one_line
+from settings.fields import PGPASSWORD_INSTEAD, no_password
+from settings.loading import SettingsError, load_settings, one_line
 from settings.sampling import GenerateOptions, OptionsError, generate_options
 
 

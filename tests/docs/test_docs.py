@@ -18,7 +18,8 @@ import pytest
 
 from flows.commands import PARSERS, parse_command, parse_sample_args
 from settings import SettingsError, load_settings, parse_flags
-from settings.config import env_name, known_settings
+from settings.fields import env_name
+from settings.loading import known_settings
 from settings.sampling import OptionsError
 
 REPO = Path(__file__).resolve().parents[2]

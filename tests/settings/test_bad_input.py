@@ -45,7 +45,7 @@ from settings import (
     parse_flags,
     setting_name,
 )
-from settings.config import known_settings
+from settings.loading import known_settings
 from settings.sampling import GenerateOptions, OptionsError
 from settings.sweep import Range, SpecError, SweepSpec, planned, read_spec, spec_from
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from settings import load_settings, run_name
-from settings.config import env_name, flag_name, flatten, known_settings
+from settings.fields import env_name, flag_name
 from settings.identity import names_run, result_settings
+from settings.loading import flatten, known_settings
 from settings.reference import settings_reference
 
 # Settings that turn on every conditional rule of settings.identity.ONLY_WHEN at once, and the

@@ -256,11 +256,11 @@ def test_settings_are_validated_once_per_process_for_the_same_inputs(
     """The command line validates the settings and the flow it runs asks again with the same
     overrides: the second call validates nothing and returns equal settings (a copy); another
     override, environment variable or `.env` text validates afresh."""
-    import settings.config
+    import settings.loading
 
     calls = []
-    real = settings.config._validate
-    monkeypatch.setattr(settings.config, "_validate", lambda *a: calls.append(a) or real(*a))
+    real = settings.loading._validate
+    monkeypatch.setattr(settings.loading, "_validate", lambda *a: calls.append(a) or real(*a))
     dotenv = tmp_path / "run.env"
     first = load_settings({"optim.lr": 1e-3}, env_file=dotenv)
     again = load_settings({"optim.lr": 1e-3}, env_file=dotenv)

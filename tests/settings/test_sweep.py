@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from settings import load_settings, run_name
-from settings.config import SettingsError
+from settings import SettingsError, load_settings, run_name
 from settings.sweep import (
     SpecError,
     planned,
