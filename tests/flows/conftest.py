@@ -72,7 +72,9 @@ def task_runs():
 def wandb_records():
     """wandb_records(run_dir) -> the protobuf Records of the offline .wandb files under run_dir,
     read with wandb's own protobuf: the file is a LevelDB-style log of 32 KiB blocks after a
-    7-byte header, each record a 7-byte header (crc32, length, type full/first/middle/last)."""
+    7-byte header, each record a 7-byte header (crc32, length, type full/first/middle/last).
+    wandb 0.31 ships no reader of its own for these files (its `sdk.internal.datastore` went in
+    0.31, and `wandb.Api` reads only synced runs), so the framing is read here."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
