@@ -39,8 +39,9 @@ import torch
 
 from ddpm.config import Config
 from ddpm.data import ImageFolderDataset, TrainingData, prepared_dataset
-from ddpm.prepare import find_source, prepare, prepare_folder
+from ddpm.prepare import prepare, prepare_folder
 from ddpm.prepared import shard_name, write_manifest, write_shard
+from ddpm.sources import find_source
 
 REPO = Path(__file__).resolve().parents[1]
 CGROUP = Path("/sys/fs/cgroup/memory")

@@ -435,6 +435,7 @@ def diagnose(out: Path, sampler: str = "ddim", steps: int = 100, eta: float = 1.
     """
     from ddpm.data import load_dataset, normalize
     from ddpm.generate import image_seed, load_trained_model
+    from ddpm.noise import draw_noise, step_generator
     from ddpm.samplers import make_sampler
     from ddpm.schedules import split_prediction
 
@@ -465,8 +466,9 @@ def diagnose(out: Path, sampler: str = "ddim", steps: int = 100, eta: float = 1.
 
     method = make_sampler(sampler, abar, model.prediction, True, steps, eta)
     generators = [torch.Generator().manual_seed(image_seed(SAMPLE_SEED, i)) for i in range(200)]
-    x = model._noise((200, *trained.image_shape), generators)
-    step_generator = model._step_generator(generators)
+    device = model.betas.device
+    x = draw_noise((200, *trained.image_shape), generators, device)
+    step_gen = step_generator(generators, device)
     corners = torch.zeros(32, 32, dtype=torch.bool)
     for rows in (slice(0, 3), slice(-3, None)):
         for cols in (slice(0, 3), slice(-3, None)):
@@ -485,7 +487,7 @@ def diagnose(out: Path, sampler: str = "ddim", steps: int = 100, eta: float = 1.
             }
         )
         last = i == len(method.timesteps) - 1
-        noise = None if last or not method.stochastic else model._noise(x.shape, step_generator)
+        noise = None if last or not method.stochastic else draw_noise(x.shape, step_gen, device)
         x = method.step(i, output, x, noise)
     final = x.clamp(-1, 1)
     report = {

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.compiled_network import CompiledFunctions, compiled_network, network_output
 from ddpm.edm import (
     P_MEAN,
     P_STD,
@@ -30,6 +31,7 @@ from ddpm.edm import (
     sigma_to_t,
     vp_sigmas,
 )
+from ddpm.noise import Generators, draw_noise, step_generator
 from ddpm.samplers import make_sampler
 from ddpm.schedules import (
     check_prediction,
@@ -42,24 +44,10 @@ from ddpm.schedules import (
 )
 from ddpm.sigma_samplers import SIGMA_SAMPLERS, make_sigma_sampler
 
-__all__ = ["DiffusionModel", "Generators", "extract", "linear_beta_schedule"]
+__all__ = ["DiffusionModel", "extract", "linear_beta_schedule"]
 
-# One generator for a batch, or one per image (see DiffusionModel._noise).
-Generators = torch.Generator | Sequence[torch.Generator] | None
 # The network as a sampler calls it: (x_t (B, C, H, W), t (B,) long) -> its output.
 Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether a and b name one device: torch.Generator("cuda") says `cuda`, a module on it
-    says `cuda:0`."""
-
-    def index(d: torch.device) -> int | None:
-        if d.index is None and d.type == "cuda":
-            return torch.cuda.current_device()
-        return d.index
-
-    return a.type == b.type and index(a) == index(b)
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -74,21 +62,6 @@ def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
         (B, 1, ..., 1) tensor with ndim dims.
     """
     return values.gather(0, t).reshape(t.shape[0], *([1] * (ndim - 1)))
-
-
-class _Compiled(dict):
-    """One model's compiled functions. A deep copy (the EMA is one) starts empty: a compiled
-    function guards on the module it was compiled for, and a copy compiles its own."""
-
-    def __deepcopy__(self, memo: dict) -> _Compiled:
-        return _Compiled()
-
-
-def _network_output(model: DiffusionModel, x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-    """The network at (x_in, its (B,) float time input): a plain function, so torch.compile can
-    take it with the model as an argument (a bound method in the model's own cache would keep
-    the model alive)."""
-    return model.eps_model(x_in, time)
 
 
 def _read_sigma_data(model: DiffusionModel, _: Any) -> None:
@@ -152,7 +125,7 @@ class DiffusionModel(nn.Module):
             self.register_load_state_dict_post_hook(_read_sigma_data)
         # The discrete schedule on sigma (EDM Table 1, VP): ln sigma_t, increasing in t.
         self.log_sigmas = vp_sigmas(self.alphas_cumprod_f64).log().tolist()
-        self._compiled = _Compiled()
+        self._compiled = CompiledFunctions()
 
     def _net_time(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) long timesteps in [0, T) -> (B,) float in (0, 1], the network's time input."""
@@ -256,39 +229,6 @@ class DiffusionModel(nn.Module):
             return self.eps_model(x_in, time)
         return self.eps_model(x_in, time, labels)
 
-    def _noise(self, shape: Sequence[int], generator: Generators) -> torch.Tensor:
-        """Standard Gaussian noise on the module's device, drawn from `generator` when given.
-
-        A generator on another device (a CPU generator for a CUDA model, say) draws there and
-        the noise is moved, so one seed gives the same noise whatever the model's device. A
-        sequence of generators, one per image (shape[0] of them), draws each image's noise
-        from its own: image i's noise then depends on generator i alone, not on the batch.
-        """
-        device = self.betas.device
-        if generator is None:
-            return torch.randn(*shape, device=device)
-        if isinstance(generator, torch.Generator):
-            return torch.randn(*shape, generator=generator, device=generator.device).to(device)
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
-        per_image = [torch.randn(*shape[1:], generator=g, device=g.device) for g in generator]
-        return torch.stack(per_image).to(device)
-
-    def _step_generator(self, generator: Generators) -> Generators:
-        """The generator(s) for per-step noise: `generator` itself when it is on the module's
-        device (or None); otherwise one there, seeded from it, so each step's noise is drawn
-        where it is used (a CPU draw copied to a GPU would make every step wait). A sequence
-        gives one per image, each seeded from its own."""
-        device = self.betas.device
-        if generator is None:
-            return None
-        if not isinstance(generator, torch.Generator):
-            return [self._step_generator(g) for g in generator]  # type: ignore[misc]
-        if _same_device(generator.device, device):
-            return generator
-        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-        return torch.Generator(device).manual_seed(seed)
-
     def network(self, compile: bool = False) -> Network:
         """The network as sampling calls it: (x_t (B, C, H, W), t (B,) long) -> its output.
 
@@ -303,20 +243,8 @@ class DiffusionModel(nn.Module):
         """The network as (x_in (B, C, H, W), its time input (B,) float) -> its output, through
         torch.compile if asked (see network)."""
         if not compile:
-            return lambda x_in, time: _network_output(self, x_in, time)
-        if "network" not in self._compiled:
-            cuda = self.betas.device.type == "cuda"
-            self._compiled["network"] = torch.compile(
-                _network_output, mode="reduce-overhead" if cuda else None, dynamic=False
-            )
-        compiled = self._compiled["network"]
-
-        def run(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-            # A CUDA graph's outputs are overwritten by its next replay: copy them out.
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(self, x_in, time).clone()
-
-        return run
+            return lambda x_in, time: network_output(self, x_in, time)
+        return compiled_network(self, self._compiled, cuda=self.betas.device.type == "cuda")
 
     def sigma_range(self) -> tuple[float, float]:
         """The default (sigma_min, sigma_max) of the Karras steps: EDM's (0.002, 80), or the
@@ -381,8 +309,8 @@ class DiffusionModel(nn.Module):
                 Karras steps of sigma (either formulation; ddpm.sigma_samplers).
             generator: source of all noise; the same seed gives the same samples on one kind
                 of device. x_T is drawn from it wherever it is; the per-step noise on the
-                module's device (see _step_generator). A sequence of B generators gives each
-                image noise of its own (see _noise).
+                module's device (ddpm.noise.step_generator). A sequence of B generators gives
+                each image noise of its own (ddpm.noise.draw_noise).
             compile: run the network through torch.compile (a CUDA graph on CUDA); the first
                 call compiles.
             progress: called after each step is queued (nothing is read from the device).
@@ -411,15 +339,16 @@ class DiffusionModel(nn.Module):
             )
         method = make_sampler(sampler, self.alphas_cumprod_f64, self.prediction, **options)
         network = self.network(compile)
-        x = self._noise((num_samples, *size), generator)  # x_T ~ N(0, I)
-        step_generator = self._step_generator(generator) if method.stochastic else None
+        device = self.betas.device
+        x = draw_noise((num_samples, *size), generator, device)  # x_T ~ N(0, I)
+        step_gen = step_generator(generator, device) if method.stochastic else None
         last = len(method.timesteps) - 1
         for i, t in enumerate(method.timesteps):
             t_batch = torch.full((num_samples,), t, device=x.device, dtype=torch.long)
             output = network(x, t_batch)
             noise = None
             if method.stochastic and i < last:
-                noise = self._noise(x.shape, step_generator)
+                noise = draw_noise(x.shape, step_gen, device)
             x = method.step(i, output, x, noise)
             if progress is not None:
                 progress()
@@ -442,14 +371,15 @@ class DiffusionModel(nn.Module):
         low, high = options.pop("sigma_min", None) or low, options.pop("sigma_max", None) or high
         method = make_sigma_sampler(sampler, 18 if steps is None else steps, low, high, **options)
         network = self._network_at(compile)
-        x = self._noise(shape, generator).double() * method.sigmas[0]
-        step_generator = self._step_generator(generator) if method.stochastic else None
+        device = self.betas.device
+        x = draw_noise(shape, generator, device).double() * method.sigmas[0]
+        step_gen = step_generator(generator, device) if method.stochastic else None
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             return self.denoise(x, sigma, network, clip)
 
         def noise() -> torch.Tensor:
-            return self._noise(x.shape, step_generator).double()
+            return draw_noise(x.shape, step_gen, device).double()
 
         x = method.sample(denoise, x, noise if method.stochastic else None, progress)
         return x.float().clamp(-1.0, 1.0)

@@ -27,28 +27,17 @@ from typing import Any
 
 from safetensors.torch import save
 
-from ddpm.diffusers_format import (
-    CUSTOM_MODULE,
+from ddpm.diffusers_configs import (
     DIFFUSERS_VERSION,
-    WEIGHTS_FILE,
     FormatError,
     assignment_config,
-    assignment_module,
     scheduler_config,
-    to_unet2d,
     unet2d_config,
 )
-from ddpm.files import (
-    EXPORT_MARKER,
-    FOLDER_MODE,
-    atomic_write,
-    check_export_target,
-    remove_listed,
-    write_json,
-    write_marker,
-    write_text,
-)
+from ddpm.diffusers_format import CUSTOM_MODULE, WEIGHTS_FILE, assignment_module, to_unet2d
+from ddpm.files import FOLDER_MODE, atomic_write, write_json, write_text
 from ddpm.generate import TrainedModel, load_trained_model
+from ddpm.marked_folders import EXPORT_MARKER, check_export_target, remove_listed, write_marker
 from ddpm.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -71,7 +60,7 @@ def export(path: Path, out: Path, use_ema: bool = True) -> Exported:
     """Write the diffusers folder of a run folder's newest valid checkpoint, or of a checkpoint
     file (best.pt), to out: written beside it, then moved into place. An existing out is
     replaced only if it is empty or an earlier export as it was written
-    (ddpm.files.check_export_target).
+    (ddpm.marked_folders.check_export_target).
 
     Raises:
         NotOurs: naming out, before anything is read or written, if it holds anything else.

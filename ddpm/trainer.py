@@ -6,6 +6,7 @@
 
 The same loop runs in one process and on every rank of a data-parallel group (SPMD,
 ddpm.distributed): the group adds only a DDP wrapper, rank 0's stop flag and the global loss.
+The ranks other than 0 take rank 0's start and run it in ddpm.group_training.train_rank.
 What orchestration adds (logging, progress, stop requests) comes in through `Hooks`.
 
 Nothing here waits for the device between reads: each step's loss, gradient norm and outcome
@@ -15,23 +16,19 @@ stay there and are read together every train.log_every steps (one sync per read)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointWriter
-from ddpm.config import Config, TrainConfig
-from ddpm.data import TrainingData, load_dataset, locate_dataset, shard_bounds
+from ddpm.config import TrainConfig
+from ddpm.data import shard_bounds
 from ddpm.distributed import Group, Shard, collectives
-from ddpm.prepare import prepare_folder, reading_prepared
 from ddpm.run_dir import RunDir, save_ema_snapshot, save_step_checkpoint
 from ddpm.training import TrainingState, autocast
 
@@ -400,54 +397,3 @@ class _ListBatches:
 
     def batch_size_at(self, index: int) -> int:
         return self.batches[index].shape[0]
-
-
-def share_start(
-    group: Group, state: TrainingState, data_path: str, dataset: str | None = None
-) -> None:
-    """(rank 0) Send the other ranks what they start from: where the data is (and, when rank 0
-    prepared an image folder, that it reads it as dataset "prepared"), and the state built or
-    resumed here (EMA aside: it is rank 0's alone), RNGs included."""
-    start = {"data_path": data_path, "dataset": dataset,
-             "state": {**state.snapshot(), "ema": None, "ema_profiles": None}}  # fmt: skip
-    if state.device.type == "cuda":  # training draws on each rank's own device
-        start["device_rng"] = torch.cuda.get_rng_state(state.device)
-    group.broadcast(start)
-
-
-def train_rank(group: Group, config: Config) -> EpochResult | None:
-    """Train as rank > 0 of a data-parallel group (ddpm.distributed): take rank 0's start
-    (share_start), load this rank's slices of the data (from rank 0's path, or fetched here
-    when this machine does not have it), then run the same epochs as rank 0, until they are
-    done or rank 0 stops the run. No files, no tracking: those are rank 0's.
-
-    Raises:
-        RankFailed: if another rank is gone.
-        TrainingDiverged: as on rank 0, at the same step (the loss is the global one).
-    """
-    config = group.place(config)
-    with collectives(group):
-        start = group.broadcast(None)
-    path = Path(start["data_path"])
-    if start.get("dataset") == "prepared" and config.data.dataset == "folder":
-        if not path.exists():  # rank 0 prepared the folder on its machine: prepare it here
-            path = prepare_folder(locate_dataset(config.data), config.data.root / "prepared",
-                                  config.data.image_size, config.model.channels)  # fmt: skip
-        config = reading_prepared(config, path)
-    elif not path.exists():
-        path = locate_dataset(config.data)
-    data = TrainingData(load_dataset(config, path), config, group.rank, group.world_size)
-    # rank 0's sigma_data (measured there, or set): the model is built to load its state
-    recorded = start["state"]["architecture"]["diffusion"].get("sigma_data")
-    config = dataclasses.replace(
-        config, diffusion=dataclasses.replace(config.diffusion, sigma_data=recorded)
-    )
-    state = build_training(config, data.steps_per_epoch * config.train.epochs)
-    state.ema, state.profiles = None, {}  # rank 0's alone
-    state.restore(start["state"])
-    if "device_rng" in start:
-        torch.cuda.set_rng_state(start["device_rng"], torch.device(config.train.device))
-    try:
-        return Trainer(state, data, config.train, group=group).fit()
-    finally:
-        data.close()

@@ -218,6 +218,10 @@ class EMA(AveragedModel):
         weight = 1.0 - self.current_decay()
         if taken is not None:
             weight = weight * taken
+        # Private torch._foreach_* ops, kept: on CUDA each is a fused multi-tensor kernel, a few
+        # launches for all the tensors, where a loop of public in-place ops (the same bits)
+        # launches three per tensor (915 a step for the paper's network). torch < 2.15 has no
+        # public list op; on CPU the two cost the same (loop/foreach 1.06 on 137 tensors).
         delta = torch._foreach_sub(current, averaged)
         torch._foreach_mul_(delta, weight)  # a tensor weight: no host read (lerp would read it)
         torch._foreach_add_(averaged, delta)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm.errors import UserError
-from ddpm.files import check_export_target, claim_folder
+from ddpm.files import claim_folder
+from ddpm.marked_folders import check_export_target
 from flows.commands import (
     PROG,
     ema_parser,

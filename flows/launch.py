@@ -153,7 +153,7 @@ def launched_overrides() -> dict[str, Any]:
 
 
 def rank_main(settings: Any) -> int:
-    """A rank other than 0: join the group, train with it (ddpm.trainer.train_rank), leave.
+    """A rank other than 0: join the group, train with it (ddpm.group_training.train_rank), leave.
 
     SIGINT and SIGTERM are rank 0's to act on: it stops every rank after the same step.
     Exit status: 0 when the run ended (done, stopped, diverged, or rank 0 recorded an end no
@@ -161,7 +161,8 @@ def rank_main(settings: Any) -> int:
     """
     from ddpm.distributed import RankFailed, join
     from ddpm.errors import first_line
-    from ddpm.trainer import TrainingDiverged, train_rank
+    from ddpm.group_training import train_rank
+    from ddpm.trainer import TrainingDiverged
     from settings import core_config
 
     for sig in (signal.SIGINT, signal.SIGTERM):

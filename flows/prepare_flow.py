@@ -21,7 +21,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ddpm.prepare import SHARD_SIZE, Source, find_source, folder_source, prepare, prepared_cache
+from ddpm.prepare import SHARD_SIZE, prepare, prepared_cache
+from ddpm.sources import Source, find_source, folder_source
 from flows.progress import ProgressBar
 
 __all__ = ["prepare_flow", "prepare_folder_task"]

@@ -33,9 +33,10 @@ from ddpm.config import Config
 from ddpm.distributed import Group, environment, join
 from ddpm.evaluation import inception_weights
 from ddpm.files import checksum_file, remove_partial_writes, write_checked
+from ddpm.group_training import share_start
 from ddpm.prepare import reading_prepared
 from ddpm.run_dir import RunDir
-from ddpm.trainer import EpochResult, Trainer, share_start
+from ddpm.trainer import EpochResult, Trainer
 from flows.download import download_task
 from flows.gpu import gpu_slot
 from flows.launch import LaunchError, launch

@@ -23,7 +23,8 @@ from ddpm.build import build_training
 from ddpm.config import Config
 from ddpm.data import TrainingData, load_dataset, locate_dataset
 from ddpm.distributed import join
-from ddpm.trainer import Trainer, TrainingDiverged, share_start, train_rank
+from ddpm.group_training import share_start, train_rank
+from ddpm.trainer import Trainer, TrainingDiverged
 from ddpm.unet import UNet
 
 

@@ -39,15 +39,9 @@ from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointError, checksum_path, load_checkpoint
 from ddpm.data import DatasetError, ImageFolderDataset
 from ddpm.errors import UserError
-from ddpm.files import (
-    EXPORT_MARKER,
-    DamagedFile,
-    NotOurs,
-    check_export_target,
-    write_checked,
-    write_marker,
-)
+from ddpm.files import DamagedFile, NotOurs, write_checked
 from ddpm.generate import GenerationError, ImageFiles, load_trained_model
+from ddpm.marked_folders import EXPORT_MARKER, check_export_target, write_marker
 from ddpm.run_dir import RunDir, keep_best, load_newest_valid, save_epoch_checkpoint
 from flows.sweep_record import Trial, read_record, write_record
 from settings import flatten, load_settings, result_changes

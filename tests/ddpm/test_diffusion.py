@@ -17,7 +17,8 @@ import torch
 from tiny_run import smooth_batch
 from torch import nn
 
-from ddpm.diffusion import DiffusionModel, _same_device
+from ddpm.diffusion import DiffusionModel
+from ddpm.noise import _same_device
 from ddpm.samplers import DDIM, Ancestral, ddim_timesteps
 from ddpm.schedules import (
     linear_beta_schedule,

@@ -15,13 +15,8 @@ from tiny_run import make_config
 from ddpm.build import build_training
 from ddpm.config import ModelConfig
 from ddpm.ddpm_unet import DDPMUNet
-from ddpm.diffusers_format import (
-    FormatError,
-    from_unet2d,
-    model_from_unet2d,
-    to_unet2d,
-    unet2d_config,
-)
+from ddpm.diffusers_configs import FormatError, model_from_unet2d, unet2d_config
+from ddpm.diffusers_format import from_unet2d, to_unet2d
 from ddpm.export import export
 from ddpm.files import FILE_MODE, FOLDER_MODE, NotOurs
 from ddpm.generate import load_trained_model

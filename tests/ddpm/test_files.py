@@ -16,14 +16,12 @@ from ddpm.files import (
     NotOurs,
     WriteError,
     atomic_write,
-    check_replaceable,
     claim_folder,
     read_json,
-    remove_listed,
     remove_partial_writes,
-    write_marker,
     write_text,
 )
+from ddpm.marked_folders import check_replaceable, remove_listed, write_marker
 
 
 def test_failed_write_leaves_the_previous_file_intact(tmp_path: Path) -> None:

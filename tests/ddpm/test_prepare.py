@@ -17,8 +17,9 @@ from PIL import Image
 
 from ddpm.data import ImageFolderDataset, load_cifar10
 from ddpm.files import NotOurs
-from ddpm.prepare import LOCK, PLAN, find_source, prepare
+from ddpm.prepare import LOCK, PLAN, prepare
 from ddpm.prepared import MANIFEST, PreparedError, PreparedImages, shard_name
+from ddpm.sources import find_source
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:

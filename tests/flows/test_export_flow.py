@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from ddpm.diffusers_format import unet2d_config
+from ddpm.diffusers_configs import unet2d_config
 from ddpm.generate import load_trained_model
 from flows.sample_flow import sample_flow
 from flows.train_flow import train_flow

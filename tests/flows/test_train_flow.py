@@ -333,7 +333,8 @@ def test_an_image_folder_is_prepared_on_first_use_and_trains_as_it_would_unprepa
 def test_a_prepared_dataset_at_a_url_trains(tiny: dict[str, Any], tmp_path: Path) -> None:
     """--data.folder file:///... (a URL, read through pyarrow.fs as s3:// and gs:// are): the
     download task copies the dataset under data.root/remote/ and the run trains on it."""
-    from ddpm.prepare import find_source, prepare
+    from ddpm.prepare import prepare
+    from ddpm.sources import find_source
 
     store = tmp_path / "bucket" / "cifar"
     prepare(find_source(tiny["data.root"]), store, 32, workers=1)

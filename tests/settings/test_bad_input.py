@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 import flows.cli as cli
 import flows.commands as commands
-from ddpm.files import check_export_target, write_marker
+from ddpm.marked_folders import check_export_target, write_marker
 from settings import (
     Settings,
     SettingsError,
