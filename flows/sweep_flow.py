@@ -64,7 +64,13 @@ from ddpm.run_dir import RunDir
 from flows import children
 from flows.shutdown import StopRequest, active_stop_request
 from flows.sweep_record import FINISHED, Trial, claim, read_record, write_record
-from flows.tracking import LINK_KEY, METRICS_KEY, resolve_wandb_mode, wandb_run_id
+from flows.tracking import (
+    LINK_KEY,
+    METRICS_KEY,
+    publish_sweep_plot,
+    resolve_wandb_mode,
+    wandb_run_id,
+)
 from settings import Settings, load_settings
 from settings.sweep import (
     Range,
@@ -358,6 +364,8 @@ class Sweep:
         rows = table_rows(self.spec, self.trials, self.folder)
         create_table_artifact(rows, key=f"sweep-{self.spec.name}",
                               description=f"sweep {self.spec.name}: one row per trial")  # fmt: skip
+        png = plot(self.spec, self.trials, self.folder / "metric.png")  # redrawn per trial
+        publish_sweep_plot(png, self.spec.name, self.spec.metric)
         self.logger.info(
             "%s %s: %s %s%s", trial.name, trial.state, self.spec.metric, trial.metric,
             f" ({trial.message})" if trial.message else "",

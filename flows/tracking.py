@@ -6,11 +6,14 @@ images/s, time and sample grid, and the first epoch's input batch. Never the cod
 metrics are plotted against `global_step` (not W&B's internal step), so a retried epoch's steps
 are kept rather than dropped as out of order.
 
-Prefect: artifacts with stable keys, so the UI shows their history across epochs and runs.
+Prefect: artifacts with stable keys, so the UI shows their history across epochs and runs;
+pictures (the newest sample grid, a sweep's plot) are image artifacts that carry the image
+itself, as a data: URI, since the browser showing the UI cannot reach the run folder.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 from prefect.artifacts import (
+    create_image_artifact,
     create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
@@ -30,17 +34,23 @@ from prefect.artifacts import (
 )
 
 from ddpm.files import DamagedFile, read_checked, write_checked
-from ddpm.images import sample_grid
+from ddpm.images import sample_grid, web_image
 from ddpm.run_dir import RunDir
 from ddpm.trainer import EpochResult, StepMetrics
 from settings import Settings
 
-PROGRESS_KEY, METRICS_KEY, SUMMARY_KEY, LINK_KEY = (
+PROGRESS_KEY, METRICS_KEY, SUMMARY_KEY, LINK_KEY, SAMPLES_KEY = (
     "training-progress",
     "epoch-metrics",
     "run-summary",
     "wandb-run",
+    "samples",
 )
+# The most an image artifact's picture may take (its data: URI is a third more): the server
+# keeps every version in its database, one a grid. The default grid (64 images of 32 px, 274 px
+# square) fits at full size: a PNG of 120-200 KB, a JPEG of 32-68 KB (photos, noise; measured),
+# so each grid of a run costs the database at most about 171 KiB.
+IMAGE_BYTES = 128 * 1024
 
 
 @contextlib.contextmanager
@@ -262,6 +272,24 @@ class RunArtifacts:
 def publish_metrics(rows: list[dict[str, Any]]) -> None:
     """The per-epoch metrics table artifact (key epoch-metrics)."""
     create_table_artifact(rows, key=METRICS_KEY, description="per-epoch metrics")
+
+
+def publish_image(path: Path, key: str, description: str) -> None:
+    """An image artifact that shows the image at path in the Prefect UI, inline as a data: URI
+    of at most IMAGE_BYTES (a PNG kept as it is, else a JPEG, downscaled where needed)."""
+    media, data = web_image(path, IMAGE_BYTES)
+    uri = f"data:{media};base64,{base64.b64encode(data).decode('ascii')}"
+    create_image_artifact(image_url=uri, key=key, description=description)
+
+
+def publish_samples(path: Path, epoch: int) -> None:
+    """The epoch's sample grid as the image artifact `samples`, one version per grid."""
+    publish_image(path, SAMPLES_KEY, f"samples after epoch {epoch}: `{path}`")
+
+
+def publish_sweep_plot(path: Path, sweep: str, metric: str) -> None:
+    """A sweep's plot (its metric per trial) as the image artifact `sweep-<name>-plot`."""
+    publish_image(path, f"sweep-{sweep}-plot", f"sweep {sweep}: {metric} per trial, `{path}`")
 
 
 def publish_summary(

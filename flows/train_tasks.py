@@ -31,7 +31,7 @@ from flows.download import data_reference_key
 from flows.progress import ProgressBar
 from flows.sample_tasks import SamplingStopped, sampler_steps, stop_check
 from flows.shutdown import StopRequest
-from flows.tracking import Tracker
+from flows.tracking import Tracker, publish_samples
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -194,8 +194,9 @@ def sample_and_log_task(
     tracker: Tracker,
     stop: StopRequest,
 ) -> str | None:
-    """Draw a grid from fixed noise, save samples/epoch_XXX.png, and hand it with the epoch's
-    result to tracking; a stop request drops the grid (the epoch is already saved)."""
+    """Draw a grid from fixed noise, save samples/epoch_XXX.png, hand it with the epoch's
+    result to tracking and show it in the UI (artifact `samples`); a stop request drops the
+    grid (the epoch is already saved)."""
     sample = config.sample
     with ProgressBar(f"samples after epoch {result.epoch}", sampler_steps(config)) as bar:
         try:
@@ -210,6 +211,7 @@ def sample_and_log_task(
             return None
     path = save_grid(x, run.grid(result.epoch))
     tracker.log_epoch(result, path)
+    publish_samples(path, result.epoch)
     get_run_logger().info("epoch %d samples: %s", result.epoch, path)
     return str(path)
 

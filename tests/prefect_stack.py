@@ -43,13 +43,14 @@ def stop_group(process: subprocess.Popen, signum: int = signal.SIGTERM, wait: fl
 @contextlib.contextmanager
 def prefect_server(env: dict[str, str], log: Path) -> Iterator[str]:
     """`prefect server start` on 127.0.0.1 with `env`; yields its API URL once /api/health
-    answers (Prefect exempts GET /api/health from the auth string); stops it by process group."""
+    answers (Prefect exempts GET /api/health from the auth string); stops it by process group.
+    Its UI (at the URL without /api) calls that API (--port alone leaves the UI on 4200)."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
+            env={"PREFECT_UI_API_URL": api, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

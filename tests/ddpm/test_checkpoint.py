@@ -1,5 +1,6 @@
-"""Checkpoints: exact resume, atomic writes, safe loads; sample grids as PNG."""
+"""Checkpoints: exact resume, atomic writes, safe loads; sample grids as PNG, and for a web page."""
 
+import io
 import pickle
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ddpm.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from ddpm.config import OptimConfig
 from ddpm.data import EpochLoader, TensorImageDataset
 from ddpm.diffusion import DiffusionModel
-from ddpm.images import save_grid
+from ddpm.images import save_grid, web_image
 from ddpm.trainer import train_step
 from ddpm.training import (
     EMA,
@@ -121,3 +122,18 @@ def test_save_grid_writes_a_png(tmp_path: Path) -> None:
     one = save_grid(-torch.ones(1, 1, 32, 32), tmp_path / "black.png")
     with Image.open(one) as img:
         assert img.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_web_image_keeps_a_png_that_fits_and_shrinks_one_that_does_not(tmp_path: Path) -> None:
+    """A grid's PNG under the limit is kept byte for byte; a 64-image grid of noise (a PNG of
+    about 200 KB) becomes a full-size JPEG under 128 KiB, and under 20 KB a half-size one."""
+    torch.manual_seed(0)
+    small = save_grid(torch.rand(4, 3, 32, 32) * 2 - 1, tmp_path / "small.png")
+    assert web_image(small, 128 * 1024) == ("image/png", small.read_bytes())
+    noise = save_grid(torch.rand(64, 3, 32, 32) * 2 - 1, tmp_path / "noise.png")
+    assert noise.stat().st_size > 128 * 1024
+    for limit, size in ((128 * 1024, 274), (20_000, 137)):
+        media, data = web_image(noise, limit)
+        assert media == "image/jpeg" and len(data) <= limit
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.format == "JPEG" and img.size == (size, size)

@@ -16,6 +16,7 @@ import torch
 import yaml
 from cli_run import REPO, Cli, signal_group
 from prefect.client.orchestration import get_client
+from run_records import flow_artifacts
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.files import write_checked
@@ -51,10 +52,10 @@ def test_a_grid_sweep_runs_its_trials_through_run_deployment_and_a_rerun_starts_
     """sweep_flow runs a 2-trial grid, 2 at once, as flow runs of the ddpm-smoke deployment
     (served from a child process, as ddpm-sweep does without a server): both trials Completed
     with their metric in the record and the returned table, checkpoints in their run folders,
-    the plot on disk, every trial's W&B run in the sweep's group and a W&B run of the sweep's
-    own, each trial a subflow run of the sweep. Running it again starts no trial; a trial
-    recorded as running (the sweep was killed) whose flow run has finished is read, not run
-    again."""
+    the plot on disk and as an image artifact after each trial, every trial's W&B run in the
+    sweep's group and a W&B run of the sweep's own, each trial a subflow run of the sweep.
+    Running it again starts no trial; a trial recorded as running (the sweep was killed) whose
+    flow run has finished is read, not run again."""
     spec = write_spec(tmp_path, cifar_writer, name="lr", concurrency=2,
                       vary={"optim.lr": [1.0e-3, 2.0e-4]})  # fmt: skip
     folder = tmp_path / "runs" / "sweeps" / "lr"
@@ -85,6 +86,10 @@ def test_a_grid_sweep_runs_its_trials_through_run_deployment_and_a_rerun_starts_
     assert rows["trial-001"]["optim.lr"] == 2e-4 and rows["trial-001"]["state"] == "Completed"
     assert rows["trial-001"]["wandb"] == "lr/trial-001 (offline)"
     assert (folder / "metric.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plots = flow_artifacts(state.state_details.flow_run_id)["sweep-lr-plot"]  # one per trial end
+    assert [(a.type, a.data[:33]) for a in plots] == [
+        ("image", "data:image/png;base64,iVBORw0KGgo")
+    ] * 2
     sweep_runs = [r.run for r in wandb_records(folder / "wandb") if r.HasField("run")]
     assert {(r.run_group, r.job_type, r.display_name) for r in sweep_runs} == {
         ("lr", "sweep", "sweep-lr")

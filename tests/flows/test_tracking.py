@@ -3,6 +3,7 @@ protobuf), the Prefect artifacts on the server, and that the W&B key is written 
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,12 @@ def test_offline_wandb_run_logs_everything_but_code(offline, wandb_records) -> N
 
 
 def test_prefect_artifacts_show_progress_metrics_and_summary(offline) -> None:
-    """The flow run has a progress artifact at 100 %, a table with one row per epoch and a
-    markdown summary naming the run folder; keys are stable lowercase-dash names."""
+    """The flow run has a progress artifact at 100 %, a table with one row per epoch, a
+    markdown summary naming the run folder and an image artifact per sample grid that carries
+    the grid's PNG; keys are stable lowercase-dash names."""
     state = train_flow(overrides=offline, return_state=True)
     artifacts = flow_artifacts(state.state_details.flow_run_id)
-    assert set(artifacts) == {"training-progress", "epoch-metrics", "run-summary"}
+    assert set(artifacts) == {"training-progress", "epoch-metrics", "run-summary", "samples"}
     (progress,) = artifacts["training-progress"]
     assert progress.type == "progress" and float(progress.data) == 100.0
     table = json.loads(artifacts["epoch-metrics"][-1].data)
@@ -75,6 +77,13 @@ def test_prefect_artifacts_show_progress_metrics_and_summary(offline) -> None:
     assert len(artifacts["epoch-metrics"]) == 2  # one version per epoch: history in the UI
     summary = artifacts["run-summary"][-1].data
     assert state.result()["run_dir"] in summary and "epoch_002.pt" in summary
+    samples = artifacts["samples"]
+    grids = sorted(Path(state.result()["run_dir"], "samples").glob("epoch_*.png"))
+    assert [a.type for a in samples] == ["image", "image"]
+    assert [a.data for a in samples] == [
+        "data:image/png;base64," + base64.b64encode(grid.read_bytes()).decode() for grid in grids
+    ]
+    assert "epoch 2" in samples[-1].description
 
 
 def test_the_metrics_table_keeps_every_epoch_across_resumes(tiny: dict[str, Any]) -> None:
