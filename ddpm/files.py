@@ -353,7 +353,7 @@ def check_replaceable(folder: Path, marker: str, writer: str, option: str) -> No
 
 
 EXPORT_MARKER = ".ddpm-export.json"  # in every folder ddpm-export wrote (ddpm.export)
-SAMPLES_MARKER = "generation.json"  # in every folder ddpm-sample draws into (ddpm.generate)
+SAMPLES_MARKER = "generation.json"  # in every folder ddpm-sample draws into (ddpm.images)
 
 
 def claim_samples_folder(out: Path) -> bool:

@@ -26,10 +26,11 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from ddpm.batches import TrainingData, shard_bounds
 from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointWriter
 from ddpm.config import Config, TrainConfig
-from ddpm.data import TrainingData, load_dataset, locate_dataset, shard_bounds
+from ddpm.datasets import load_dataset, locate_dataset
 from ddpm.distributed import Group, Shard, collectives
 from ddpm.prepare import prepare_folder, reading_prepared
 from ddpm.run_dir import RunDir, save_ema_snapshot, save_step_checkpoint
@@ -94,7 +95,7 @@ class Hooks:
 
 
 class Batches(Protocol):
-    """What the loop trains on: ddpm.data.TrainingData, or any object that cuts epochs alike."""
+    """What the loop trains on: ddpm.batches.TrainingData, or any object that cuts epochs alike."""
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterable[torch.Tensor]: ...
 
