@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm.batches import TrainingData
 from ddpm.config import Config
-from ddpm.data import ImageFolderDataset, TrainingData, prepared_dataset
+from ddpm.datasets import prepared_dataset
+from ddpm.image_folders import ImageFolderDataset
 from ddpm.prepare import prepare, prepare_folder
 from ddpm.prepared import shard_name, write_manifest, write_shard
 from ddpm.sources import find_source
@@ -118,7 +120,8 @@ FIRST_BATCH = """
 import sys, time
 start = time.perf_counter()
 from benchmarks.data import config_for
-from ddpm.data import TrainingData, load_dataset
+from ddpm.batches import TrainingData
+from ddpm.datasets import load_dataset
 config = config_for(sys.argv[1], sys.argv[2])
 data = TrainingData(load_dataset(config, sys.argv[2]), config)
 next(iter(data.epoch(1)))
@@ -175,7 +178,8 @@ import sys, torch
 torch.set_num_threads(1)
 from benchmarks.data import config_for
 from ddpm.build import build_training
-from ddpm.data import TrainingData, prepared_dataset
+from ddpm.batches import TrainingData
+from ddpm.datasets import prepared_dataset
 from ddpm.trainer import train_step
 import dataclasses
 config = config_for("prepared", sys.argv[1])

@@ -288,8 +288,9 @@ def train(out: Path, overrides: dict[str, Any], dataset: str = "digits") -> dict
     """Train at the budget with the project's path (an edm run measures sigma_data as
     train_flow does; train.ema_snapshots go to out/ema); save the final state as the run
     folder's epoch checkpoint, the losses and the time taken."""
+    from ddpm.batches import TrainingData
     from ddpm.build import build_training, with_sigma_data
-    from ddpm.data import TrainingData, load_dataset
+    from ddpm.datasets import load_dataset
     from ddpm.run_dir import RunDir, save_epoch_checkpoint
     from ddpm.trainer import Trainer
 
@@ -433,7 +434,8 @@ def diagnose(out: Path, sampler: str = "ddim", steps: int = 100, eta: float = 1.
     (200 images, as `sample` draws them): the mean of x_t / sqrt(abar_t) and of the clipped x0
     estimate over the 3x3 corner patches (background in 99.9 % of the data) at every step.
     """
-    from ddpm.data import load_dataset, normalize
+    from ddpm.batches import normalize
+    from ddpm.datasets import load_dataset
     from ddpm.generate import image_seed, load_trained_model
     from ddpm.noise import draw_noise, step_generator
     from ddpm.samplers import make_sampler
@@ -564,7 +566,8 @@ def train_diffusers(out: Path, variant: str = "eps-ddim100") -> dict[str, Any]:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ddpm.data import TrainingData, load_dataset
+    from ddpm.batches import TrainingData
+    from ddpm.datasets import load_dataset
     from ddpm.training import run_warmup_steps
 
     torch.set_num_threads(1)

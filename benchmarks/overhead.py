@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_or_resume
-from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.datasets import load_dataset, locate_dataset
 from ddpm.generate import draw_samples
 from ddpm.images import save_grid
 from ddpm.run_dir import RunDir, save_epoch_checkpoint

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_network, build_training
 from ddpm.config import (
     Config,
@@ -38,7 +39,7 @@ from ddpm.config import (
     SampleConfig,
     TrainConfig,
 )
-from ddpm.data import TensorImageDataset, TrainingData
+from ddpm.datasets import TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.trainer import Trainer
 from ddpm.training import autocast, resolve_device, resolve_precision

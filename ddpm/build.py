@@ -21,7 +21,7 @@ from ddpm.config import (
     DiffusionConfig,
     ModelConfig,
 )
-from ddpm.data import sigma_data_of
+from ddpm.datasets import sigma_data_of
 from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel
 from ddpm.edm import SIGMA_DATA, EDMParams
@@ -79,7 +79,7 @@ def build_diffusion(
 
 def with_sigma_data(config: Config, dataset: Dataset) -> Config:
     """config with diffusion.sigma_data measured on the training images where an edm run
-    leaves it unset (ddpm.data.sigma_data_of), so the model, its checkpoints' architecture
+    leaves it unset (ddpm.datasets.sigma_data_of), so the model, its checkpoints' architecture
     record and a resumed run all hold the value; config itself otherwise."""
     diffusion = config.diffusion
     if diffusion.formulation != "edm" or diffusion.sigma_data is not None:

@@ -16,6 +16,14 @@ class UserError(Exception):
     transient: bool = False
 
 
+class DatasetError(UserError, RuntimeError):
+    """A dataset is missing, malformed or failed verification; the message names the file."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message, or its type's name when it has none: enough to
     say why a file was skipped or refused, in one line."""

@@ -1,6 +1,7 @@
 """Images from a model: a training run's grid (draw_samples) and, from a trained run, its
-network from a checkpoint, noise seeded per image, numbered PNG files that an interrupted
-generation resumes, and the .npz that FID tools read.
+network from a checkpoint and its images from noise seeded per image, in the aligned batches
+that ddpm.images.ImageFiles writes as numbered PNG files (which an interrupted generation
+resumes).
 
 Image i is drawn from noise seeded by (seed, i) alone (image_seed). Batches cover the indices
 [k B, (k + 1) B) and are always full, so image i is computed in the same batch, with the same
@@ -11,43 +12,28 @@ of 200 (with the same batch size and device; another batch size changes only the
 from __future__ import annotations
 
 import hashlib
-import io
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from ddpm.batches import denormalize
 from ddpm.build import build_diffusion
 from ddpm.checkpoint import CheckpointError, check_compatible, load_checkpoint, to_cpu
 from ddpm.config import DiffusionConfig, ModelConfig, Precision, SampleConfig
-from ddpm.data import denormalize
-from ddpm.diffusion import DiffusionModel, Generators
+from ddpm.diffusion import DiffusionModel
 from ddpm.edm import SIGMA_MAX, SIGMA_MIN
 from ddpm.errors import UserError, first_line
-from ddpm.files import (
-    SAMPLES_MARKER,
-    atomic_write,
-    claim_samples_folder,
-    damaged,
-    read_json,
-    write_checked_json,
-)
+from ddpm.images import aligned_batches
+from ddpm.noise import Generators
 from ddpm.run_dir import RunDir, load_newest_valid
 from ddpm.samplers import make_sampler
 from ddpm.schedules import named_betas, schedule_constants
 from ddpm.sigma_samplers import SIGMA_SAMPLERS, make_sigma_sampler
 from ddpm.training import TrainingState, autocast
-
-OPTIONS_FILE = SAMPLES_MARKER  # what drew a folder's images; a re-run must match it
-
-
-class GenerationError(UserError):
-    """The output folder holds images drawn another way."""
 
 
 @dataclass(frozen=True)
@@ -188,13 +174,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return denormalize(x.float()).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
 
 
-def aligned_batches(num: int, batch_size: int) -> Iterator[range]:
-    """The batches of indices covering [0, num): [0, B), [B, 2B), ...; the last one is full
-    too (past num), so each image's batch does not depend on num."""
-    for start in range(0, num, batch_size):
-        yield range(start, start + batch_size)
-
-
 @torch.no_grad()
 def generate(
     diffusion: DiffusionModel,
@@ -249,110 +228,6 @@ def sample_set(
         for indices in aligned_batches(num, batch_size)
     ]
     return torch.cat(batches)[:num]
-
-
-class ImageFiles(Dataset):
-    """A folder of generated images, DIR/000000.png ...: items uint8 (C, H, W).
-
-    Args:
-        folder: where the images are.
-        num: how many (image i is folder/{i:06d}.png).
-    """
-
-    def __init__(self, folder: Path, num: int) -> None:
-        self.folder, self.num = Path(folder), num
-
-    def path(self, index: int) -> Path:
-        return self.folder / f"{index:06d}.png"
-
-    def __len__(self) -> int:
-        return self.num
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """Image index as uint8 (C, H, W).
-
-        Raises:
-            DamagedFile: naming the file, if it is not a readable image (torn, damaged).
-        """
-        from PIL import Image
-
-        try:
-            with Image.open(self.path(index)) as img:
-                array = np.asarray(img)
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, its own ...
-            raise damaged(
-                self.path(index), f"not a readable PNG: {first_line(err)}",
-                "remove it and run the same command again: it is drawn again, from its own "
-                "noise",
-            ) from None  # fmt: skip
-        array = array[:, :, None] if array.ndim == 2 else array
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-    def missing(self) -> int:
-        """How many of the num images have no file yet."""
-        return sum(not self.path(i).is_file() for i in range(self.num))
-
-    def pending_batches(self, batch_size: int) -> list[range]:
-        """The aligned batches with at least one image (below num) still to write."""
-        return [
-            indices
-            for indices in aligned_batches(self.num, batch_size)
-            if any(not self.path(i).is_file() for i in indices if i < self.num)
-        ]
-
-    def write(self, indices: range, images: torch.Tensor) -> int:
-        """Write the images of indices below num that have no file yet, each atomically (a
-        file is whole or absent); returns how many were written.
-
-        Args:
-            images: (len(indices), C, H, W) uint8.
-        """
-        from PIL import Image
-
-        written = 0
-        for index, image in zip(indices, images, strict=True):
-            path = self.path(index)
-            if index >= self.num or path.is_file():
-                continue
-            array = image.permute(1, 2, 0).numpy()
-            pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-            atomic_write(path, lambda f, pil=pil: pil.save(f, format="png"))
-            written += 1
-        return written
-
-    def write_npz(self) -> Path:
-        """All num images in one uint8 (N, H, W, C) array `arr_0`, the layout improved-diffusion's
-        and EDM's FID tools read: DIR/samples_NxHxWxC.npz, written atomically."""
-        images = torch.stack([self[i] for i in range(self.num)]).permute(0, 2, 3, 1).numpy()
-        path = self.folder / f"samples_{'x'.join(str(n) for n in images.shape)}.npz"
-        buffer = io.BytesIO()
-        np.savez(buffer, arr_0=images)
-        return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-    def claim(self, options: Mapping[str, Any]) -> None:
-        """Record what draws this folder's images (OPTIONS_FILE), or check that a folder
-        already holding images was drawn the same way, so a re-run resumes it and never mixes
-        images of two models or seeds.
-
-        Raises:
-            NotOurs: if the folder holds files but no OPTIONS_FILE (the user's: untouched).
-            GenerationError: naming the folder and what differs.
-            DamagedFile: if its OPTIONS_FILE is damaged.
-        """
-        record = self.folder / OPTIONS_FILE
-        if claim_samples_folder(self.folder):
-            fix = "choose another --out, or empty this folder"
-            saved = read_json(record, fix)
-            changed = [
-                f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v
-            ]
-            if changed:
-                raise GenerationError(
-                    f"{self.folder} holds images drawn with other options ({'; '.join(changed)}); "
-                    "choose another output folder or empty this one"
-                )
-            return
-        write_checked_json(record, dict(options))
 
 
 def draw_samples(

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_training
 from ddpm.config import Config
-from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.datasets import load_dataset, locate_dataset
 from ddpm.distributed import Group, collectives
 from ddpm.prepare import prepare_folder, reading_prepared
 from ddpm.trainer import EpochResult, Trainer

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ddpm.data import CIFAR10_DIR, CIFAR10_TRAIN_FILES, load_image, scan_folder
+from ddpm.cifar10 import CIFAR10_DIR, CIFAR10_TRAIN_FILES
+from ddpm.image_folders import load_image, scan_folder
 from ddpm.prepared import PreparedError
 
 __all__ = ["Source", "decode", "digest", "find_source", "folder_source"]
@@ -172,7 +173,7 @@ def decode(
     size) uint8 images, in order, and the names of those that could not be read."""
     import torch
 
-    from ddpm.data import _readable_image
+    from ddpm.image_folders import _readable_image
 
     torch.set_num_threads(1)
     channels = 3 if mode == "RGB" else 1
@@ -181,7 +182,7 @@ def decode(
     if source.kind == "cifar10":
         from PIL import Image
 
-        from ddpm.data import read_cifar10_batch
+        from ddpm.cifar10 import read_cifar10_batch
 
         (batch_file, _), *_ = items  # a CIFAR-10 shard is one batch file
         for row in read_cifar10_batch(source.path / batch_file).numpy():

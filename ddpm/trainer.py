@@ -25,9 +25,9 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from ddpm.batches import shard_bounds
 from ddpm.checkpoint import CheckpointWriter
 from ddpm.config import TrainConfig
-from ddpm.data import shard_bounds
 from ddpm.distributed import Group, Shard, collectives
 from ddpm.run_dir import RunDir, save_ema_snapshot, save_step_checkpoint
 from ddpm.training import TrainingState, autocast
@@ -91,7 +91,7 @@ class Hooks:
 
 
 class Batches(Protocol):
-    """What the loop trains on: ddpm.data.TrainingData, or any object that cuts epochs alike."""
+    """What the loop trains on: ddpm.batches.TrainingData, or any object that cuts epochs alike."""
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterable[torch.Tensor]: ...
 

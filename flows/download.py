@@ -11,7 +11,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
 from ddpm.config import Config, DataConfig
-from ddpm.data import locate_dataset
+from ddpm.datasets import locate_dataset
 from ddpm.evaluation import reference_key
 from ddpm.prepared import is_url, read_manifest
 

@@ -27,7 +27,8 @@ from prefect.utilities.annotations import quote
 from ddpm.config import Config
 from ddpm.errors import UserError
 from ddpm.evaluation import inception_weights
-from ddpm.generate import ImageFiles, TrainedModel
+from ddpm.generate import TrainedModel
+from ddpm.images import ImageFiles
 from ddpm.sigma_samplers import SIGMA_SAMPLERS
 from flows.download import download_task
 from flows.ema_flow import posthoc_ema_task

@@ -15,10 +15,11 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ddpm.config import Config
-from ddpm.data import load_dataset
+from ddpm.datasets import load_dataset
 from ddpm.evaluation import compute_metrics
 from ddpm.files import atomic_write
-from ddpm.generate import ImageFiles, TrainedModel, generate, load_trained_model, network_calls
+from ddpm.generate import TrainedModel, generate, load_trained_model, network_calls
+from ddpm.images import ImageFiles
 from flows.download import data_reference_key
 from flows.progress import ProgressBar
 from flows.shutdown import StopRequest

@@ -16,9 +16,10 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_or_resume, rewind
 from ddpm.config import Config
-from ddpm.data import TrainingData, load_dataset
+from ddpm.datasets import load_dataset
 from ddpm.distributed import Group, RankFailed
 from ddpm.errors import UserError, first_line
 from ddpm.evaluation import compute_metrics

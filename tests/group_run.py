@@ -19,9 +19,10 @@ import torch.multiprocessing as mp
 from torch.distributed.elastic.utils.distributed import get_free_port
 
 import ddpm.build
+from ddpm.batches import TrainingData
 from ddpm.build import build_training
 from ddpm.config import Config
-from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.datasets import load_dataset, locate_dataset
 from ddpm.distributed import join
 from ddpm.group_training import share_start, train_rank
 from ddpm.trainer import Trainer, TrainingDiverged

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_network
 from ddpm.config import ModelConfig
-from ddpm.data import TensorImageDataset, TrainingData
+from ddpm.datasets import TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 
 

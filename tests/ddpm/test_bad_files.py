@@ -37,10 +37,11 @@ from tiny_run import make_config
 
 from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointError, checksum_path, load_checkpoint
-from ddpm.data import DatasetError, ImageFolderDataset
-from ddpm.errors import UserError
+from ddpm.errors import DatasetError, UserError
 from ddpm.files import DamagedFile, NotOurs, write_checked
-from ddpm.generate import GenerationError, ImageFiles, load_trained_model
+from ddpm.generate import load_trained_model
+from ddpm.image_folders import ImageFolderDataset
+from ddpm.images import GenerationError, ImageFiles
 from ddpm.marked_folders import EXPORT_MARKER, check_export_target, write_marker
 from ddpm.run_dir import RunDir, keep_best, load_newest_valid, save_epoch_checkpoint
 from flows.sweep_record import Trial, read_record, write_record

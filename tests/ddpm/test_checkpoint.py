@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm.batches import EpochLoader
 from ddpm.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from ddpm.config import OptimConfig
-from ddpm.data import EpochLoader, TensorImageDataset
+from ddpm.datasets import TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.images import save_grid, web_image
 from ddpm.trainer import train_step

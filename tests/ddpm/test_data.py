@@ -12,21 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import (
-    DatasetError,
+from ddpm.batches import (
     EpochLoader,
-    ImageFolderDataset,
-    TensorImageDataset,
     TrainingData,
     denormalize,
     device_epoch_batches,
-    download_cifar10,
-    load_cifar10,
     normalize,
-    read_cifar10_batch,
     steps_per_epoch,
-    subset_indices,
 )
+from ddpm.cifar10 import download_cifar10, load_cifar10, read_cifar10_batch
+from ddpm.datasets import TensorImageDataset, subset_indices
+from ddpm.errors import DatasetError
+from ddpm.image_folders import ImageFolderDataset
 
 # ---- CIFAR-10 -------------------------------------------------------------------------------
 

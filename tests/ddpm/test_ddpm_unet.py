@@ -9,9 +9,10 @@ import pytest
 import torch
 from tiny_run import make_config, smooth_batch
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointError
-from ddpm.data import TrainingData, load_dataset, locate_dataset
+from ddpm.datasets import load_dataset, locate_dataset
 from ddpm.ddpm_unet import DDPMUNet
 from ddpm.diffusion import DiffusionModel
 from ddpm.generate import draw_samples, generate, load_trained_model

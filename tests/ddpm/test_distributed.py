@@ -10,9 +10,9 @@ import torch
 from group_run import train_alone, train_group
 from tiny_run import make_config, write_cifar10
 
+from ddpm.batches import shard_bounds
 from ddpm.build import build_training
 from ddpm.config import Config
-from ddpm.data import shard_bounds
 
 
 def max_difference(a: dict, b: dict) -> float:

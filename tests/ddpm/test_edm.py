@@ -13,7 +13,7 @@ import torch
 
 from ddpm.build import build_training, with_sigma_data
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ddpm.data import TensorImageDataset, sigma_data_of
+from ddpm.datasets import TensorImageDataset, sigma_data_of
 from ddpm.diffusion import DiffusionModel
 from ddpm.edm import EDMParams, edm_training_target, precondition
 from ddpm.generate import load_trained_model

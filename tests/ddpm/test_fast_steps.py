@@ -11,9 +11,10 @@ from tiny_run import Calls, smooth_batch, train_on
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_training
 from ddpm.config import OptimConfig
-from ddpm.data import TensorImageDataset, TrainingData
+from ddpm.datasets import TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.trainer import Trainer, train_step
 from ddpm.training import EMA, TrainingState, build_optimizer, resolve_precision

@@ -13,15 +13,8 @@ import torch
 from ddpm.build import build_training
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.files import NotOurs
-from ddpm.generate import (
-    GenerationError,
-    ImageFiles,
-    aligned_batches,
-    generate,
-    image_seed,
-    load_trained_model,
-    sample_set,
-)
+from ddpm.generate import generate, image_seed, load_trained_model, sample_set
+from ddpm.images import GenerationError, ImageFiles, aligned_batches
 from ddpm.run_dir import RunDir, keep_best, load_newest_valid, save_epoch_checkpoint
 from ddpm.trainer import train_step
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import ImageFolderDataset, load_cifar10
+from ddpm.cifar10 import load_cifar10
 from ddpm.files import NotOurs
+from ddpm.image_folders import ImageFolderDataset
 from ddpm.prepare import LOCK, PLAN, prepare
 from ddpm.prepared import MANIFEST, PreparedError, PreparedImages, shard_name
 from ddpm.sources import find_source
@@ -153,7 +154,8 @@ def test_training_batches_from_a_prepared_folder_are_the_folders(
     ranks' slices are disjoint and make up the batch."""
     from tiny_run import make_config
 
-    from ddpm.data import PreparedDataset, TensorImageDataset, TrainingData, prepared_dataset
+    from ddpm.batches import TrainingData
+    from ddpm.datasets import PreparedDataset, TensorImageDataset, prepared_dataset
 
     write_images(tmp_path / "images", 13)
     prepare(find_source(tmp_path / "images"), tmp_path / "out", 32, workers=1, shard_size=5)
@@ -224,7 +226,7 @@ def test_the_folder_scan_lists_what_path_rglob_lists_in_its_order(tmp_path: Path
     """scan_folder (one scandir pass, used by the folder path and preparation alike) gives
     the files sorted Path(...).rglob gives, in the same order (by parts: `a/b` before `a-b`),
     links to folders not followed, links to files kept."""
-    from ddpm.data import scan_folder
+    from ddpm.image_folders import scan_folder
 
     for name in ["a/b.png", "a-b.png", "a.png", "A.jpg", "a/c/d.JPEG", "ab.png", "a b.png",
                  ".h.png", "x.txt", "z/.git/q.png"]:  # fmt: skip
@@ -249,7 +251,8 @@ def test_dataloader_workers_read_a_prepared_dataset_too_large_for_memory(
     give the batches the main process gives, mapped or read by pread."""
     from tiny_run import make_config
 
-    from ddpm.data import PreparedDataset, TrainingData
+    from ddpm.batches import TrainingData
+    from ddpm.datasets import PreparedDataset
     from ddpm.prepared import PreparedImages
 
     write_images(tmp_path / "images", 11)

@@ -113,7 +113,8 @@ def test_a_prepared_dataset_at_a_url_is_fetched_checked_and_resumed(tmp_path: Pa
     shards stream into data.root/remote/<url> and read back byte for byte; a second fetch
     rewrites nothing; a copy cut short (a shard and the manifest gone) fetches only the
     missing shard; a shard damaged in the store, or a URL holding no dataset, is named."""
-    from ddpm.data import DatasetError, fetch_prepared
+    from ddpm.datasets import fetch_prepared
+    from ddpm.errors import DatasetError
 
     store = tmp_path / "bucket" / "cifar"
     written = prepare(store, [7, 5, 9])

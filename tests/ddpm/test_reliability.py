@@ -15,6 +15,7 @@ import torch
 from tiny_run import Calls, make_config, train_on
 from torch import nn
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_or_resume, build_training
 from ddpm.checkpoint import (
     CheckpointError,
@@ -24,7 +25,7 @@ from ddpm.checkpoint import (
     save_checkpoint,
 )
 from ddpm.config import OptimConfig
-from ddpm.data import TensorImageDataset, TrainingData
+from ddpm.datasets import TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.run_dir import RunDir, load_newest_valid, save_epoch_checkpoint
 from ddpm.trainer import Trainer, TrainingDiverged

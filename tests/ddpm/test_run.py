@@ -12,17 +12,13 @@ import torch
 from PIL import Image
 from tiny_run import Calls
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_or_resume, build_training, rewind
 from ddpm.config import DataConfig
-from ddpm.data import (
-    DatasetError,
-    ImageFolderDataset,
-    TensorImageDataset,
-    TrainingData,
-    load_dataset,
-    locate_dataset,
-)
+from ddpm.datasets import TensorImageDataset, load_dataset, locate_dataset
+from ddpm.errors import DatasetError
 from ddpm.generate import draw_samples
+from ddpm.image_folders import ImageFolderDataset
 from ddpm.run_dir import (
     RunDir,
     RunInUse,

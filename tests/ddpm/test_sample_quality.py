@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ddpm.batches import TrainingData
 from ddpm.build import build_training
 from ddpm.config import (
     Config,
@@ -16,7 +17,7 @@ from ddpm.config import (
     SampleConfig,
     TrainConfig,
 )
-from ddpm.data import TensorImageDataset, TrainingData
+from ddpm.datasets import TensorImageDataset
 from ddpm.generate import draw_samples, to_uint8
 from ddpm.trainer import Trainer
 from ddpm.training import TrainingState

@@ -9,8 +9,9 @@ import torch
 from tiny_run import Calls, train_on
 from torch import nn
 
+from ddpm.batches import EpochLoader
 from ddpm.config import OptimConfig
-from ddpm.data import EpochLoader, TensorImageDataset
+from ddpm.datasets import TensorImageDataset
 from ddpm.diffusion import DiffusionModel
 from ddpm.trainer import train_step
 from ddpm.training import (

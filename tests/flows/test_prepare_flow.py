@@ -17,7 +17,7 @@ import torch
 from cli_run import REPO, Cli
 from PIL import Image
 
-from ddpm.data import ImageFolderDataset
+from ddpm.image_folders import ImageFolderDataset
 from ddpm.prepared import MANIFEST, PreparedImages
 
 SCRIPT = str(REPO / "flows" / "prepare_flow.py")

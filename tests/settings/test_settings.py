@@ -791,8 +791,9 @@ def test_settings_and_the_core_config_import_without_torch() -> None:
 
     light = "import sys, settings, ddpm.config; assert 'torch' not in sys.modules"
     core = (
-        "import sys, ddpm.build, ddpm.trainer, ddpm.generate, ddpm.data, ddpm.run_dir, "
-        "ddpm.images; bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', "
+        "import sys, ddpm.build, ddpm.trainer, ddpm.generate, ddpm.cifar10, ddpm.datasets, "
+        "ddpm.image_folders, ddpm.batches, ddpm.run_dir, ddpm.images; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', "
         "'wandb', 'settings', 'benchmarks')]; assert not bad, bad"
     )
     for probe in (light, core):
