@@ -56,7 +56,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,6 +69,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flows.children import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtual environment's commands
@@ -252,13 +253,6 @@ def kill_tree(pid: int) -> None:
     for victim in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 free now (for the server, restarted on the same one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- files --------------------------------------------------------------------------------------

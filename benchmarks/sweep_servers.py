@@ -31,12 +31,9 @@ from typing import Any
 
 import yaml
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-sys.path.insert(0, str(TESTS))  # the tests' PostgreSQL and Prefect process helpers
-
-from postgres import postgres_server  # noqa: E402
-from prefect_stack import REPO, clean_env, prefect, prefect_server, workers  # noqa: E402
-from tiny_run import write_cifar10  # noqa: E402
+from benchmarks.faults import write_cifar10
+from benchmarks.postgres import postgres_server
+from benchmarks.prefect_stack import REPO, clean_env, prefect, prefect_server, workers
 
 PATTERNS = {
     "database is locked": re.compile(r"database is locked", re.I),

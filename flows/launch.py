@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flows.children import free_port
+
 OVERRIDES = "TRAIN_FLOW_OVERRIDES"  # the launcher's overrides, as JSON, for every rank
 OUTCOME = "TRAIN_FLOW_OUTCOME"  # where rank 0 writes how the run ended
 
@@ -58,14 +60,13 @@ def launch(
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.utils.distributed import get_free_port
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     with tempfile.TemporaryDirectory(prefix="ddpm-launch-") as folder:
         outcome = Path(folder) / "outcome.json"
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=uuid.uuid4().hex,
-            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{get_free_port()}",
+            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
             local_addr="127.0.0.1", max_restarts=max_restarts, monitor_interval=0.2,
             shutdown_timeout=int(stop_timeout) + 10, logs_specs=DefaultLogsSpecs(folder),
         )  # fmt: skip

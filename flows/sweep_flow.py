@@ -552,26 +552,28 @@ def local_runner(deployment: str, limit: int, timeout: float, log: Path) -> Iter
            "PREFECT_API_URL": PREFECT_API_URL.value()}  # fmt: skip
     command = [sys.executable, "-m", "deployments.serve", "--deployment", deployment,
                "--limit", str(limit)]  # fmt: skip
-    log.parent.mkdir(parents=True, exist_ok=True)
     print(f"serving {deployment} here for the trials; their logs: {log}", file=sys.stderr)
-    with open(log, "ab") as out:
-        runner = children.start(command, env=env, stdout=out, death_signal=signal.SIGINT)
-    try:
-        deadline = time.monotonic() + timeout
-        with get_client(sync_client=True) as client:
-            while True:
-                try:
-                    client.read_deployment_by_name(deployment)
-                    break
-                except ObjectNotFound:
-                    if runner.poll() is not None or time.monotonic() > deadline:
-                        raise SpecError(
-                            f"deployment: {deployment} could not be served here (ddpm-serve "
-                            f"exited {runner.poll()}, or took over {timeout:g} s)"
-                        ) from None
-                    time.sleep(0.5)
-        yield
-    finally:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(get_client(sync_client=True))
+
+        def served() -> bool:
+            try:
+                client.read_deployment_by_name(deployment)
+            except ObjectNotFound:
+                return False
+            return True
+
         # SIGINT: its SIGTERM handler fails (Prefect 3.8.8); after 30 s, SIGKILL to it and to
         # every process it started (the trials' flow runs run in sessions of their own).
-        children.stop(runner, signal.SIGINT, grace=30)
+        runner = children.running(command, env=env, ready=served, timeout=timeout, log=log,
+                                  stop_signal=signal.SIGINT, grace=30)  # fmt: skip
+        try:
+            stack.enter_context(runner)
+        except children.StartError as err:
+            how = (f"took over {timeout:g} s" if err.returncode is None
+                   else f"exited with status {err.returncode}")  # fmt: skip
+            raise SpecError(
+                f"deployment: {deployment} could not be served here (ddpm-serve {how}; its "
+                f"output: {log})"
+            ) from None
+        yield

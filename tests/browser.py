@@ -7,15 +7,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect_stack import stop_group
 from websockets.sync.client import ClientConnection, connect
+
+from flows.children import running
 
 NAMES = ("chromium", "chromium-browser", "google-chrome")  # Debian's, Ubuntu's, Google's
 CHROMIUM = next(filter(None, map(shutil.which, NAMES)), None)
@@ -69,29 +70,27 @@ class Page:
 @contextlib.contextmanager
 def headless_page(folder: Path) -> Iterator[Page]:
     """A headless Chromium (its profile and log under folder, its DevTools port chosen by
-    Chromium and read from the profile) with one blank tab; stopped by process group."""
+    Chromium and read from the profile) with one blank tab; stopped with its whole session
+    (flows.children.running)."""
     profile = folder / "chromium-profile"
     profile.mkdir(parents=True)
     # No sandbox: the pages are the test's own server, and containers (as root, or without user
     # namespaces) often cannot start the sandbox.
     args = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
             f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"]  # fmt: skip
-    with open(folder / "chromium.log", "wb") as log:
-        process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    port_file = profile / "DevToolsActivePort"
+
+    def ready() -> bool:
+        return port_file.exists() and len(port_file.read_text().split()) >= 2
+
     try:
-        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
-        while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
-            started = process.poll() is None and time.monotonic() < deadline
-            assert started, (folder / "chromium.log").read_text()
-            time.sleep(0.1)
-        port, path = port_file.read_text().split()[:2]
-        with connect(f"ws://127.0.0.1:{port}{path}", max_size=None) as socket:
-            browser = Page(socket)
-            target = browser.call("Target.createTarget", url="about:blank")["targetId"]
-            attached = browser.call("Target.attachToTarget", targetId=target, flatten=True)
-            yield Page(socket, attached["sessionId"])
+        with running(args, env=dict(os.environ), ready=ready, timeout=60,
+                     log=folder / "chromium.log", grace=10):  # fmt: skip
+            port, path = port_file.read_text().split()[:2]
+            with connect(f"ws://127.0.0.1:{port}{path}", max_size=None) as socket:
+                browser = Page(socket)
+                target = browser.call("Target.createTarget", url="about:blank")["targetId"]
+                attached = browser.call("Target.attachToTarget", targetId=target, flatten=True)
+                yield Page(socket, attached["sessionId"])
     finally:
-        stop_group(process, wait=10)
         shutil.rmtree(profile, ignore_errors=True)

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from torch.distributed.elastic.utils.distributed import get_free_port
 
 import ddpm.build
 from ddpm.batches import TrainingData
@@ -27,6 +26,7 @@ from ddpm.distributed import join
 from ddpm.group_training import share_start, train_rank
 from ddpm.trainer import Trainer, TrainingDiverged
 from ddpm.unet import UNet
+from flows.children import free_port
 
 
 def train_alone(config: Config) -> dict[str, Any]:
@@ -94,5 +94,5 @@ def train_group(
     running the same loop (SPMD); each must exit 0. nan = (rank, calls): that rank's U-Net
     returns NaN after `calls` training calls; rank 0 then records the divergence in the
     snapshot's settings."""
-    mp.spawn(_rank, (world_size, get_free_port(), config, str(out), nan), nprocs=world_size)
+    mp.spawn(_rank, (world_size, free_port(), config, str(out), nan), nprocs=world_size)
     return torch.load(out, weights_only=False)

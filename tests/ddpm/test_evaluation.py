@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from ddpm.evaluation import (
     compute_metrics,
     reference_key,
 )
+from flows.children import free_port
 
 # One worker builds the module's shared fixtures once (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("evaluation")
@@ -148,9 +148,7 @@ def test_missing_weights_file_is_one_line(weights: Path, tmp_path: Path) -> None
 
 def test_failed_download_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """weights=None without a reachable URL fails fast with one line naming eval.weights."""
-    with socket.socket() as s:  # a port nothing listens on: the connection is refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on: the connection is refused
     monkeypatch.setattr(evaluation, "INCEPTION_URL", f"http://127.0.0.1:{port}/{INCEPTION_FILE}")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
     images = smooth_images(4, seed=0)

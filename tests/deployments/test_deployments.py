@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect_stack import REPO, clean_env, prefect, prefect_server
 
+from benchmarks.prefect_stack import REPO, clean_env, prefect, prefect_server
 from ddpm.run_dir import RunDir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -12,10 +12,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from postgres import postgres_server
-from prefect_stack import PREFECT, clean_env, prefect_server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+from benchmarks.postgres import missing, postgres_server
+from benchmarks.prefect_stack import PREFECT, clean_env, prefect_server
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(missing() is not None, reason=str(missing())),
+]
 
 
 def filter_work_pools(api: str, auth: str | None) -> int:

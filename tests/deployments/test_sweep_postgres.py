@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from postgres import postgres_server
-from prefect_stack import clean_env, prefect, prefect_server, workers
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+from benchmarks.postgres import missing, postgres_server
+from benchmarks.prefect_stack import clean_env, prefect, prefect_server, workers
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(missing() is not None, reason=str(missing())),
+]
 
 
 def wait_final(env: dict[str, str], flow_run_id: str, timeout: float) -> object:

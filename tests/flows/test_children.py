@@ -93,3 +93,76 @@ def test_a_child_that_stops_when_told_is_not_killed() -> None:
     started = time.monotonic()
     children.stop(child, signal.SIGTERM, grace=10)
     assert time.monotonic() - started < 5 and child.returncode == -signal.SIGTERM
+
+
+def test_running_waits_until_ready_and_stops_the_whole_session(tmp_path: Path) -> None:
+    """running() yields once its readiness check passes, appends the child's output to the
+    log, and on exit stops the child and the rest of its session, even a process there that
+    ignores the stop signal."""
+    ready = tmp_path / "ready"
+    child = [sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, signal, subprocess, time
+        subprocess.Popen([{sys.executable!r}, "-c",
+                          "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "time.sleep(120)"])  # same session, deaf to SIGTERM
+        print("started", flush=True)
+        time.sleep(0.5)
+        pathlib.Path({str(ready)!r}).touch()
+        time.sleep(120)
+    """)]  # fmt: skip
+    log = tmp_path / "logs" / "child.log"
+    with children.running(
+        child, env=os.environ, ready=ready.exists, timeout=30, log=log, grace=1
+    ) as process:
+        assert ready.exists() and process.poll() is None
+        deadline = time.monotonic() + 10
+        while not children.descendants(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ((deaf, _),) = children.descendants(process.pid)
+        assert os.getsid(deaf) == process.pid
+    assert process.returncode == -signal.SIGTERM and gone(deaf)
+    assert log.read_text() == "started\n"
+
+
+def test_a_child_that_exits_before_it_is_ready_is_an_error_naming_it_with_its_output(
+    tmp_path: Path,
+) -> None:
+    """A child that exits before its readiness check passes raises StartError with its exit
+    status, its command and the end of its output (this start's only: the log is appended to)."""
+    log = tmp_path / "child.log"
+    log.write_text("an earlier start's line\n")
+    failing = [sys.executable, "-c", "import sys; print('port in use'); sys.exit(3)"]
+    with (
+        pytest.raises(children.StartError) as raised,
+        children.running(failing, env=os.environ, ready=lambda: False, log=log),
+    ):
+        pytest.fail("the body ran")
+    err = raised.value
+    assert err.returncode == 3 and err.tail == ["port in use"] and err.log == log
+    message = str(raised.value)
+    assert message.startswith(f"`{Path(sys.executable).name} -c ")
+    assert "exited with status 3 before it was ready" in message
+    assert message.endswith(f"({log}):\n    port in use")
+
+
+def test_a_child_not_ready_in_time_is_an_error_and_is_stopped() -> None:
+    """A child whose readiness check does not pass within the timeout raises StartError (no
+    exit status, the timeout named) and is stopped; its output went to a temporary file."""
+    before = set(children.descendants(os.getpid()))
+    started = time.monotonic()
+    with (
+        pytest.raises(children.StartError, match=r"was not ready within 0\.5 s") as raised,
+        children.running(SLEEPER, env=os.environ, ready=lambda: False, timeout=0.5),
+    ):
+        pytest.fail("the body ran")
+    assert raised.value.returncode is None and raised.value.log is None
+    assert time.monotonic() - started < 10
+    assert set(children.descendants(os.getpid())) <= before
+
+
+def test_free_port_is_free() -> None:
+    """free_port() names a port of 127.0.0.1 that a server can bind at once."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", children.free_port()))

@@ -17,8 +17,9 @@ from cli_run import REPO
 from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect_stack import clean_env, prefect_server
 from run_records import flow_artifacts
+
+from benchmarks.prefect_stack import clean_env, prefect_server
 
 pytestmark = [
     pytest.mark.e2e,

@@ -103,7 +103,7 @@ def test_server_killed_mid_run_saves_the_step_and_exits_75_in_one_line(
     (server,) = [
         pid
         for pid in _children(cli.process.pid)
-        if "create_app" in Path(f"/proc/{pid}/cmdline").read_text()
+        if b"prefect\0server\0start" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     os.kill(server, signal.SIGKILL)
     killed, before = time.monotonic(), len(cli.lines)

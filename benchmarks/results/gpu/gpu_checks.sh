@@ -24,7 +24,7 @@ python3 -c "import prefect, wandb, pydantic_settings, torch_fidelity; print('pre
 echo "setup done at $(elapsed) s: $(tail -1 "$OUT/env.txt")"
 
 # CIFAR-10-sized data in the official format (50,000 training images), written in the background.
-python3 -c "import sys; sys.path.insert(0, 'tests'); from tiny_run import write_cifar10; write_cifar10('/tmp/cifar', images_per_batch=10000)" &
+PYTHONPATH=$PYTHONPATH:tests python3 -c "from tiny_run import write_cifar10; write_cifar10('/tmp/cifar', images_per_batch=10000)" &
 writer=$!
 
 timeout 230 python3 -m benchmarks.speed --device cuda --json "$OUT/${gpu:-gpu}.json" --profile "$OUT/profile.txt" > "$OUT/bench.log" 2>&1

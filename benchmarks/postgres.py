@@ -1,6 +1,8 @@
-"""A real PostgreSQL for tests: `postgres_server(folder)` creates a throwaway cluster (initdb),
-starts it on a free port of 127.0.0.1 with password (scram-sha-256) logins, yields how to reach
-it, and stops it on exit even when the body raises.
+"""A real PostgreSQL for the tests and the sweep benchmark: `postgres_server(folder)` creates a
+throwaway cluster (initdb), starts it on a free port of 127.0.0.1 with password (scram-sha-256)
+logins, yields how to reach it, and stops it on exit even when the body raises. pg_ctl starts,
+waits for and stops it (the postmaster detaches, and runs as `nobody` below), so it is not one
+of flows.children's.
 
 initdb and postgres refuse to run as root, and these machines run tests as root: the cluster
 then belongs to `nobody`. It lives in a short folder under the system temp dir, which `nobody`
@@ -15,13 +17,14 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from flows.children import free_port
 
 BINARIES = ("initdb", "pg_ctl", "postgres")
 # Durability off: a test's cluster is thrown away, so CREATE DATABASE and migrations need not
@@ -61,10 +64,12 @@ class PostgresServer:
             connection.execute(f'CREATE DATABASE "{name}"')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def missing() -> str | None:
+    """Why PostgreSQL cannot run here (a binary not on the PATH), or None when it can."""
+    for binary in BINARIES:
+        if shutil.which(binary) is None:
+            return f"PostgreSQL's {binary} is not on the PATH"
+    return None
 
 
 def _run_as() -> dict:
@@ -79,12 +84,11 @@ def _run_as() -> dict:
 def postgres_server(folder: Path) -> Iterator[PostgresServer]:
     """Start PostgreSQL on 127.0.0.1 (superuser `postgres`, a random password); stop it on exit.
 
-    Skips the test when initdb, pg_ctl or postgres is not on the PATH."""
-    for binary in BINARIES:
-        if shutil.which(binary) is None:
-            import pytest
-
-            pytest.skip(f"PostgreSQL's {binary} is not on the PATH")
+    Raises:
+        RuntimeError: when initdb, pg_ctl or postgres is not on the PATH (`missing`).
+    """
+    if why := missing():
+        raise RuntimeError(why)
     server = PostgresServer("127.0.0.1", free_port(), "postgres", secrets.token_hex(16))
     user = _run_as()
     root = Path(tempfile.mkdtemp(prefix="pg-"))
