@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tiny_run import write_cifar10
 
 from flows.commands import PARSERS, parse_command, parse_sample_args
 from settings import SettingsError, load_settings, parse_flags
@@ -166,3 +167,25 @@ def test_each_command_the_docs_name_is_installed_and_answers_help(command: str) 
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+@pytest.mark.slow(seconds=90)
+def test_the_core_pages_python_runs_as_shown(tmp_path: Path) -> None:
+    """The Python of "Use the core directly", each block as shown in a fresh process, in a folder
+    whose ./data holds a CIFAR-10 of 1,025 images in the official format (nothing is downloaded
+    here): both end, and the whole run leaves its two epochs' checkpoints and grids."""
+    text = (REPO / "docs" / "how-to" / "core.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 2
+    write_cifar10(tmp_path / "data", images_per_batch=205)
+    for block in blocks:
+        done = subprocess.run(
+            [sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "notebook"
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+        "epoch_001.png", "epoch_002.png"
+    ]  # fmt: skip
+    assert len(list((run / "checkpoints").glob("epoch_*.pt"))) == 2
