@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -516,12 +517,21 @@ def free_bytes(folder: Path) -> int:
 
 
 def fill(folder: Path, leave: int) -> Path:
-    """A filler file on folder's filesystem leaving about `leave` bytes free."""
+    """A filler file on folder's filesystem leaving about `leave` bytes free. The run under
+    test may be writing meanwhile, so the free space read can be gone by the time it is taken:
+    then it is read again and the filler grown to it (three of the first 300 injections of
+    disk-full at a checkpoint failed in the harness on that race)."""
     filler = folder / ".faults-filler"
-    size = max(0, free_bytes(folder) - leave)
     with open(filler, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, max(size, 1))
-    return filler
+        for _ in range(100):
+            size = os.fstat(f.fileno()).st_size + max(0, free_bytes(folder) - leave)
+            try:
+                os.posix_fallocate(f.fileno(), 0, max(size, 1))
+                return filler
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+    raise OSError(errno.ENOSPC, f"{folder}: the free space kept shrinking while it was filled")
 
 
 def limit_file_size(pid: int, limit: int) -> None:
