@@ -12,10 +12,14 @@ does). A failed trial is a row that says why. SIGTERM or Ctrl-C cancels the runn
 artifact is re-published; at the end, a plot of the metric per trial goes to the sweep's
 folder and, with the table, to a W&B run in the sweep's group (which holds every trial's run).
 
-tpe searches ask Optuna's TPE sampler for each trial's settings; the study lives in a database
-every worker reaches (spec `storage`, default a SQLite file in the sweep's folder), where each
-trial reports its metric every epoch and the median pruner may stop it (flows.trial_report):
-a pruned trial ends Cancelled with the reason, its checkpoint kept.
+tpe searches ask Optuna's TPE sampler for each trial's settings (flows.sweep.study); the study
+lives in a database every worker reaches (spec `storage`, default a SQLite file in the sweep's
+folder), where each trial reports its metric every epoch and the median pruner may stop it
+(flows.sweep.trial_report): a pruned trial ends Cancelled with the reason, its checkpoint kept.
+
+The sweep's parts are in flows.sweep: scheduling the trials (schedule), reading a trial's
+result (trial_result), the record (record), the table, plot and W&B run (report) and the
+study (study).
 """
 
 if __name__ == "__main__":
@@ -26,429 +30,30 @@ if __name__ == "__main__":
     sys.exit(sweep_main())
 
 import contextlib
-import dataclasses
-import datetime
-import io
-import json
-import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterFlowRunId,
-    ArtifactFilterKey,
-)
-from prefect.client.schemas.sorting import ArtifactSort
-from prefect.deployments import run_deployment
-from prefect.events.filters import (
-    EventFilter,
-    EventNameFilter,
-    EventOccurredFilter,
-    EventResourceFilter,
-)
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled, Cancelling, Crashed, State
+from prefect.states import Cancelled, State
 
-from ddpm.files import atomic_write, remove_partial_writes
+from ddpm.files import remove_partial_writes
 from ddpm.run_dir import RunDir
 from flows import children
 from flows.shutdown import StopRequest, active_stop_request
-from flows.sweep_record import FINISHED, Trial, claim, read_record, write_record
-from flows.tracking import LINK_KEY, METRICS_KEY, resolve_wandb_mode, wandb_run_id
-from settings import Settings, load_settings
-from settings.sweep import (
-    Range,
-    SpecError,
-    SweepSpec,
-    planned,
-    sample_trial,
-    spec_from,
-    trial_overrides,
-)
+from flows.sweep.record import FINISHED, claim
+from flows.sweep.report import log_to_wandb, plot, table_rows, text_table
+from flows.sweep.schedule import HEARTBEAT_SECONDS, Sweep
+from settings import load_settings
+from settings.sweep import SpecError, spec_from
 
-__all__ = ["Trial", "local_runner", "sweep_flow"]
-
-# A trial's flow run sends a heartbeat event every HEARTBEAT_SECONDS (Prefect's least; set for
-# the served deployment here and the deployments of deployments/prefect.yaml). One Running but
-# silent for SILENT_SECONDS has lost its process or its machine (a worker killed with it, a
-# host down): nothing would ever end it, so the sweep marks it Crashed.
-HEARTBEAT = "prefect.flow-run.heartbeat"
-HEARTBEAT_SECONDS = 30
-SILENT_SECONDS = 3 * HEARTBEAT_SECONDS  # three missed: as Prefect's docs detect zombie runs
-# A trial that crashed (its process killed, its machine lost, the Prefect API gone) starts
-# again, from its checkpoint, this many times before it is a row that says why.
-TRIAL_RESTARTS = 2
-
-# ---- a trial's result, read from its flow run ---------------------------------------------------
-
-
-@task(name="trial-result", cache_policy=NO_CACHE)
-def trial_result_task(trial: Trial, metric: str, goal: str) -> Trial:
-    """The trial with its flow run's outcome: its state (Pruned for a pruner's stop), why it
-    did not complete, the metric (the last epoch's, or the last evaluation's), its best
-    epoch, mean images/s and W&B run, read from the flow run's epoch-metrics table artifact."""
-    with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(trial.flow_run_id)
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
-                key=ArtifactFilterKey(any_=[METRICS_KEY, LINK_KEY]),
-            ),
-            sort=ArtifactSort.CREATED_DESC,
-        )
-    latest = {}
-    for artifact in artifacts:  # newest first
-        latest.setdefault(artifact.key, artifact.data)
-    rows = latest.get(METRICS_KEY) or []
-    rows = json.loads(rows) if isinstance(rows, str) else rows
-    column = "loss" if metric == "epoch/loss" else metric.removeprefix("eval/")
-    curve = [[row["epoch"], row[column]] for row in rows if row.get(column) is not None]
-    state, message = flow_run.state.name, flow_run.state.message or ""
-    if state == "Cancelled" and message.startswith("pruned"):
-        state = "Pruned"
-    best = (min if goal == "minimize" else max)(curve, key=lambda c: c[1]) if curve else None
-    speeds = [row["images_per_s"] for row in rows if row.get("images_per_s")]
-    return dataclasses.replace(
-        trial,
-        state=state,
-        message="" if state == "Completed" else (message.strip().splitlines() or [""])[0][:300],
-        metric=curve[-1][1] if curve else None,
-        best_epoch=int(best[0]) if best else None,
-        images_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
-        wandb=latest.get(LINK_KEY),
-        curve=curve,
-    )
-
-
-# ---- comparing trials ------------------------------------------------------------------------
-
-
-def table_rows(spec: SweepSpec, trials: Mapping[int, Trial], folder: Path) -> list[dict]:
-    """One row per trial: the settings that differ, the metric, best epoch, img/s, state,
-    run folder and W&B run (its link when online; else where its offline files are)."""
-    rows = []
-    for trial in (trials[i] for i in sorted(trials)):
-        wandb = trial.wandb or f"{spec.name}/{trial.name} (offline)"
-        if spec.draws_samples:
-            wandb = ""  # sample_flow's trials log to no W&B run
-        rows.append(
-            {
-                "trial": trial.name,
-                **trial.values,
-                spec.metric: None if trial.metric is None else round(trial.metric, 6),
-                "best_epoch": trial.best_epoch,
-                "images_per_s": trial.images_per_s,
-                "state": trial.state,
-                "run_dir": str(folder / trial.name),
-                "wandb": wandb,
-                "note": trial.message,
-            }
-        )
-    return rows
-
-
-def text_table(rows: list[dict]) -> str:
-    """The rows as aligned text (the sweep's last log line), without the notes."""
-    if not rows:
-        return "(no trials)"
-    columns = [c for c in rows[0] if c not in ("run_dir", "wandb", "note")]
-    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns]
-             for r in rows]  # fmt: skip
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def plot(spec: SweepSpec, trials: Mapping[int, Trial], path: Path) -> Path:
-    """The metric of each trial by epoch (left) and its final value (right), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (by_epoch, final) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
-    names, values, colours = [], [], []
-    colour = {"Completed": "tab:blue", "Pruned": "tab:orange"}
-    for trial in (trials[i] for i in sorted(trials)):
-        if trial.curve:
-            epochs, metric = zip(*trial.curve, strict=True)
-            by_epoch.plot(epochs, metric, marker="o", label=trial.name)
-        names.append(trial.name)
-        values.append(trial.metric if trial.metric is not None else math.nan)
-        colours.append(colour.get(trial.state, "tab:red"))
-    by_epoch.set(xlabel="epoch", ylabel=spec.metric, title=f"sweep {spec.name}: by epoch")
-    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if any(t.curve for t in trials.values()):
-        by_epoch.legend(fontsize="small")
-    final.bar(names, values, color=colours)
-    final.set(ylabel=spec.metric, title="last value (orange: pruned, red: did not finish)")
-    final.tick_params(axis="x", labelrotation=60, labelsize="small")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def log_to_wandb(cfg: Settings, spec: SweepSpec, folder: Path, rows: list[dict], png: Path) -> None:
-    """The table and the plot in a W&B run `sweep-<name>` of the sweep's group (job type
-    sweep), resumed across re-runs of the sweep."""
-    mode = resolve_wandb_mode(cfg.wandb.mode)
-    if mode == "disabled":
-        return
-    import wandb
-
-    run = wandb.init(
-        project=cfg.wandb.project, entity=cfg.wandb.entity, group=spec.name,
-        name=f"sweep-{spec.name}", job_type="sweep", id=wandb_run_id(folder / "wandb_id.txt"),
-        resume="allow", dir=os.environ.get("WANDB_DIR") or str(folder), mode=mode,
-        config=spec.model_dump(mode="json"),
-        settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
-    )  # fmt: skip
-    columns = list(rows[0]) if rows else []
-    table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-    run.log({"sweep/trials": table, "sweep/plot": wandb.Image(str(png), caption=spec.metric)})
-    run.finish()
-
-
-# ---- the sweep ---------------------------------------------------------------------------------
-
-
-def open_study(spec: SweepSpec, folder: Path) -> tuple[Any, str]:
-    """The tpe search's Optuna study (created, or loaded to continue), with the rules its
-    trials prune by in its user attributes (flows.trial_report), and its database URL."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    folder.mkdir(parents=True, exist_ok=True)
-    storage = spec.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=storage,
-        direction=spec.goal,
-        sampler=optuna.samplers.TPESampler(
-            seed=spec.seed, n_startup_trials=spec.startup_trials, constant_liar=True
-        ),
-        load_if_exists=True,
-    )
-    rules = {"metric": spec.metric, "prune": spec.prune, "startup_trials": spec.startup_trials,
-             "warmup_epochs": spec.warmup_epochs}  # fmt: skip
-    for key, value in rules.items():
-        study.set_user_attr(key, value)
-    return study, storage
-
-
-def _distributions(spec: SweepSpec) -> dict[str, Any]:
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
-
-    def one(how: list[Any] | Range) -> Any:
-        if isinstance(how, list):
-            return CategoricalDistribution(how)
-        if how.integer:
-            return IntDistribution(round(how.low), round(how.high), log=how.log)
-        return FloatDistribution(how.low, how.high, log=how.log)
-
-    return {key: one(how) for key, how in spec.vary.items()}
-
-
-class Sweep:
-    """Starts trials up to the spec's concurrency, records each as it ends, stops on request."""
-
-    silent_seconds: float = SILENT_SECONDS  # a Running trial with no heartbeat this long is gone
-
-    def __init__(
-        self,
-        spec: SweepSpec,
-        folder: Path,
-        client: SyncPrefectClient,
-        stop: StopRequest,
-        adopt: bool,
-    ) -> None:
-        self.spec, self.folder, self.client, self.stop = spec, folder, client, stop
-        self.trials = read_record(folder, spec)
-        self.study, self.storage = (None, None)
-        if spec.search == "tpe":
-            self.study, self.storage = open_study(spec, folder)
-        self.running: dict[str, Trial] = {}
-        self._checked: dict[str, float] = {}  # flow run id -> when its heartbeat was checked
-        self.logger = get_run_logger()
-        unfinished = [t for _, t in sorted(self.trials.items()) if t.state not in FINISHED]
-        self.todo = [t for t in unfinished if not (adopt and self._adopted(t))]
-        self.todo += [Trial(i, values) for i, values in enumerate(planned(spec))
-                      if i not in self.trials]  # fmt: skip
-        self.todo.sort(key=lambda t: t.index)
-
-    def _adopted(self, trial: Trial) -> bool:
-        """Whether a trial that was running when a previous run of the sweep ended is still
-        known to the server: watched again if it still runs, recorded if it has ended (a
-        killed sweep leaves its trials running on their workers). Else it starts again."""
-        if trial.state != "Running" or trial.flow_run_id is None:
-            return False
-        try:
-            flow_run = self.client.read_flow_run(trial.flow_run_id)
-        except ObjectNotFound:  # another server (a temporary one): start it again
-            return False
-        if flow_run.state.is_final() and not flow_run.state.is_completed():
-            return False  # failed, crashed or cancelled: start it again, from its checkpoint
-        self.logger.info("%s: flow run %s is %s; watching it", trial.name, flow_run.name,
-                         flow_run.state.name)  # fmt: skip
-        self.running[trial.flow_run_id] = trial
-        return True
-
-    def _next(self) -> Trial | None:
-        if self.todo:
-            return self.todo.pop(0)
-        if self.study is None or len(self.trials) >= (self.spec.trials or 0):
-            return None
-        asked = self.study.ask(_distributions(self.spec))
-        return Trial(len(self.trials), dict(asked.params), number=asked.number)
-
-    def _start(self, trial: Trial) -> None:
-        parameters: dict[str, Any] = {}
-        if self.spec.draws_samples:
-            parameters["options"], overrides = sample_trial(self.spec, trial.index, trial.values)
-        else:
-            overrides = trial_overrides(self.spec, trial.index, trial.values)
-        overrides["wandb.group"] = self.spec.name
-        if self.study is not None:
-            where = {"storage": self.storage, "study": self.spec.name, "trial": trial.number}
-            overrides.update({f"sweep.{key}": value for key, value in where.items()})
-        flow_run = run_deployment(
-            self.spec.deployment,
-            parameters={**parameters, "overrides": overrides},
-            flow_run_name=f"{self.spec.name}-{trial.name}",
-            tags=["sweep", f"sweep-{self.spec.name}"],
-            timeout=0,  # started; this loop watches it
-        )
-        trial = dataclasses.replace(
-            trial, flow_run_id=str(flow_run.id), state="Running", message="",
-            metric=None, best_epoch=None, images_per_s=None, curve=[],
-        )  # fmt: skip
-        self.trials[trial.index] = self.running[trial.flow_run_id] = trial
-        write_record(self.folder, self.spec, self.trials)
-        self.logger.info("%s started: %s (flow run %s)", trial.name, trial.values, flow_run.name)
-
-    def _finish(self, trial: Trial) -> None:
-        trial = trial_result_task(trial, self.spec.metric, self.spec.goal)
-        if trial.state == "Crashed" and trial.restarts < TRIAL_RESTARTS and not self.stop():
-            self.logger.warning("%s crashed (%s); starting it again (%d of %d), from its "
-                                "checkpoint", trial.name, trial.message or "no message",
-                                trial.restarts + 1, TRIAL_RESTARTS)  # fmt: skip
-            self.todo.insert(0, dataclasses.replace(trial, restarts=trial.restarts + 1))
-        self.trials[trial.index] = trial
-        if self.study is not None:
-            self._tell(trial)
-        write_record(self.folder, self.spec, self.trials)
-        rows = table_rows(self.spec, self.trials, self.folder)
-        create_table_artifact(rows, key=f"sweep-{self.spec.name}",
-                              description=f"sweep {self.spec.name}: one row per trial")  # fmt: skip
-        self.logger.info(
-            "%s %s: %s %s%s", trial.name, trial.state, self.spec.metric, trial.metric,
-            f" ({trial.message})" if trial.message else "",
-        )  # fmt: skip
-
-    def _tell(self, trial: Trial) -> None:
-        """Tell the study how a finished trial ended; one that failed, crashed or was
-        cancelled stays running in the study, as a re-run of the sweep runs it again."""
-        from optuna.trial import TrialState
-
-        if trial.state not in FINISHED or trial.number is None:
-            return
-        with contextlib.suppress(RuntimeError):  # already told (a re-run of a told trial)
-            if trial.state == "Pruned":
-                self.study.tell(trial.number, state=TrialState.PRUNED)
-            elif trial.metric is not None:
-                self.study.tell(trial.number, trial.metric)
-            else:
-                self.study.tell(trial.number, state=TrialState.FAIL)
-
-    def _cancel_running(self) -> None:
-        for flow_run_id in self.running:
-            flow_run = self.client.read_flow_run(flow_run_id)
-            state = (Cancelling if flow_run.state.is_running() else Cancelled)(
-                message=f"the sweep {self.spec.name} was stopped ({self.stop.reason})"
-            )
-            self.client.set_flow_run_state(flow_run_id, state, force=True)
-        self.logger.info("cancelled %d running trial(s): %s", len(self.running),
-                         ", ".join(t.name for t in self.running.values()))  # fmt: skip
-
-    def _silent(self, flow_run: Any) -> bool:
-        """Whether a trial's flow run is Running but has sent no heartbeat for silent_seconds,
-        though it did send them (a deployment without heartbeats is never judged)."""
-        state, window = flow_run.state, self.silent_seconds
-        now = datetime.datetime.now(datetime.UTC)
-        if not state.is_running() or (now - state.timestamp).total_seconds() < window:
-            return False
-
-        def heartbeats(since: datetime.datetime) -> bool:
-            found = self.client.read_events(filter=EventFilter(
-                event=EventNameFilter(name=[HEARTBEAT]),
-                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run.id}"]),
-                occurred=EventOccurredFilter(since=since),
-            ), limit=1)  # fmt: skip
-            return bool(found.events)
-
-        silent = datetime.timedelta(seconds=window)
-        return not heartbeats(now - silent) and heartbeats(state.timestamp - silent)
-
-    def _check(self, flow_run_id: str) -> bool:
-        """Whether a running trial has ended; one that went silent is marked Crashed first."""
-        flow_run = self.client.read_flow_run(flow_run_id)
-        if flow_run.state.is_final():
-            return True
-        if time.monotonic() - self._checked.get(flow_run_id, 0.0) < HEARTBEAT_SECONDS / 3:
-            return False
-        self._checked[flow_run_id] = time.monotonic()
-        if not self._silent(flow_run):
-            return False
-        message = (f"no heartbeat for {self.silent_seconds:g} s: its process or machine is gone "
-                   f"(marked by the sweep {self.spec.name})")  # fmt: skip
-        self.client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-        self.logger.warning("%s: %s", self.running[flow_run_id].name, message)
-        return True
-
-    def run(self, poll_seconds: float, stop_grace: float) -> None:
-        """Start trials up to the concurrency, and record each as it ends, until none is left
-        or a stop request: then the running trials are cancelled, and those not ended
-        `stop_grace` seconds later are marked Cancelled."""
-        cancelled_at = None
-        while True:
-            while not self.stop() and len(self.running) < self.spec.concurrency:
-                trial = self._next()
-                if trial is None:
-                    break
-                self._start(trial)
-            if not self.running:
-                return
-            if self.stop() and cancelled_at is None:
-                self._cancel_running()
-                cancelled_at = time.monotonic()
-            if cancelled_at is not None and time.monotonic() - cancelled_at > stop_grace:
-                for flow_run_id in self.running:  # gone, or not stopping: ended here
-                    message = f"did not stop within {stop_grace:g} s of the sweep's stop"
-                    self.client.set_flow_run_state(flow_run_id, Cancelled(message=message),
-                                                   force=True)  # fmt: skip
-            time.sleep(poll_seconds)
-            for flow_run_id, trial in list(self.running.items()):
-                if self._check(flow_run_id):
-                    del self.running[flow_run_id]
-                    self._finish(trial)
+__all__ = ["local_runner", "sweep_flow"]
 
 
 @flow(name="sweep-flow", description="Run many train-flow runs of one spec and compare them.")

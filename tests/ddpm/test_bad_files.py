@@ -49,7 +49,7 @@ from ddpm.files import (
 )
 from ddpm.generate import GenerationError, ImageFiles, load_trained_model
 from ddpm.run_dir import RunDir, keep_best, load_newest_valid, save_epoch_checkpoint
-from flows.sweep_record import Trial, read_record, write_record
+from flows.sweep.record import Trial, read_record, write_record
 from settings import flatten, load_settings, result_changes
 from settings.sweep import SpecError, spec_from
 

@@ -20,7 +20,8 @@ from prefect.client.orchestration import get_client
 from ddpm.checkpoint import load_checkpoint
 from ddpm.files import write_checked
 from ddpm.run_dir import RunDir
-from flows.sweep_flow import _distributions, local_runner, open_study, sweep_flow
+from flows.sweep.study import distributions, open_study
+from flows.sweep_flow import local_runner, sweep_flow
 from flows.train_flow import train_flow
 from settings.sweep import SweepSpec
 
@@ -272,7 +273,7 @@ def test_tpe_asks_within_the_spec_and_is_repeatable_from_its_seed(tmp_path: Path
     asked = []
     for copy in ("a", "b"):
         study, _ = open_study(spec, tmp_path / copy)
-        asked.append([study.ask(_distributions(spec)).params for _ in range(6)])
+        asked.append([study.ask(distributions(spec)).params for _ in range(6)])
     assert asked[0] == asked[1]
     for params in asked[0]:
         assert 1e-5 <= params["optim.lr"] <= 1e-2
@@ -289,8 +290,8 @@ def test_a_trial_that_ended_without_a_message_is_a_row_not_a_crash(message: str 
     from prefect import flow
     from prefect.states import Crashed
 
-    from flows.sweep_flow import trial_result_task
-    from flows.sweep_record import Trial
+    from flows.sweep.record import Trial
+    from flows.sweep.trial_result import trial_result_task
 
     @flow(name="a-trial")
     def a_trial() -> None:
@@ -318,7 +319,7 @@ def test_a_running_trial_whose_heartbeats_stopped_is_silent() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.states import Running
 
-    from flows.sweep_flow import HEARTBEAT, Sweep
+    from flows.sweep.schedule import HEARTBEAT, Sweep
 
     @flow(name="a-trial")
     def a_trial() -> None:
