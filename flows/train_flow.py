@@ -271,7 +271,7 @@ def _train_epochs(
         return summary
 
     artifacts = RunArtifacts(run, state.epoch, epochs)
-    report = TrialReport.of(cfg)  # a sweep's trial: its metric to the sweep's pruner
+    report = TrialReport.of(cfg, artifacts.rows)  # a sweep's trial: its metric to its pruner
     tracker = Tracker.start(cfg, run)
     stop.checkpoint = summary["checkpoint"]
     stop.on_leave(lambda: tracker.finish(stop.exit_code))

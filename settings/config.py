@@ -613,7 +613,7 @@ class SweepSettings(_Group):
         None, description="the sweep's Optuna study database URL"
     )
     study: str | None = Field(None, description="the Optuna study (the sweep's name)")
-    trial: int | None = Field(None, ge=0, description="this run's Optuna trial number")
+    trial: int | None = Field(None, ge=0, description="this run's trial in the sweep (its index)")
 
     @model_validator(mode="after")
     def _all_or_none(self) -> SweepSettings:

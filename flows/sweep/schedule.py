@@ -7,7 +7,6 @@ ones."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import time
@@ -30,7 +29,7 @@ from prefect.states import Cancelled, Cancelling, Crashed
 from flows.shutdown import StopRequest
 from flows.sweep.record import FINISHED, Trial, read_record, write_record
 from flows.sweep.report import table_rows
-from flows.sweep.study import distributions, open_study
+from flows.sweep.study import SweepStudy
 from flows.sweep.trial_result import trial_result_task
 from settings.sweep import SweepSpec, planned, sample_trial, trial_overrides
 
@@ -62,9 +61,7 @@ class Sweep:
     ) -> None:
         self.spec, self.folder, self.client, self.stop = spec, folder, client, stop
         self.trials = read_record(folder, spec)
-        self.study, self.storage = (None, None)
-        if spec.search == "tpe":
-            self.study, self.storage = open_study(spec, folder)
+        self.study = SweepStudy(spec, folder) if spec.search == "tpe" else None
         self.running: dict[str, Trial] = {}
         self._checked: dict[str, float] = {}  # flow run id -> when its heartbeat was checked
         self.logger = get_run_logger()
@@ -96,8 +93,8 @@ class Sweep:
             return self.todo.pop(0)
         if self.study is None or len(self.trials) >= (self.spec.trials or 0):
             return None
-        asked = self.study.ask(distributions(self.spec))
-        return Trial(len(self.trials), dict(asked.params), number=asked.number)
+        started = {trial.index: trial.values for trial in self.running.values()}
+        return Trial(len(self.trials), self.study.ask(started))
 
     def _start(self, trial: Trial) -> None:
         parameters: dict[str, Any] = {}
@@ -106,8 +103,9 @@ class Sweep:
         else:
             overrides = trial_overrides(self.spec, trial.index, trial.values)
         overrides["wandb.group"] = self.spec.name
-        if self.study is not None:
-            where = {"storage": self.storage, "study": self.spec.name, "trial": trial.number}
+        if self.study is not None:  # the trial creates its Optuna trial (flows.sweep.study)
+            self.study.hand_over(trial)
+            where = {"storage": self.study.storage, "study": self.spec.name, "trial": trial.index}
             overrides.update({f"sweep.{key}": value for key, value in where.items()})
         flow_run = run_deployment(
             self.spec.deployment,
@@ -126,6 +124,8 @@ class Sweep:
 
     def _finish(self, trial: Trial) -> None:
         trial = trial_result_task(trial, self.spec.metric, self.spec.goal)
+        if self.study is not None:
+            trial = dataclasses.replace(trial, number=self.study.number(trial))
         if trial.state == "Crashed" and trial.restarts < TRIAL_RESTARTS and not self.stop():
             self.logger.warning("%s crashed (%s); starting it again (%d of %d), from its "
                                 "checkpoint", trial.name, trial.message or "no message",
@@ -133,7 +133,7 @@ class Sweep:
             self.todo.insert(0, dataclasses.replace(trial, restarts=trial.restarts + 1))
         self.trials[trial.index] = trial
         if self.study is not None:
-            self._tell(trial)
+            self.study.tell(trial)
         write_record(self.folder, self.spec, self.trials)
         rows = table_rows(self.spec, self.trials, self.folder)
         create_table_artifact(rows, key=f"sweep-{self.spec.name}",
@@ -142,21 +142,6 @@ class Sweep:
             "%s %s: %s %s%s", trial.name, trial.state, self.spec.metric, trial.metric,
             f" ({trial.message})" if trial.message else "",
         )  # fmt: skip
-
-    def _tell(self, trial: Trial) -> None:
-        """Tell the study how a finished trial ended; one that failed, crashed or was
-        cancelled stays running in the study, as a re-run of the sweep runs it again."""
-        from optuna.trial import TrialState
-
-        if trial.state not in FINISHED or trial.number is None:
-            return
-        with contextlib.suppress(RuntimeError):  # already told (a re-run of a told trial)
-            if trial.state == "Pruned":
-                self.study.tell(trial.number, state=TrialState.PRUNED)
-            elif trial.metric is not None:
-                self.study.tell(trial.number, trial.metric)
-            else:
-                self.study.tell(trial.number, state=TrialState.FAIL)
 
     def _cancel_running(self) -> None:
         for flow_run_id in self.running:
