@@ -192,7 +192,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
     the exit status above. Without PREFECT_API_URL it starts a temporary server and serves the
     spec's deployment from this machine (flows.sweep_flow.local_runner)."""
     args = parse_command(sweep_parser(), sys.argv[1:] if argv is None else argv)
-    from flows.sweep_record import claim
+    from flows.sweep.record import claim
     from settings.sweep import read_spec
 
     try:
@@ -209,8 +209,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
     served = not PREFECT_API_URL.value()  # no server: serve the trials' deployment here
 
     def load() -> Callable[[], State]:
+        from flows.sweep.record import sweep_folder
         from flows.sweep_flow import local_runner, sweep_flow  # prefect: seconds
-        from flows.sweep_record import sweep_folder
 
         def call() -> State:
             runner = contextlib.nullcontext()

@@ -229,7 +229,7 @@ class RunArtifacts:
 
     The metrics table holds every epoch of the run, across resumes: each row is also kept in
     the run folder (RunDir.metrics_file), and a finished run run again re-publishes it (a
-    sweep reads its trials' results from this table; flows.sweep_flow)."""
+    sweep reads its trials' results from this table; flows.sweep.trial_result)."""
 
     def __init__(self, run: RunDir, epochs_done: int, epochs: int) -> None:
         self.run, self.epochs = run, epochs

@@ -42,6 +42,7 @@ from flows.gpu import gpu_slot
 from flows.launch import LaunchError, launch
 from flows.prepare_flow import prepare_folder_task
 from flows.shutdown import StopRequest, active_stop_request
+from flows.sweep.trial_report import TrialReport
 from flows.tracking import (
     RunArtifacts,
     Tracker,
@@ -57,7 +58,6 @@ from flows.train_tasks import (
     sample_and_log_task,
     train_epoch_task,
 )
-from flows.trial_report import TrialReport
 from settings import Settings, SettingsError, core_config, load_settings, result_changes, run_path
 
 __all__ = ["open_run_dir", "train_flow"]
@@ -147,7 +147,7 @@ def train_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any] | Stat
         with stop.signals_handled(), stop.watching_api(PREFECT_API_URL.value()):
             summary = _train(cfg, stop)
         if stop():
-            pruned = stop.exit_code == 0  # a sweep's pruner (flows.trial_report) stopped it
+            pruned = stop.exit_code == 0  # a sweep's pruner (flows.sweep.trial_report) stopped it
             return Cancelled(
                 message=f"{stop.reason}: stopped at step {summary['global_step']}; "
                 f"newest checkpoint {summary['checkpoint']}"
@@ -267,12 +267,12 @@ def _train_epochs(
         logger.info(
             "run %s already finished %d of %d epochs; nothing to do", run.path, state.epoch, epochs
         )
-        publish_metrics(run.metrics_rows())  # what a sweep reads of a trial (flows.sweep_flow)
+        publish_metrics(run.metrics_rows())  # what a sweep reads (flows.sweep.trial_result)
         publish_summary(cfg, run, summary, None)
         return summary
 
     artifacts = RunArtifacts(run, state.epoch, epochs)
-    report = TrialReport.of(cfg)  # a sweep's trial: its metric to the sweep's pruner
+    report = TrialReport.of(cfg, artifacts.rows)  # a sweep's trial: its metric to its pruner
     tracker = Tracker.start(cfg, run)
     stop.checkpoint = summary["checkpoint"]
     stop.on_leave(lambda: tracker.finish(stop.exit_code))

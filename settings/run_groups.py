@@ -164,12 +164,12 @@ class WandbSettings(Group):
     )
     project: str = Field("ddpm", min_length=1, description="W&B project")
     entity: str | None = Field(None, description="W&B entity (user or team)")
-    # A sweep's trials share one group, named after the sweep (flows.sweep_flow).
+    # A sweep's trials share one group, named after the sweep (flows.sweep.schedule).
     group: str | None = Field(None, description="W&B group of the run (a sweep's name)")
 
 
 class SweepSettings(Group):
-    """Set by a sweep for its trials (flows.sweep_flow): where the trial reports its metric
+    """Set by a sweep for its trials (flows.sweep.schedule): where the trial reports its metric
     each epoch, so that the sweep's pruner can stop it early. Empty = not a pruned trial."""
 
     # An Optuna RDB URL every worker reaches: sqlite:///PATH on one machine, or
@@ -178,7 +178,7 @@ class SweepSettings(Group):
         None, description="the sweep's Optuna study database URL"
     )
     study: str | None = Field(None, description="the Optuna study (the sweep's name)")
-    trial: int | None = Field(None, ge=0, description="this run's Optuna trial number")
+    trial: int | None = Field(None, ge=0, description="this run's trial in the sweep (its index)")
 
     @model_validator(mode="after")
     def _all_or_none(self) -> SweepSettings:

@@ -44,7 +44,7 @@ from ddpm.image_folders import ImageFolderDataset
 from ddpm.images import GenerationError, ImageFiles
 from ddpm.marked_folders import EXPORT_MARKER, check_export_target, write_marker
 from ddpm.run_dir import RunDir, keep_best, load_newest_valid, save_epoch_checkpoint
-from flows.sweep_record import Trial, read_record, write_record
+from flows.sweep.record import Trial, read_record, write_record
 from settings import flatten, load_settings, result_changes
 from settings.sweep import SpecError, spec_from
 

@@ -4,6 +4,7 @@ resumed, a failed trial kept as a row, and a tpe trial pruned by the study in it
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import signal
@@ -21,7 +22,9 @@ from run_records import flow_artifacts
 from ddpm.checkpoint import load_checkpoint
 from ddpm.files import write_checked
 from ddpm.run_dir import RunDir
-from flows.sweep_flow import _distributions, local_runner, open_study, sweep_flow
+from flows.sweep.record import Trial
+from flows.sweep.study import SweepStudy
+from flows.sweep_flow import local_runner, sweep_flow
 from flows.train_flow import train_flow
 from settings.sweep import SweepSpec
 
@@ -200,35 +203,41 @@ def prune_spec(tmp_path: Path) -> SweepSpec:
 def test_a_pruned_trial_stops_after_its_epoch_cancelled_with_its_checkpoint(
     tmp_path: Path, tiny: dict[str, Any]
 ) -> None:
-    """A tpe trial (train-flow with sweep.*) reports each epoch's loss to the study in its
-    SQLite database; after one trial that reached loss 0, the median pruner stops the next
-    after its first epoch: Cancelled with the reason, epoch 1's checkpoint kept, no epoch 2.
-    With pruning off in the study, a trial trains every epoch and reports each."""
-    study, url = open_study(prune_spec(tmp_path), tmp_path)
-    best = study.ask()
-    best.report(0.0, 1)
-    study.tell(best, 0.0)
+    """A tpe trial (train-flow with sweep.*) creates its Optuna trial in the study's SQLite
+    database, holding the values the sweep handed over, and reports each epoch's loss to it;
+    after one trial that reached loss 0, the median pruner stops the next after its first
+    epoch: Cancelled with the reason, epoch 1's checkpoint kept, no epoch 2. Run again with
+    pruning off in the study, it resumes in a new Optuna trial that holds epoch 1 again and
+    every epoch after (the old one fails), and trains to the end."""
+    from optuna.trial import create_trial
 
-    trial = study.ask()
-    where = {"sweep.storage": url, "sweep.study": "prune", "sweep.trial": trial.number}
-    state = train_flow(overrides={**tiny, **where, "run.name": "pruned",
-                                  "train.epochs": 3}, return_state=True)  # fmt: skip
+    sweep = SweepStudy(prune_spec(tmp_path), tmp_path)
+    sweep.study.add_trial(create_trial(params={"optim.lr": 1e-3}, distributions=sweep.space,
+                                       value=0.0, intermediate_values={1: 0.0}))  # fmt: skip
+    trial = Trial(1, {"optim.lr": 1e-3})
+    sweep.hand_over(trial)
+    where = {"sweep.storage": sweep.storage, "sweep.study": "prune", "sweep.trial": 1}
+    run_pruned = {**tiny, **where, "run.name": "pruned", "train.epochs": 3}
+    state = train_flow(overrides=run_pruned, return_state=True)
     assert state.is_cancelled(), state
     assert state.message.startswith(
         "pruned by sweep prune's median pruner after epoch 1 (epoch/loss "
     ), state.message
     run = RunDir(Path(tiny["run.dir"]) / "pruned")
     assert [p.name for p in run.epoch_checkpoints()] == ["epoch_001.pt"]
-    reported = study.trials[trial.number].intermediate_values
-    assert list(reported) == [1] and reported[1] > 0
+    first = sweep.number(trial)
+    reported = sweep.study.trials[first]
+    assert reported.params == {"optim.lr": 1e-3} and reported.user_attrs["sweep_trial"] == 1
+    assert list(reported.intermediate_values) == [1] and reported.intermediate_values[1] > 0
 
-    study.set_user_attr("prune", False)
-    kept = study.ask()
-    where["sweep.trial"] = kept.number
-    state = train_flow(overrides={**tiny, **where, "run.name": "kept", "train.epochs": 3},
-                       return_state=True)  # fmt: skip
+    sweep.study.set_user_attr("prune", False)
+    state = train_flow(overrides=run_pruned, return_state=True)
     assert state.is_completed(), state
-    assert list(study.trials[kept.number].intermediate_values) == [1, 2, 3]
+    again = sweep.number(trial)
+    assert again != first and sweep.study.trials[first].state.name == "FAIL"
+    resumed = sweep.study.trials[again].intermediate_values  # epoch 1's from metrics.jsonl
+    assert list(resumed) == [1, 2, 3]
+    assert resumed[1] == pytest.approx(reported.intermediate_values[1], abs=1e-6)
 
 
 @pytest.mark.slow(seconds=60)
@@ -276,14 +285,97 @@ def test_tpe_asks_within_the_spec_and_is_repeatable_from_its_seed(tmp_path: Path
                            "train.ema_decay": [0.99, 0.999]})  # fmt: skip
     asked = []
     for copy in ("a", "b"):
-        study, _ = open_study(spec, tmp_path / copy)
-        asked.append([study.ask(_distributions(spec)).params for _ in range(6)])
+        sweep, started = SweepStudy(spec, tmp_path / copy), {}
+        for index in range(6):  # all six running at once: none created its Optuna trial yet
+            started[index] = sweep.ask(started)
+        asked.append(list(started.values()))
     assert asked[0] == asked[1]
     for params in asked[0]:
         assert 1e-5 <= params["optim.lr"] <= 1e-2
         assert isinstance(params["model.hidden_size"], int) and params["model.hidden_size"] >= 8
         assert params["train.ema_decay"] in (0.99, 0.999)
     assert len({p["optim.lr"] for p in asked[0]}) == 6
+
+
+def test_tpe_asks_and_prunes_as_if_the_sweep_asked_the_study_itself(tmp_path: Path) -> None:
+    """Trials that create their own Optuna trials (TrialReport), here as late as they can (as
+    they end, so in an order of their own), get the same values from the sweep's TPE sampler,
+    and the median pruner stops the same ones, as when one process asks the study for each
+    trial and reports to it (Optuna's ask and tell): 16 trials, 3 at once, a made-up loss
+    over 3 epochs. (Trials asked of a copy in another order, as they were created, differ.)"""
+    import math
+    import random
+
+    import optuna
+
+    from flows.sweep.trial_report import TrialReport
+    from settings import load_settings
+
+    n, at_once = 16, 3
+    spec = SweepSpec(name="same", search="tpe", trials=n, seed=1, startup_trials=3,
+                     warmup_epochs=0, vary={"optim.lr": {"low": 1e-5, "high": 1e-2, "log": True},
+                                            "model.hidden_size": [8, 16, 32, 64]})  # fmt: skip
+
+    def loss(values: dict[str, Any], epoch: int) -> float:
+        return (math.log10(values["optim.lr"]) + 3) ** 2 + values["model.hidden_size"] / 64 / epoch
+
+    def run(start, end) -> list[tuple[dict[str, Any], str]]:
+        """Start trials up to at_once; end one, chosen at random, at a time."""
+        ends, running, ended = random.Random(0), {}, {}
+        while len(ended) < n:
+            while len(running) < at_once and len(running) + len(ended) < n:
+                index = len(running) + len(ended)
+                running[index] = start(index, {i: v for i, (v, _) in running.items()})
+            index = ends.choice(sorted(running))
+            ended[index] = end(index, *running.pop(index))
+        return [ended[i] for i in range(n)]
+
+    def one_process() -> list[tuple[dict[str, Any], str]]:
+        sweep = SweepStudy(spec, tmp_path / "one")  # its sampler; the study asked directly
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        study = optuna.load_study(study_name="same", storage=sweep.storage,
+                                  sampler=sweep.sampler, pruner=pruner)  # fmt: skip
+
+        def start(index, started):
+            trial = study.ask(sweep.space)
+            return trial.params, trial
+
+        def end(index, values, trial):
+            for epoch in (1, 2, 3):
+                trial.report(loss(values, epoch), epoch)
+                if trial.should_prune():
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    return values, "Pruned"
+            study.tell(trial, loss(values, 3))
+            return values, "Completed"
+
+        return run(start, end)
+
+    def trials_of_their_own() -> list[tuple[dict[str, Any], str]]:
+        sweep = SweepStudy(spec, tmp_path / "own")
+
+        def start(index, started):
+            trial = Trial(index, sweep.ask(started))
+            sweep.hand_over(trial)
+            return trial.values, trial
+
+        def end(index, values, trial):
+            where = {"sweep.storage": sweep.storage, "sweep.study": "same", "sweep.trial": index}
+            report = TrialReport(load_settings(where, env_file=None))
+            epoch, pruned = 0, None
+            while epoch < 3 and not pruned:
+                epoch += 1
+                pruned = report.pruned(epoch, loss(values, epoch), None)
+            state = "Pruned" if pruned else "Completed"
+            done = dataclasses.replace(trial, state=state, metric=loss(values, epoch))
+            sweep.tell(dataclasses.replace(done, number=sweep.number(done)))
+            return values, state
+
+        return run(start, end)
+
+    expected = one_process()
+    assert trials_of_their_own() == expected
+    assert 0 < sum(state == "Pruned" for _, state in expected) < n
 
 
 @pytest.mark.parametrize("message", [None, "", "  \n"])
@@ -294,8 +386,7 @@ def test_a_trial_that_ended_without_a_message_is_a_row_not_a_crash(message: str 
     from prefect import flow
     from prefect.states import Crashed
 
-    from flows.sweep_flow import trial_result_task
-    from flows.sweep_record import Trial
+    from flows.sweep.trial_result import trial_result_task
 
     @flow(name="a-trial")
     def a_trial() -> None:
@@ -323,7 +414,7 @@ def test_a_running_trial_whose_heartbeats_stopped_is_silent() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.states import Running
 
-    from flows.sweep_flow import HEARTBEAT, Sweep
+    from flows.sweep.schedule import HEARTBEAT, Sweep
 
     @flow(name="a-trial")
     def a_trial() -> None:

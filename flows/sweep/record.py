@@ -1,5 +1,5 @@
 """A sweep's folder and its record, runs/sweeps/<name>/sweep.json: what each trial ran and how
-it ended, so that running the sweep again continues it (flows.sweep_flow).
+it ended, so that running the sweep again continues it (flows.sweep.schedule).
 
 No Prefect here: `ddpm-sweep` checks the folder before it starts a server.
 """
