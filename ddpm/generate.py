@@ -4,9 +4,10 @@ that ddpm.images.ImageFiles writes as numbered PNG files (which an interrupted g
 resumes).
 
 Image i is drawn from noise seeded by (seed, i) alone (image_seed). Batches cover the indices
-[k B, (k + 1) B) and are always full, so image i is computed in the same batch, with the same
-neighbours, whatever number of images is asked for: 100 images are exactly the first 100 files
-of 200 (with the same batch size and device; another batch size changes only the rounding).
+[k B, (k + 1) B), the last one cut at the number asked for, so no image is drawn that is not
+kept, and a resumed folder draws the same batches again. The batch an image shares changes only
+the rounding (at most one grey level): 100 images are the first 100 of 200 up to that, and
+exactly where they share full batches (same batch size and device).
 """
 
 from __future__ import annotations

@@ -58,10 +58,12 @@ class GenerationError(UserError):
 
 
 def aligned_batches(num: int, batch_size: int) -> Iterator[range]:
-    """The batches of indices covering [0, num): [0, B), [B, 2B), ...; the last one is full
-    too (past num), so each image's batch does not depend on num."""
+    """The batches of indices covering [0, num): [0, B), [B, 2B), ..., the last one cut at
+    num, so only the images asked for are drawn. Each image's noise is its own (its seed and
+    index); the batch it shares changes only float rounding (at most one grey level,
+    measured in tests/ddpm/test_generate.py), and a resume draws the same batches."""
     for start in range(0, num, batch_size):
-        yield range(start, start + batch_size)
+        yield range(start, min(start + batch_size, num))
 
 
 class ImageFiles(Dataset):
@@ -110,7 +112,7 @@ class ImageFiles(Dataset):
         return [
             indices
             for indices in aligned_batches(self.num, batch_size)
-            if any(not self.path(i).is_file() for i in indices if i < self.num)
+            if any(not self.path(i).is_file() for i in indices)
         ]
 
     def write(self, indices: range, images: torch.Tensor) -> int:

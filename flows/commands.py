@@ -81,13 +81,34 @@ def prepare_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SWEEP_EXAMPLE = """\
+name: lr-width                      # runs/sweeps/lr-width, W&B group lr-width
+deployment: train-flow/ddpm-smoke   # what each trial runs
+metric: epoch/loss                  # or eval/fid, eval/kid (trials that evaluate)
+goal: minimize
+search: grid                        # grid | random | tpe
+concurrency: 2                      # trials running at once
+base: {train.epochs: 2}             # overrides every trial gets
+vary:
+  optim.lr: [1.0e-3, 2.0e-4]        # a list: the choices
+  model.hidden_size: [16, 32]
+"""
+
+
 def sweep_parser() -> argparse.ArgumentParser:
-    """`ddpm-sweep --spec sweep.yaml`."""
-    parser = _parser(
-        SWEEP_PROG,
-        "Run many trials of one spec (train-flow runs, or sample-flow runs that "
-        "score trained runs) through a Prefect deployment, at most `concurrency` at once, and "
-        "compare them (table artifact, plot, W&B group). Re-running it continues it.",
+    """`ddpm-sweep --spec sweep.yaml`; its help shows an example spec (SWEEP_EXAMPLE)."""
+    parser = argparse.ArgumentParser(
+        prog=SWEEP_PROG,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run many trials of one spec (train-flow runs, or sample-flow runs that "
+        "score trained runs)\nthrough a Prefect deployment, at most `concurrency` at once, and "
+        "compare them\n(table artifact, plot, W&B group). Re-running it continues it.",
+        epilog="An example spec (4 tiny trials, 2 at a time):\n\n"
+        + "".join(f"  {line}\n" for line in SWEEP_EXAMPLE.splitlines())
+        + "\nMore in deployments/sweeps/ (a grid, a TPE search, trials that draw and score "
+        "images);\nevery key in docs/how-to/sweeps.md. The deployment must be served first: "
+        "ddpm-serve.",
     )
     parser.add_argument("--spec", required=True, help="the sweep's YAML spec")
     return parser

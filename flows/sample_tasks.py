@@ -79,13 +79,15 @@ def generate_images_task(
     logger = get_run_logger()
     pending = files.pending_batches(batch_size)
     missing = files.missing()
+    sizes = sorted({len(indices) for indices in pending}, reverse=True)
     logger.info(
-        "%d of %d images to draw into %s (%d batches of %d, %s %d steps, %s, %s)",
+        "%d of %d images to draw into %s (%d batch%s of %s, %s %d steps, %s, %s)",
         missing,
         files.num,
         files.folder,
         len(pending),
-        batch_size,
+        "" if len(pending) == 1 else "es",
+        " or ".join(map(str, sizes)) or "0",
         config.sample.sampler,
         sampler_steps(config),
         config.train.device,

@@ -62,6 +62,8 @@ def build_model_task(
     logger = get_run_logger()
     total_steps = steps_per_epoch * config.train.epochs
     state = build_or_resume(config, total_steps, run, settings)
+    if state.epoch >= config.train.epochs:
+        return state  # a finished run: train_flow says "nothing to do", nothing more
     if state.global_step:
         logger.info(
             "resumed after step %d (epoch %d done, %d batches of the next)",

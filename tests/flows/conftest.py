@@ -13,7 +13,13 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from tiny_run import tiny_overrides
@@ -64,6 +70,22 @@ def task_runs():
         for run in sorted(runs, key=lambda r: r.expected_start_time):
             by_name.setdefault(run.name.rsplit("-", 1)[0], []).append(run)  # "train-epoch-3f1"
         return by_name
+
+    return read
+
+
+@pytest.fixture
+def run_logs():
+    """run_logs(flow_run_id) -> the messages the flow run logged, read back through the API
+    (after sending what is still queued), oldest first."""
+
+    def read(flow_run_id: Any) -> list[str]:
+        APILogHandler().flush()  # sends what every handler queued (one shared worker)
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+        return [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
 
     return read
 

@@ -18,6 +18,7 @@ from run_records import flow_artifacts, history
 from tiny_run import tiny_overrides
 
 from ddpm.checkpoint import load_checkpoint
+from ddpm.images import ImageFiles
 from ddpm.run_dir import RunDir
 from flows.sample_flow import sample_flow
 from flows.train_flow import train_flow
@@ -113,8 +114,9 @@ def test_training_evaluates_and_keeps_the_best_checkpoint(
 
 
 def test_generate_resume_and_repeat(trained, tmp_path: Path, task_runs) -> None:
-    """5 images from the run's newest checkpoint; a re-run draws none; 3 images are the first
-    3 files of the 5; the record names the checkpoint; a changed seed is refused."""
+    """5 images from the run's newest checkpoint; a re-run draws none; 4 images (the full
+    batch the 5 share) are the first 4 files of the 5, byte for byte; 3 (a batch of 3 drawn)
+    are the first 3 up to a grey level of rounding; a changed seed is refused."""
     out = tmp_path / "out"
     args = {"run": str(trained["run_dir"]), "out": str(out), "batch_size": 4}
     state = sample_flow(GenerateOptions(num=5, **args), return_state=True)
@@ -128,9 +130,14 @@ def test_generate_resume_and_repeat(trained, tmp_path: Path, task_runs) -> None:
     assert list(first) == [f"{i:06d}.png" for i in range(5)]
     again = sample_flow(GenerateOptions(num=5, **args))
     assert again["written"] == 0 and pngs(out) == first
-    three = tmp_path / "three"
-    sample_flow(GenerateOptions(num=3, **{**args, "out": str(three)}))
-    assert pngs(three) == {k: first[k] for k in list(first)[:3]}
+    four, three = tmp_path / "four", tmp_path / "three"
+    sample_flow(GenerateOptions(num=4, **{**args, "out": str(four)}))
+    assert pngs(four) == {k: first[k] for k in list(first)[:4]}
+    summary = sample_flow(GenerateOptions(num=3, **{**args, "out": str(three)}))
+    assert summary["written"] == 3 and list(pngs(three)) == list(first)[:3]
+    for index in range(3):
+        drawn, whole = ImageFiles(three, 3)[index], ImageFiles(out, 5)[index]
+        assert (drawn.int() - whole.int()).abs().max() <= 1
     refused = sample_flow(GenerateOptions(num=5, seed=1, **args), return_state=True)
     assert refused.is_failed() and "seed: 0 -> 1" in refused.message
 

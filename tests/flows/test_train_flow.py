@@ -76,8 +76,9 @@ def test_whole_flow_on_tiny_cifar(tiny: dict[str, Any], task_runs) -> None:
     assert summary["checkpoint"] == str(checkpoints[-1])
 
 
-def test_second_identical_run_does_nothing(tiny: dict[str, Any], task_runs) -> None:
-    """Re-running a finished run: download is Cached, no train-epoch runs, no file changes."""
+def test_second_identical_run_does_nothing(tiny: dict[str, Any], task_runs, run_logs) -> None:
+    """Re-running a finished run: download is Cached, no train-epoch runs, no file changes;
+    its log says "nothing to do", not "resumed after step ..." nor the lr warm-up."""
     first, summary = run(tiny)
     assert first.is_completed(), first.message
     before = files(Path(tiny["run.dir"]))
@@ -89,6 +90,9 @@ def test_second_identical_run_does_nothing(tiny: dict[str, Any], task_runs) -> N
     assert files(Path(tiny["run.dir"])) == before
     assert again["epochs"] == 2 and again["run_dir"] == summary["run_dir"]
     assert again["checkpoint"] == summary["checkpoint"]  # the summary names the last one
+    logs = run_logs(second.state_details.flow_run_id)
+    assert [m for m in logs if "nothing to do" in m], logs
+    assert not [m for m in logs if "resumed after" in m or "warm-up" in m], logs
 
 
 def test_more_epochs_resume_and_other_hyperparameters_start_a_new_run(tiny: dict[str, Any]) -> None:

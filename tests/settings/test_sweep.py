@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from flows.commands import SWEEP_EXAMPLE, sweep_parser
 from settings import SettingsError, load_settings, run_name
 from settings.sweep import (
     SpecError,
@@ -132,6 +133,15 @@ def test_the_example_specs_are_valid(name: str) -> None:
     """The specs the README runs (deployments/sweeps/) pass every check."""
     spec = read_spec(REPO / "deployments" / "sweeps" / name)
     assert spec.deployment == "train-flow/ddpm-smoke"
+
+
+def test_the_example_in_ddpm_sweep_help_is_the_lr_width_spec() -> None:
+    """`ddpm-sweep --help` shows a spec that passes every check and is deployments/sweeps/
+    lr-width.yaml's, so the two cannot drift apart; the help points to the folder."""
+    shown = spec_from(yaml.safe_load(SWEEP_EXAMPLE))
+    assert shown == read_spec(REPO / "deployments" / "sweeps" / "lr-width.yaml")
+    help_text = sweep_parser().format_help()
+    assert SWEEP_EXAMPLE.splitlines()[-1] in help_text and "deployments/sweeps/" in help_text
 
 
 def test_the_ema_length_example_scores_a_run_folder(tmp_path: Path) -> None:
