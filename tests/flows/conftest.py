@@ -41,10 +41,11 @@ def tiny(tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def cli_env() -> Callable[..., dict[str, str]]:
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, str]]:
     """cli_env(overrides, harness=True) -> the environment of a `python flows/train_flow.py`
     child: settings as DDPM_* variables and, with harness, the test harness's Prefect server
-    (else none: the child starts Prefect's temporary server, as a new user's run does)."""
+    (else none: the child starts Prefect's temporary server, as a new user's run does, on a
+    PREFECT_HOME of the test's own, so no two tests' servers share one SQLite database)."""
 
     def make(overrides: dict[str, Any], harness: bool = True) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DDPM_", "PREFECT_"))}
@@ -52,6 +53,8 @@ def cli_env() -> Callable[..., dict[str, str]]:
         env.update(PYTHONUNBUFFERED="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
         if harness:
             env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        else:
+            env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
         return env
 
     return make

@@ -177,9 +177,9 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(
     again = Cli(env, tmp_path, "--spec", str(spec), script=SCRIPT)
     assert again.finish(timeout=300) == 0, again.output[-4000:]
     trial = record(tmp_path, "kill")["trial-000"]
-    assert trial["state"] == "Completed", (json.dumps(trial), again.output[-4000:])
-    assert [epoch for epoch, _ in trial["curve"]] == [1, 2, 3, 4, 5, 6]
     log = (tmp_path / "runs" / "sweeps" / "kill" / "trials.log").read_text()
+    assert trial["state"] == "Completed", f"{trial.get('message')}\n{log[-6000:]}"
+    assert [epoch for epoch, _ in trial["curve"]] == [1, 2, 3, 4, 5, 6]
     assert log.count("Flow run 'kill-trial-000' - Beginning") == 2
     assert "resumed after step" in log
 
