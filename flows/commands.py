@@ -22,9 +22,12 @@ SWEEP_PROG = "ddpm-sweep"
 SAMPLE_SETTINGS = ("eval.", "run.stop_timeout", "run.server_timeout", "run.debug")
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A command's parser: no abbreviated flags (`--out` is never taken for `--outt`)."""
-    return argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
+def _parser(prog: str, description: str, **options: Any) -> argparse.ArgumentParser:
+    """A command's parser: no abbreviated flags (`--out` is never taken for `--outt`);
+    `options` go to argparse.ArgumentParser (an epilog, a formatter_class)."""
+    return argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, description=description, **options
+    )
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -97,13 +100,12 @@ vary:
 
 def sweep_parser() -> argparse.ArgumentParser:
     """`ddpm-sweep --spec sweep.yaml`; its help shows an example spec (SWEEP_EXAMPLE)."""
-    parser = argparse.ArgumentParser(
-        prog=SWEEP_PROG,
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run many trials of one spec (train-flow runs, or sample-flow runs that "
+    parser = _parser(
+        SWEEP_PROG,
+        "Run many trials of one spec (train-flow runs, or sample-flow runs that "
         "score trained runs)\nthrough a Prefect deployment, at most `concurrency` at once, and "
         "compare them\n(table artifact, plot, W&B group). Re-running it continues it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the spec's lines as they are
         epilog="An example spec (4 tiny trials, 2 at a time):\n\n"
         + "".join(f"  {line}\n" for line in SWEEP_EXAMPLE.splitlines())
         + "\nMore in deployments/sweeps/ (a grid, a TPE search, trials that draw and score "
