@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import resource
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +24,45 @@ from ddpm.evaluation import INCEPTION_FILE
 # variable carries the choice to the runs the tests start as child processes.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-report", metavar="PATH", default=None,
+        help="append a line per test to PATH: wall seconds, CPU seconds of the test process, "
+        "CPU seconds of the child processes it waited for, worker, node id (tab-separated)",
+    )  # fmt: skip
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """With --cpu-report: where the suite's CPU goes, test by test (setup and teardown
+    included). A child's CPU counts where it is reaped: a module's or the session's server
+    counts in the test that tears it down."""
+    path = item.config.getoption("--cpu-report")
+    if not path:
+        yield
+        return
+    own, children = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    yield
+    line = (f"{time.monotonic() - start:.2f}\t{_cpu_seconds(resource.RUSAGE_SELF) - own:.2f}\t"
+            f"{_cpu_seconds(resource.RUSAGE_CHILDREN) - children:.2f}\t"
+            f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}\t{item.nodeid}\n")  # fmt: skip
+    with open(item.config.invocation_params.dir / path, "a") as report:  # tests chdir
+        report.write(line)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject.toml): one worker more than there are cores. The end-to-end tests
+    spend much of their time waiting on the servers, workers and runs they start, which left
+    a third of two cores idle with one worker per core."""
+    return len(os.sched_getaffinity(0)) + 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
