@@ -62,7 +62,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto` (pyproject.toml): one worker more than there are cores. The end-to-end tests
     spend much of their time waiting on the servers, workers and runs they start, which left
     a third of two cores idle with one worker per core."""
-    return len(os.sched_getaffinity(0)) + 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) + 1  # sched_getaffinity: the cores this process may use (Linux)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
